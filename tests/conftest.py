@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEIT_TINY_WEIGHTS = SHARED_DATA / "weights" / "deit_tiny_patch16_224.pth"
+IMAGENET_SAMPLE = SHARED_DATA / "imagenet-sample"
+
+
+@pytest.fixture(scope="session")
+def deit_tiny_weights() -> Path:
+    if not DEIT_TINY_WEIGHTS.is_file():
+        pytest.skip(f"real DeiT-Tiny weights not found at {DEIT_TINY_WEIGHTS} (see ../shared/data/README.md)")
+    return DEIT_TINY_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample() -> Path:
+    if not IMAGENET_SAMPLE.is_dir():
+        pytest.skip(f"real ImageNet sample not found at {IMAGENET_SAMPLE} (see ../shared/data/README.md)")
+    return IMAGENET_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def real_deit_tiny(deit_tiny_weights):
+    from vitpool.models import create_model
+
+    return create_model("deit_tiny", checkpoint=deit_tiny_weights)

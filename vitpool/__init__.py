@@ -1,0 +1,48 @@
+"""vitpool: Token Pooling for timm Vision Transformers, and honest measurements of what it buys.
+
+    import timm, vitpool
+    model = vitpool.convert(timm.create_model("deit_small_patch16_224", pretrained=True), k=[160, 128, 96], layers=[2, 5, 8])
+
+torch and timm are imported only when a function that needs them is called, so the CLI starts instantly.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["PoolingConfig", "convert", "load", "save", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "PoolingConfig":
+        from vitpool.config import PoolingConfig
+
+        return PoolingConfig
+    raise AttributeError(f"module 'vitpool' has no attribute {name!r}")
+
+
+def convert(model, method: str = "wkmedoids", k=(), layers=None, iters: int = 5, seed: int = 0):
+    """A copy of timm `model` with Token Pooling after blocks `layers`, keeping `k[i]` patch tokens after each.
+
+    `layers` left out spreads the K values evenly over the blocks (see `config.default_layers`). The result
+    is still a timm model: `forward_features`, `forward_head` and `num_prefix_tokens` work as before.
+    """
+    from vitpool.adapter import apply_pooling
+    from vitpool.config import make_config
+
+    config = make_config(method, k, layers, iters, seed, depth=len(model.blocks))
+    return apply_pooling(model, config)
+
+
+def save(model, directory, force: bool = False):
+    """Write a converted (or plain) timm model to `directory`; `vitpool.load` and every CLI command read it."""
+    from vitpool.models import save as _save
+
+    return _save(model, directory, force=force)
+
+
+def load(directory):
+    """The converted model saved in `directory`."""
+    from vitpool.models import load as _load
+
+    return _load(directory)

@@ -1,0 +1,163 @@
+"""timm model surgery: pooling layers after chosen blocks of a `VisionTransformer`, timm's blocks untouched.
+
+`model.blocks` (an `nn.Sequential` of timm blocks) becomes a `PooledBlocks`, a Sequential with the same
+children, so state-dict keys and `model.blocks[i]` stay as they were. A block followed by pooling gets a
+parameter-free `TokenPool` child that timm's own forward ignores; `PooledBlocks.forward` runs each timm
+block as is and then its pooling layer, carrying how many original patches each token stands for.
+
+Significance (the attention a patch token receives: mean over heads, sum over query rows) needs the
+attention probabilities, which timm's fused attention never materialises. Only blocks followed by a
+method that needs it switch to timm's explicit attention path, whose softmax output is read with a
+forward hook on `attn.attn_drop` for the duration of that call: the same MACs as the fused kernel and no
+recomputation, at the price of an N x N probability matrix per head in memory and the fused kernel's
+speed in those blocks only. `tome` reads the keys from `attn.k_norm` and keeps fused attention.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from vitpool import pooling
+from vitpool.config import CLUSTERING_METHODS, PoolingConfig, PoolingStage, plan_stages
+from vitpool.errors import VitpoolError
+
+NEEDS_ATTENTION = CLUSTERING_METHODS + ("importance",)
+
+
+@contextmanager
+def captured_output(module: nn.Module | None) -> Iterator[list[Tensor]]:
+    """Collect `module`'s outputs while the block runs; nothing is kept once the call returns."""
+    seen: list[Tensor] = []
+    if module is None:
+        yield seen
+        return
+    handle = module.register_forward_hook(lambda _module, _inputs, output: seen.append(output))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+class TokenPool(nn.Module):
+    """Replaces the patch tokens after a block with `k` tokens; prefix tokens pass through unchanged."""
+
+    def __init__(self, method: str, stage: PoolingStage, num_prefix_tokens: int, iters: int, seed: int) -> None:
+        super().__init__()
+        self.method = method
+        self.k = stage.k
+        self.tokens_in = stage.tokens_in
+        self.grid_in = stage.grid_in
+        self.grid_out = stage.grid_out
+        self.num_prefix_tokens = num_prefix_tokens
+        self.iters = iters
+        if method == "random":
+            generator = torch.Generator().manual_seed(seed * 1000 + stage.layer)
+            # A fixed random order per layer drawn at conversion time: the same input always gives the
+            # same output, and export sees a constant rather than a random op.
+            self.register_buffer("random_scores", torch.rand(stage.tokens_in, generator=generator), persistent=False)
+
+    def tap(self, block: nn.Module) -> nn.Module | None:
+        """The submodule of `block` whose output this method needs, if any."""
+        if self.method in NEEDS_ATTENTION:
+            return block.attn.attn_drop
+        if self.method == "tome":
+            return block.attn.k_norm
+        return None
+
+    def forward(self, x: Tensor, size: Tensor, seen: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, P+N, C], size [B, N], `seen` the tapped tensor -> pooled x, sizes and the assignment [B, N]."""
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        method, k = self.method, self.k
+        if method in NEEDS_ATTENTION:
+            significance = significance_from_attention(seen, self.num_prefix_tokens)
+            if method == "importance":
+                out = pooling.importance(patches, k, significance)
+            else:
+                out = getattr(pooling, method)(patches, k, significance, self.iters)
+        elif method == "random":
+            out = pooling.select(patches, k, self.random_scores.expand(patches.shape[0], -1))
+        elif method == "grid":
+            out = pooling.grid(patches, self.grid_in, self.grid_out)
+        else:
+            keys = seen.mean(dim=1)[:, self.num_prefix_tokens :]
+            out = pooling.tome(patches, k, metric=keys, size=size)
+        sizes = pooling.merged_sizes(out.assign, size, k)
+        return torch.cat([prefix, out.tokens], dim=1), sizes, out.assign
+
+    def extra_repr(self) -> str:
+        iters = f", iters={self.iters}" if self.method in CLUSTERING_METHODS else ""
+        return f"method={self.method}, tokens_in={self.tokens_in}, k={self.k}{iters}"
+
+
+def significance_from_attention(attention: Tensor, num_prefix_tokens: int) -> Tensor:
+    """Attention each patch token receives [B, N]: probabilities [B, H, P+N, P+N], mean over heads, sum over queries."""
+    return attention.float().mean(dim=1).sum(dim=1)[:, num_prefix_tokens:]
+
+
+class PooledBlocks(nn.Sequential):
+    """timm's blocks, run one after another, each followed by its `TokenPool` where it has one."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = None
+        for block in self:
+            pool = getattr(block, "token_pool", None)
+            if pool is None:
+                x = block(x)
+                continue
+            with captured_output(pool.tap(block)) as seen:
+                x = block(x)
+            if size is None:
+                size = x.new_ones(x.shape[0], x.shape[1] - pool.num_prefix_tokens, dtype=torch.float32)
+            x, size, _ = pool(x, size, seen[0] if seen else None)
+        return x
+
+
+def _check_model(model: nn.Module) -> None:
+    needed = ("blocks", "patch_embed", "num_prefix_tokens")
+    if not all(hasattr(model, name) for name in needed) or not isinstance(model.blocks, nn.Sequential):
+        raise VitpoolError(
+            f"{type(model).__name__} is not a timm VisionTransformer (it needs blocks, patch_embed and "
+            f"num_prefix_tokens); vitpool converts timm's vit_*, deit_* and deit3_* models"
+        )
+    if pooling_config(model) is not None:
+        raise VitpoolError("this model is already converted; convert the original timm model instead")
+
+
+def pooling_config(model: nn.Module) -> PoolingConfig | None:
+    """The configuration a converted model was built with, or None for a plain timm model."""
+    return getattr(model, "vitpool_config", None)
+
+
+def token_grid(model: nn.Module) -> tuple[int, int]:
+    return tuple(int(v) for v in model.patch_embed.grid_size)
+
+
+def plan_for(model: nn.Module, config: PoolingConfig) -> list[PoolingStage]:
+    """Validate `config` against `model`'s depth and token grid."""
+    grid = token_grid(model)
+    return plan_stages(config, len(model.blocks), grid[0] * grid[1], grid)
+
+
+def apply_pooling(model: nn.Module, config: PoolingConfig) -> nn.Module:
+    """A converted copy of `model` (the original is left as it was)."""
+    _check_model(model)
+    stages = plan_for(model, config)
+    model = copy.deepcopy(model)
+    for stage in stages:
+        block = model.blocks[stage.layer]
+        block.token_pool = TokenPool(config.method, stage, model.num_prefix_tokens, config.iters, config.seed)
+        if config.method in NEEDS_ATTENTION:
+            block.attn.fused_attn = False
+    model.blocks = PooledBlocks(*model.blocks)
+    model.vitpool_config = config
+    return model
+
+
+def pooled_layers(model: nn.Module) -> dict[int, TokenPool]:
+    """Block index -> its pooling layer."""
+    return {i: block.token_pool for i, block in enumerate(model.blocks) if hasattr(block, "token_pool")}

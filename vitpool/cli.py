@@ -1,0 +1,207 @@
+"""The `vitpool` command line: each command parses, calls the library, and prints (rich, or `--json` to stdout).
+
+torch and timm are imported inside the commands, so `vitpool --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vitpool.errors import VitpoolError
+
+app = typer.Typer(
+    help="Token Pooling for timm Vision Transformers: convert, count MACs, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL_OR_DIR", help="timm model name, alias (deit_tiny, deit_small, deit_base) or a directory written by `vitpool convert`.")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Local weights: .safetensors, or .pth/.pt state dict (also under 'model'/'state_dict'); never unpickles code.")]
+PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load timm's pretrained weights (needs the model hub) or keep random ones.")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", help="wkmedoids (default), kmedoids, wkmeans, kmeans, importance, random, grid, tome.")]
+KOpt = Annotated[Optional[str], typer.Option("--k", help="Comma list of patch-token counts to keep (prefix tokens excluded), e.g. 160,128,96.")]
+LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Comma list of 0-based blocks after which each K applies. Default: spread evenly over blocks 0..depth-2 (3 values on 12 blocks -> 2,5,8).")]
+ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (fixed; default 5).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print only a JSON document on stdout.")]
+
+
+def user_errors(command):
+    """Turn a VitpoolError into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except VitpoolError as error:
+            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters):
+    """(unpooled model, converted model or None) from MODEL_OR_DIR and the model and pooling flags."""
+    from vitpool.adapter import apply_pooling
+    from vitpool.config import DEFAULT_ITERS, DEFAULT_METHOD, make_config, parse_int_list
+    from vitpool.models import load_model_or_dir
+
+    pooling_flags = {"--method": method, "--k": k, "--layers": layers, "--iters": iters}
+    given = [flag for flag, value in pooling_flags.items() if value is not None]
+    k_values, layer_values = parse_int_list(k, "--k"), parse_int_list(layers, "--layers")
+    loaded = load_model_or_dir(model_or_dir, str(checkpoint) if checkpoint else None, pretrained)
+    if loaded.config is not None and given:
+        raise VitpoolError(
+            f"{model_or_dir} is already converted ({loaded.config.describe()}); to try {', '.join(given)} pass "
+            f"its base model name ({loaded.name}) with --checkpoint, or convert it again"
+        )
+    if loaded.config is None and given and not k_values:
+        raise VitpoolError(f"{', '.join(given)} given without --k: say how many tokens to keep, e.g. --k 160,128,96")
+    config = loaded.config
+    if config is None and k_values:
+        config = make_config(
+            method or DEFAULT_METHOD,
+            k_values,
+            layer_values if layers is not None else None,
+            DEFAULT_ITERS if iters is None else iters,
+            depth=len(loaded.model.blocks),
+        )
+    pooled = apply_pooling(loaded.model, config) if config is not None else None
+    return loaded, pooled
+
+
+def emit_json(document) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+@app.command()
+@user_errors
+def convert(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write (refused if it exists, unless --force).")],
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = True,
+    method: MethodOpt = None,
+    k: KOpt = None,
+    layers: LayersOpt = None,
+    iters: ItersOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Convert a pretrained ViT with Token Pooling and save it as a self-describing directory."""
+    from vitpool.models import save
+
+    if k is None:
+        raise VitpoolError("convert needs --k, the patch tokens to keep, e.g. --k 160,128,96 (see --help)")
+    if out_dir.exists() and not force:
+        raise VitpoolError(f"output {out_dir} already exists; choose another path or pass --force to replace it")
+    if Path(model).is_dir():
+        raise VitpoolError(f"{model} is a saved model; convert takes a timm model name (with --checkpoint for local weights)")
+    loaded, pooled = build(model, checkpoint, pretrained, method, k, layers, iters)
+    path = save(pooled, out_dir, force=force)
+    summary = {"out": str(path), "base_model": loaded.name, "pooling": pooled.vitpool_config.to_dict()}
+    if as_json:
+        emit_json(summary)
+    else:
+        out.print(f"wrote {path}: {loaded.name}, {pooled.vitpool_config.describe()}", highlight=False)
+
+
+@app.command()
+@user_errors
+def flops(
+    model_or_dir: ModelArg,
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
+    method: MethodOpt = None,
+    k: KOpt = None,
+    layers: LayersOpt = None,
+    iters: ItersOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Count multiply-accumulates (MACs) per block, pooling layers included, against the unpooled model."""
+    from vitpool.flops import count_macs
+
+    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters)
+    report = count_macs(pooled, baseline=loaded.model) if pooled is not None else count_macs(loaded.model)
+    document = {"model": loaded.name, "pooling": pooled.vitpool_config.to_dict() if pooled is not None else None, **report.to_json()}
+    if as_json:
+        emit_json(document)
+        return
+    table = Table(title=f"{loaded.name}: MACs at batch 1, input {'x'.join(map(str, report.input_size))}")
+    for column in ("block", "tokens in", "tokens out", "block GMACs", "pooling GMACs"):
+        table.add_column(column, justify="right")
+    for b in report.blocks:
+        table.add_row(str(b.index), str(b.tokens_in), str(b.tokens_out), f"{b.block_macs / 1e9:.4f}", f"{b.pool_macs / 1e9:.4f}" if b.pool_macs else "")
+    out.print(table)
+    out.print(f"tokens include {report.num_prefix_tokens} prefix token(s); "
+              + (pooled.vitpool_config.describe() if pooled is not None else "no pooling"), highlight=False)
+    out.print(
+        f"total {report.macs / 1e9:.3f} GMACs (pooling layers {report.pooling_macs / 1e9:.3f}), "
+        f"unpooled {report.baseline_macs / 1e9:.3f} GMACs, ratio {report.ratio:.3f}",
+        highlight=False,
+    )
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    model_or_dir: ModelArg,
+    data_dir: Annotated[Path, typer.Option("--data", help="Image folder DIR/<class>/<image>; WordNet-id folders map to ImageNet-1k classes.")],
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = True,
+    method: MethodOpt = None,
+    k: KOpt = None,
+    layers: LayersOpt = None,
+    iters: ItersOpt = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate N images spread evenly over the folder.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
+    as_json: JsonOpt = False,
+):
+    """Top-1/top-5 on an image folder; for a converted model also agreement with and KL from the unpooled model."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from vitpool.evaluate import evaluate
+
+    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("evaluating", total=None)
+        result = evaluate(
+            pooled if pooled is not None else loaded.model,
+            data_dir,
+            baseline=loaded.model if pooled is not None else None,
+            limit=limit,
+            batch_size=batch_size,
+            workers=workers,
+            on_batch=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    for skipped in result.skipped:
+        err.print(f"warning: skipped unreadable image {skipped}", highlight=False, soft_wrap=True)
+    if as_json:
+        emit_json({"model": loaded.name, "pooling": pooled.vitpool_config.to_dict() if pooled is not None else None, **result.to_json()})
+        return
+    table = Table(title=f"{loaded.name} on {data_dir} ({result.n} images, {result.mapping} class mapping)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("top-1 (%)", f"{result.top1:.2f}")
+    table.add_row("top-5 (%)", f"{result.top5:.2f}")
+    if result.agreement is not None:
+        table.add_row("unpooled top-1 (%)", f"{result.baseline_top1:.2f}")
+        table.add_row("agreement with unpooled (%)", f"{result.agreement:.2f}")
+        table.add_row("KL(unpooled || pooled), nats", f"{result.kl:.4f}")
+    out.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,99 @@
+"""Multiply-accumulate (MAC) counts per block, with fvcore plus handles for what it misses.
+
+fvcore counts one MAC as one "flop" and knows matmul, einsum, linear, convolution and LayerNorm, but not
+`aten::scaled_dot_product_attention` (timm's fused attention): without the handle below DeiT-S reads
+4.25 G instead of 4.61 G. The pooling layers are written with matmul/einsum for their multiply-
+accumulates (Gram and distance matrices, one-hot cluster sums), so they are counted like any layer;
+comparisons, argmin and gathers are not MACs and are not counted, here as everywhere in fvcore.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+
+from vitpool.adapter import pooled_layers
+
+
+def _sdpa_macs(inputs, outputs) -> int:
+    """B*H*N*M*(D + Dv): Q K^T and the probabilities times V."""
+    q, k, v = (inputs[i].type().sizes() for i in range(3))
+    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+@dataclass
+class BlockMacs:
+    index: int
+    tokens_in: int  # all tokens entering the block, prefix tokens included
+    tokens_out: int  # after the block's pooling layer, if it has one
+    block_macs: int
+    pool_macs: int
+
+
+@dataclass
+class MacReport:
+    macs: int  # the whole model, pooling layers included
+    baseline_macs: int  # the same model unpooled
+    pooling_macs: int
+    num_prefix_tokens: int
+    input_size: tuple[int, int, int]
+    blocks: list[BlockMacs] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.macs / self.baseline_macs
+
+    def to_json(self) -> dict:
+        return {
+            "unit": "GMACs (multiply-accumulates, batch 1)",
+            "gmacs": self.macs / 1e9,
+            "baseline_gmacs": self.baseline_macs / 1e9,
+            "pooling_gmacs": self.pooling_macs / 1e9,
+            "ratio": self.ratio,
+            "input_size": list(self.input_size),
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "blocks": [asdict(b) for b in self.blocks],
+        }
+
+
+def input_size(model) -> tuple[int, int, int]:
+    return (model.patch_embed.proj.in_channels, *(int(v) for v in model.patch_embed.img_size))
+
+
+def _analyse(model):
+    import torch
+    from fvcore.nn import FlopCountAnalysis
+
+    x = torch.zeros(1, *input_size(model))
+    analysis = FlopCountAnalysis(model.eval(), x)
+    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        total = int(analysis.total())
+        by_module = analysis.by_module()
+    return total, by_module
+
+
+def total_macs(model) -> int:
+    """MACs of one forward pass at batch 1 and the model's input size."""
+    return _analyse(model)[0]
+
+
+def count_macs(model, baseline=None) -> MacReport:
+    """Per-block MACs of `model`; `baseline` is its unpooled original (counted too) or None if it is one."""
+    total, by_module = _analyse(model)
+    pools = pooled_layers(model)
+    prefix = int(model.num_prefix_tokens)
+    tokens = model.patch_embed.num_patches + prefix
+    blocks = []
+    for i in range(len(model.blocks)):
+        pool_macs = int(by_module.get(f"blocks.{i}.token_pool", 0))
+        tokens_out = pools[i].k + prefix if i in pools else tokens
+        blocks.append(BlockMacs(i, tokens, tokens_out, int(by_module.get(f"blocks.{i}", 0)) - pool_macs, pool_macs))
+        tokens = tokens_out
+    baseline_macs = total_macs(baseline) if baseline is not None else total
+    pooling = sum(b.pool_macs for b in blocks)
+    return MacReport(total, baseline_macs, pooling, prefix, input_size(model), blocks)

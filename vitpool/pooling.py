@@ -1,0 +1,226 @@
+"""Token Pooling and its baselines as pure, batched tensor functions.
+
+Every function takes patch tokens `x` of shape [B, N, C] (prefix tokens such as CLS are never passed in)
+and returns a `Pooled` pair: the output tokens [B, K, C] and `assign` [B, N], the output index each input
+token is represented by (-1 for a token that selection dropped). There is no Python loop over the batch or
+the clusters, iteration counts are fixed, nothing is random at call time, and only ops that ONNX expresses
+are used: matmul/einsum, argmin/argmax, topk/sort, gather, comparisons and `where`. Cluster sums are a
+matmul with the one-hot assignment (ONNX has no scatter-reduce mean). Work that is a multiply-accumulate is
+written as matmul or einsum so that the MAC counter sees it.
+
+Clustering runs in float32 whatever the input dtype (fp16/bf16 distances lose the argmin); medoid outputs
+are gathered from the original tokens, so they are bit-exact input tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Pooled(NamedTuple):
+    tokens: Tensor  # [B, K, C]
+    assign: Tensor  # [B, N] int64, index into tokens, -1 where the input token was dropped
+
+
+def _is_tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def check_finite(x: Tensor) -> None:
+    """Reject NaN/inf tokens eagerly: clustering would silently assign them to cluster 0."""
+    if not _is_tracing() and not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            "token pooling received NaN or infinite tokens; check the model input and weights "
+            "(an fp16 overflow upstream is a common cause)"
+        )
+
+
+def one_hot(assign: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """[B, N] indices -> [B, N, K] one-hot; index -1 gives an all-zero row."""
+    return (assign.unsqueeze(-1) == torch.arange(k, device=assign.device)).to(dtype)
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b, j]] for every b, j."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def squared_norms(x: Tensor) -> Tensor:
+    return torch.einsum("bnc,bnc->bn", x, x)
+
+
+def squared_distances(x: Tensor, x_sq: Tensor, y: Tensor) -> Tensor:
+    """||x_i - y_j||^2 as [B, N, K], via one matmul (cdist is neither counted by fvcore nor cheaper here)."""
+    return x_sq.unsqueeze(-1) - 2 * (x @ y.transpose(1, 2)) + squared_norms(y).unsqueeze(1)
+
+
+def nearest(x: Tensor, x_sq: Tensor, centers: Tensor) -> Tensor:
+    return squared_distances(x, x_sq, centers).argmin(dim=-1)
+
+
+def cluster_sums(x: Tensor, weight: Tensor, member: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted sums [B, K, C] and total weights [B, K] of each cluster, from the one-hot `member` [B, N, K]."""
+    weighted_member = member * weight.unsqueeze(-1)
+    return weighted_member.transpose(1, 2) @ x, torch.einsum("bnk,bn->bk", member, weight)
+
+
+def weighted_means(x: Tensor, weight: Tensor, assign: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Weighted cluster means [B, K, C] and member counts [B, K]; an empty cluster's mean is 0."""
+    member = one_hot(assign, k, x.dtype)
+    sums, mass = cluster_sums(x, weight, member)
+    return sums / mass.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1), member.sum(1)
+
+
+def reconstruction_error(x: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
+    """The objective Token Pooling minimises: sum_i w_i min_j ||x_i - y_j||^2, one value per batch item."""
+    x, y = x.float(), y.float()
+    d = squared_distances(x, squared_norms(x), y).amin(dim=-1).clamp_min(0)
+    return (d if weight is None else d * weight.float()).sum(-1)
+
+
+def top_k_indices(scores: Tensor, k: int) -> Tensor:
+    """The k highest-scoring token indices, in token order (so outputs keep the spatial order)."""
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int) -> Pooled:
+    """Alternate nearest-medoid assignment and per-cluster medoid update, from the top-k tokens by score.
+
+    Medoids are input tokens, so every distance is read from one Gram matrix X X^T (N*N*C MACs, once);
+    an iteration adds only N*N MACs, whatever K is, instead of a dense (N x N)(N x K) update.
+    """
+    check_finite(x)
+    xf = x.float()
+    w = torch.ones_like(xf[..., 0]) if weight is None else weight.float()
+    gram = xf @ xf.transpose(1, 2)
+    sq = torch.diagonal(gram, dim1=1, dim2=2)
+    index = top_k_indices(init_scores, k)
+    assign = _nearest_medoid(gram, sq, index)
+    for _ in range(iters):
+        index = _update_medoids(gram, sq, w, assign, index)
+        assign = _nearest_medoid(gram, sq, index)
+    return Pooled(gather_tokens(x, index), assign)
+
+
+def _nearest_medoid(gram: Tensor, sq: Tensor, index: Tensor) -> Tensor:
+    """argmin_j ||x_i - x_index[j]||^2 for every token i, from the Gram matrix (||x_i||^2 is common to a row)."""
+    cross = gram.gather(2, index.unsqueeze(1).expand(-1, gram.shape[1], -1))
+    return (sq.gather(1, index).unsqueeze(1) - 2 * cross).argmin(dim=-1)
+
+
+def _update_medoids(gram: Tensor, sq: Tensor, weight: Tensor, assign: Tensor, index: Tensor) -> Tensor:
+    """Each cluster's member j minimising sum_i w_i ||x_i - x_j||^2 over its members i; empty clusters keep theirs."""
+    k = index.shape[1]
+    same = (assign.unsqueeze(2) == assign.unsqueeze(1)).to(gram.dtype)  # [B, N, N]: j and i share a cluster
+    pull = ((same * gram) @ weight.unsqueeze(-1)).squeeze(-1)  # sum_i w_i <x_i, x_j> over j's cluster
+    mass = (same @ weight.unsqueeze(-1)).squeeze(-1)  # sum_i w_i over j's cluster
+    cost = mass * sq - 2 * pull  # the weighted error of j as medoid, up to a per-cluster constant
+    member = assign.unsqueeze(-1) == torch.arange(k, device=assign.device)  # [B, N, K]
+    best = torch.where(member, cost.unsqueeze(-1), torch.full_like(member, float("inf"), dtype=cost.dtype)).argmin(dim=1)
+    return torch.where(member.any(dim=1), best, index)
+
+
+def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int) -> Pooled:
+    """Alternate nearest-centre assignment and (weighted) mean update, from the top-k tokens by score."""
+    check_finite(x)
+    xf = x.float()
+    w = torch.ones_like(xf[..., 0]) if weight is None else weight.float()
+    x_sq = squared_norms(xf)
+    centers = gather_tokens(xf, top_k_indices(init_scores, k))
+    assign = nearest(xf, x_sq, centers)
+    for _ in range(iters):
+        means, count = weighted_means(xf, w, assign, k)
+        centers = torch.where((count == 0).unsqueeze(-1), centers, means)
+        assign = nearest(xf, x_sq, centers)
+    return Pooled(centers.to(x.dtype), assign)
+
+
+def kmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5) -> Pooled:
+    """K-Medoids (outputs are input tokens), initialised with the k most significant tokens."""
+    return _kmedoids(x, k, None, significance, iters)
+
+
+def wkmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5) -> Pooled:
+    """Weighted K-Medoids, the paper's best: each token's error is weighted by its significance."""
+    return _kmedoids(x, k, significance, significance, iters)
+
+
+def kmeans(x: Tensor, k: int, significance: Tensor, iters: int = 5) -> Pooled:
+    """K-Means (outputs are cluster means), initialised with the k most significant tokens."""
+    return _kmeans(x, k, None, significance, iters)
+
+
+def wkmeans(x: Tensor, k: int, significance: Tensor, iters: int = 5) -> Pooled:
+    """Weighted K-Means: outputs are significance-weighted cluster means."""
+    return _kmeans(x, k, significance, significance, iters)
+
+
+def select(x: Tensor, k: int, scores: Tensor) -> Pooled:
+    """Keep the k highest-scoring tokens and drop the rest (importance and random selection)."""
+    check_finite(x)
+    index = top_k_indices(scores, k)
+    picked = index.unsqueeze(-1) == torch.arange(x.shape[1], device=x.device).view(1, 1, -1)  # [B, K, N]
+    assign = torch.where(picked.any(1), picked.to(torch.int64).argmax(1), torch.full_like(index[:, :1], -1))
+    return Pooled(gather_tokens(x, index), assign)
+
+
+def importance(x: Tensor, k: int, significance: Tensor) -> Pooled:
+    """Importance selection (PoWER-BERT, Goyal et al. 2020): keep the k most significant tokens."""
+    return select(x, k, significance)
+
+
+def grid_assignment(grid_in: tuple[int, int], grid_out: tuple[int, int], device: torch.device) -> Tensor:
+    """[N] output cell of each token of a row-major `grid_in` partitioned into `grid_out` blocks."""
+    (rows, cols), (out_rows, out_cols) = grid_in, grid_out
+    r = torch.arange(rows, device=device) * out_rows // rows
+    c = torch.arange(cols, device=device) * out_cols // cols
+    return (r.unsqueeze(1) * out_cols + c.unsqueeze(0)).reshape(-1)
+
+
+def grid(x: Tensor, grid_in: tuple[int, int], grid_out: tuple[int, int]) -> Pooled:
+    """Average pooling on the 2-D token grid: each output is the mean of one rectangular block of tokens.
+
+    Blocks partition the grid (sizes differ by at most one row or column when the grid does not divide),
+    unlike adaptive average pooling, whose windows overlap there and which ONNX cannot export in general.
+    """
+    check_finite(x)
+    assign = grid_assignment(grid_in, grid_out, x.device).unsqueeze(0).expand(x.shape[0], -1)
+    k = grid_out[0] * grid_out[1]
+    means, _ = weighted_means(x.float(), torch.ones_like(x[..., 0], dtype=torch.float32), assign, k)
+    return Pooled(means.to(x.dtype), assign)
+
+
+def tome(x: Tensor, k: int, metric: Tensor | None = None, size: Tensor | None = None) -> Pooled:
+    """ToMe's bipartite soft matching (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023).
+
+    Re-implemented from the paper: tokens alternate into sets A and B; each A token's most similar B token
+    (cosine similarity of `metric`, ToMe uses the attention keys) is an edge; the r = N - k strongest edges
+    merge their A token into its B token by a size-weighted average. Removes at most half the tokens.
+    """
+    check_finite(x)
+    batch, n, _ = x.shape
+    r = n - k
+    if r < 0 or r > n // 2:
+        raise ValueError(f"tome keeps between {n - n // 2} and {n} of {n} tokens; asked for {k}")
+    metric = (x if metric is None else metric).float()
+    metric = metric / torch.einsum("bnc,bnc->bn", metric, metric).sqrt().clamp_min(1e-12).unsqueeze(-1)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    n_a, n_b = a.shape[1], b.shape[1]
+    best, best_b = (a @ b.transpose(1, 2)).max(dim=-1)  # [B, Na]
+    rank = best.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+    assign_a = torch.where(rank < r, (n_a - r) + best_b, rank - r)
+    assign_b = (n_a - r) + torch.arange(n_b, device=x.device).expand(batch, -1)
+    assign = torch.stack([assign_a[:, :n_b], assign_b], dim=-1).reshape(batch, 2 * n_b)
+    if n_a > n_b:
+        assign = torch.cat([assign, assign_a[:, n_b:]], dim=1)
+    weight = torch.ones_like(x[..., 0], dtype=torch.float32) if size is None else size.float()
+    merged, _ = weighted_means(x.float(), weight, assign, k)
+    return Pooled(merged.to(x.dtype), assign)
+
+
+def merged_sizes(assign: Tensor, size: Tensor, k: int) -> Tensor:
+    """How many original patches each output token stands for, given the input tokens' sizes."""
+    return torch.einsum("bnk,bn->bk", one_hot(assign, k, size.dtype), size)
