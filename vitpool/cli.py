@@ -175,7 +175,7 @@ def eval_command(
 
     loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("evaluating", total=None)
         result = evaluate(
             pooled if pooled is not None else loaded.model,

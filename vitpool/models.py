@@ -11,9 +11,13 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from vitpool.config import PoolingConfig
 from vitpool.errors import VitpoolError
@@ -106,6 +110,29 @@ def load_weights(model, state: dict, source: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+@contextmanager
+def _hub_offline_unless_reachable(timeout: float = 3.0) -> Iterator[None]:
+    """Put huggingface_hub in offline (cache-only) mode while its endpoint cannot be reached.
+
+    Without this an unreachable hub costs about 50 s of retries and a screen of warnings before timm gives up;
+    in offline mode timm's own loading path still finds weights already in the local cache.
+    """
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or not reachable
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
 def create_model(name: str, pretrained: bool = True, checkpoint: str | Path | None = None, **kwargs):
     """An unpooled timm model, in eval mode: pretrained through timm, from a local checkpoint, or random."""
     timm = import_timm()
@@ -116,9 +143,10 @@ def create_model(name: str, pretrained: bool = True, checkpoint: str | Path | No
         load_weights(model, state, f"checkpoint {checkpoint}")
     elif pretrained:
         try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
+            with _hub_offline_unless_reachable():
+                model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as error:  # timm raises hub, HTTP, OS and runtime errors when offline
-            reason = " ".join(str(error).split())[:160] or type(error).__name__
+            reason = " ".join(str(error).split()).split(". ")[0][:200] or type(error).__name__
             raise VitpoolError(
                 f"could not load pretrained weights for {name} (offline or no access to the model hub: "
                 f"{reason}); pass --checkpoint PATH for local weights or --no-pretrained for random weights"
@@ -166,7 +194,10 @@ def save(model, directory: str | Path, force: bool = False) -> Path:
         "model_kwargs": _constructor_kwargs(model),
         "pooling": config.to_dict(),
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
+    except OSError as error:
+        raise VitpoolError(f"cannot write {directory}: {error.strerror or error}") from None
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -178,6 +209,9 @@ def save(model, directory: str | Path, force: bool = False) -> Path:
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, directory)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise VitpoolError(f"cannot write {directory}: {error.strerror or error}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

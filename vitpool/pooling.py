@@ -132,8 +132,10 @@ def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters
     centers = gather_tokens(xf, top_k_indices(init_scores, k))
     assign = nearest(xf, x_sq, centers)
     for _ in range(iters):
-        means, count = weighted_means(xf, w, assign, k)
-        centers = torch.where((count == 0).unsqueeze(-1), centers, means)
+        sums, mass = cluster_sums(xf, w, one_hot(assign, k, xf.dtype))
+        # A cluster with no weight (empty, or all significance 0) keeps its centre rather than collapsing to 0.
+        has_mass = (mass > 0).unsqueeze(-1)
+        centers = torch.where(has_mass, sums / mass.clamp_min(torch.finfo(xf.dtype).tiny).unsqueeze(-1), centers)
         assign = nearest(xf, x_sq, centers)
     return Pooled(centers.to(x.dtype), assign)
 

@@ -1,0 +1,388 @@
+"""The `vitpool` console script on bad input: exit code 2, one `error:` line on stderr, no traceback, nothing written.
+
+Each case runs the installed console script in a subprocess, as a user would. A subprocess spends ~3 s
+importing torch and timm, so the module fixture starts every case at once on a small thread pool (one per
+core) and each test waits for its own result. Nothing needs the network: hub access is switched off with
+HF_HUB_OFFLINE=1 (or pointed at a closed local port), and weights come from --no-pretrained, --checkpoint
+or ../shared/data, read in place (tests that need the real data skip where it is absent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_WEIGHTS = DATA / "weights" / "deit_tiny_patch16_224.pth"
+IMAGES = DATA / "imagenet-sample"
+VITPOOL = Path(sys.executable).parent / "vitpool"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@dataclass
+class Result:
+    args: list[str]
+    rc: int | None
+    stdout: str
+    stderr: str
+    seconds: float
+    timed_out: bool = False
+
+    def lines(self) -> list[str]:
+        return [line for line in ANSI.sub("", self.stderr).splitlines() if line.strip()]
+
+    def __str__(self) -> str:
+        return f"vitpool {' '.join(self.args)}\nrc={self.rc} ({self.seconds:.1f}s)\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+def run_vitpool(args: list[str], env: dict, cwd: Path, timeout: float) -> Result:
+    start = time.monotonic()
+    try:
+        done = subprocess.run([str(VITPOOL), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        text = lambda b: (b.decode(errors="replace") if isinstance(b, bytes) else b) or ""  # noqa: E731
+        return Result(args, None, text(expired.stdout), text(expired.stderr), time.monotonic() - start, True)
+    return Result(args, done.returncode, done.stdout, done.stderr, time.monotonic() - start)
+
+
+@dataclass
+class Case:
+    args: list[str]
+    expect: list[str] = field(default_factory=list)  # fragments the error line must contain
+    work: Path | None = None  # a folder holding the output path; after a refusal it must be as before
+    future: Future | None = None
+
+
+class Runs:
+    """Cases started in the background; `result(name)` waits for one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FORCE_COLOR", "PY_COLORS"))}
+        self.env.update(HF_HUB_OFFLINE="1", HF_HOME=str(root / "hf-home"), NO_COLOR="1", TERM="dumb", OMP_NUM_THREADS="1")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+        self.pool = ThreadPoolExecutor(max_workers=max(2, min(4, cores)))
+        self.cases: dict[str, Case] = {}
+        self.snapshots: dict[str, list[str]] = {}
+        self.not_started: dict[str, str] = {}  # case -> why it cannot run here
+
+    def workdir(self, name: str) -> Path:
+        folder = self.root / name
+        folder.mkdir()
+        return folder
+
+    def start(self, name: str, args: list[str], expect=(), work: Path | None = None, env=None, timeout=240.0, pool=None):
+        case = Case([str(a) for a in args], list(expect), work)
+        if work is not None:
+            self.snapshots[name] = snapshot(work)
+        case.future = (pool or self.pool).submit(run_vitpool, case.args, env or self.env, self.root, timeout)
+        self.cases[name] = case
+
+    def result(self, name: str) -> Result:
+        if name in self.not_started:
+            pytest.skip(self.not_started[name])
+        return self.cases[name].future.result()
+
+
+def snapshot(folder: Path) -> list[str]:
+    """Every path under `folder` with the content of its files: a refused command must leave it as it was."""
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        entries.append(f"{rel}:{hashlib.sha256(path.read_bytes()).hexdigest()}" if path.is_file() else rel + "/")
+    return entries
+
+
+def hidden_entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def assert_user_error(result: Result, expect=()) -> str:
+    """Exit code 2, exactly one non-empty stderr line starting with "error:", nothing on stdout, no traceback."""
+    assert not result.timed_out, f"timed out\n{result}"
+    assert result.rc == 2, str(result)
+    assert "Traceback" not in result.stderr + result.stdout, str(result)
+    assert result.stdout == "", str(result)
+    lines = result.lines()
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}\n{result}"
+    assert lines[0].startswith("error:"), str(result)
+    for fragment in expect:
+        assert fragment in lines[0], f"{fragment!r} not in the error\n{result}"
+    return lines[0]
+
+
+OFFLINE_DEFAULT_TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    runs = Runs(root)
+    slow_pool = ThreadPoolExecutor(max_workers=1)  # a case that mostly sleeps should not hold a core's slot
+    locked: list[Path] = []
+
+    # The offline case as a user meets it: no HF_HUB_OFFLINE, the hub just unreachable (a closed local port).
+    offline_env = {k: v for k, v in runs.env.items() if k != "HF_HUB_OFFLINE"}
+    offline_env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    work = runs.workdir("offline_default")
+    runs.start("offline_default", ["convert", "deit_tiny", "--k", "100", "--out", work / "out"], work=work,
+               env=offline_env, timeout=OFFLINE_DEFAULT_TIMEOUT, pool=slow_pool)
+
+    def convert_error(name, args, expect):
+        work = runs.workdir(name)
+        runs.start(name, ["convert", *args, "--out", work / "out"], expect, work)
+
+    # Cases that need no prepared files start first.
+    convert_error("unknown_model", ["deit_tiny_patch16_22", "--k", "100", "--no-pretrained"],
+                  ["unknown model", "did you mean", "deit_tiny_patch16_224"])
+    convert_error("k_zero", ["deit_tiny", "--k", "0", "--no-pretrained"], ["K must be at least 1"])
+    convert_error("k_too_large", ["deit_tiny", "--k", "300", "--no-pretrained"], ["K=300", "196 patch tokens"])
+    convert_error("k_layers_count", ["deit_tiny", "--k", "100,50", "--layers", "3", "--no-pretrained"],
+                  ["--k has 2 values", "--layers has 1"])
+    convert_error("layer_out_of_range", ["deit_tiny", "--k", "100", "--layers", "12", "--no-pretrained"],
+                  ["block index 12", "0..11"])
+    convert_error("k_not_integers", ["deit_tiny", "--k", "a,b", "--no-pretrained"], ["--k must be a comma list of integers", "'a,b'"])
+    convert_error("no_k", ["deit_tiny", "--no-pretrained"], ["convert needs --k"])
+    convert_error("missing_checkpoint", ["deit_tiny", "--k", "100", "--checkpoint", root / "nowhere.pth"],
+                  ["nowhere.pth", "does not exist"])
+    convert_error("offline_pretrained", ["deit_tiny", "--k", "100"],
+                  ["could not load pretrained weights", "--checkpoint", "--no-pretrained"])
+
+    work = runs.workdir("missing_parent")
+    runs.start("missing_parent", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", work / "absent" / "out"],
+               ["absent", "does not exist"], work)
+    if IS_ROOT:
+        runs.not_started["readonly_parent"] = "running as root, which writes through directory permissions (see test_convert_write_failure_is_a_user_error)"
+    else:
+        work = runs.workdir("readonly_parent")
+        (work / "locked").mkdir()
+        (work / "locked").chmod(0o555)
+        locked.append(work / "locked")
+        runs.start("readonly_parent", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", work / "locked" / "out"],
+                   ["no permission"], work)
+
+    for name in ("existing_out", "existing_out_force"):
+        work = runs.workdir(name)
+        (work / "out").mkdir()
+        (work / "out" / "keep.txt").write_text("precious\n")
+    runs.start("existing_out", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", root / "existing_out" / "out"],
+               ["already exists", "--force"], root / "existing_out")
+    runs.start("existing_out_force", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--force", "--json",
+                                      "--out", root / "existing_out_force" / "out"])
+
+    empty = runs.workdir("empty_data")
+    (empty / "n01440764").mkdir()
+    (empty / "n01440764" / "notes.txt").write_text("not an image\n")
+    runs.start("eval_no_images", ["eval", "deit_tiny", "--no-pretrained", "--data", empty, "--workers", "0"],
+               ["no images found", str(empty)], empty)
+
+    runs.start("flops_json", ["flops", "deit_tiny", "--k", "98", "--layers", "5", "--method", "kmeans", "--json"])
+
+    if IMAGES.is_dir():
+        folder = runs.workdir("eval_images")
+        wnids = sorted(p.name for p in IMAGES.iterdir() if p.is_dir())[:3]
+        for wnid in wnids:
+            (folder / wnid).mkdir()
+            for image in sorted((IMAGES / wnid).iterdir())[:1]:
+                shutil.copy(image, folder / wnid / image.name)
+        corrupt = folder / wnids[0] / "zz_corrupt.JPEG"
+        corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG" + bytes(64))
+        weights = ["--checkpoint", REAL_WEIGHTS] if REAL_WEIGHTS.is_file() else ["--no-pretrained"]
+        runs.start("eval_corrupt", ["eval", "deit_tiny", *weights, "--data", folder, "--k", "150", "--json",
+                                    "--batch-size", "2", "--workers", "1"])
+
+    # Files that need torch to make.
+    from vitpool import models
+    import torch
+
+    import vitpool
+
+    timm = models.import_timm()
+    torch.manual_seed(0)
+    tiny = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    ckpt = root / "ckpt"
+    ckpt.mkdir()
+    torch.save(tiny.state_dict(), ckpt / "tiny.pth")
+    blob = (ckpt / "tiny.pth").read_bytes()
+    (ckpt / "truncated.pth").write_bytes(blob[: len(blob) // 2])
+    marker = root / "pwned"
+    torch.save({"weight": torch.zeros(2), "payload": RunsCommand(f"touch {marker}")}, ckpt / "evil.pth")
+    converted = root / "converted"
+    vitpool.save(vitpool.convert(tiny, k=[120], layers=[4]), converted)
+    runs.converted_snapshot = snapshot(converted)
+    runs.marker = marker
+
+    convert_error("truncated_checkpoint", ["deit_tiny", "--k", "100", "--checkpoint", ckpt / "truncated.pth"],
+                  ["truncated.pth", "could not be read"])
+    convert_error("pickle_with_code", ["deit_tiny", "--k", "100", "--checkpoint", ckpt / "evil.pth"],
+                  ["evil.pth", "refused"])
+    convert_error("mismatched_checkpoint", ["deit_small", "--k", "100", "--checkpoint", ckpt / "tiny.pth"],
+                  ["does not match the model", "(1, 1, 192) in the file and (1, 1, 384) in the model"])
+    convert_error("convert_saved_dir", [converted, "--k", "50"], ["is a saved model"])
+    runs.start("flops_converted_with_k", ["flops", converted, "--k", "50"], ["already converted", "--k", "deit_tiny_patch16_224"])
+    runs.start("eval_converted_with_iters", ["eval", converted, "--iters", "3", "--data", empty],
+               ["already converted", "--iters"])
+    try:
+        yield runs
+    finally:
+        runs.pool.shutdown(wait=True, cancel_futures=True)
+        slow_pool.shutdown(wait=True, cancel_futures=True)
+        for path in locked:
+            path.chmod(0o755)
+
+
+class RunsCommand:
+    """Unpickling this calls os.system."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+REFUSALS = [
+    "unknown_model",
+    "k_zero",
+    "k_too_large",
+    "k_layers_count",
+    "layer_out_of_range",
+    "k_not_integers",
+    "no_k",
+    "missing_checkpoint",
+    "truncated_checkpoint",
+    "pickle_with_code",
+    "mismatched_checkpoint",
+    "offline_pretrained",
+    "missing_parent",
+    "readonly_parent",
+    "existing_out",
+    "convert_saved_dir",
+]
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_convert_refusal_writes_nothing(runs, name):
+    result = runs.result(name)
+    case = runs.cases[name]
+    assert_user_error(result, case.expect)
+    assert snapshot(case.work) == runs.snapshots[name], "the refused command changed its output folder"
+
+
+def test_pickle_with_code_did_not_run(runs):
+    assert_user_error(runs.result("pickle_with_code"))
+    assert not runs.marker.exists(), "loading the checkpoint ran the pickled os.system call"
+
+
+def test_existing_out_is_kept(runs):
+    assert_user_error(runs.result("existing_out"))
+    out = runs.root / "existing_out" / "out"
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious\n"
+
+
+def test_existing_out_with_force_is_replaced(runs):
+    result = runs.result("existing_out_force")
+    assert result.rc == 0, str(result)
+    work = runs.root / "existing_out_force"
+    out = work / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "vitpool.json"]
+    assert hidden_entries(work) == [], "staging or retired directories were left behind"
+    summary = json.loads(result.stdout)
+    assert summary["out"] == str(out) and summary["base_model"] == "deit_tiny_patch16_224"
+    assert summary["pooling"]["k"] == [100] and summary["pooling"]["layers"] == [5]
+    description = json.loads((out / "vitpool.json").read_text())
+    assert description["pooling"] == summary["pooling"]
+
+
+@pytest.mark.parametrize("name", ["flops_converted_with_k", "eval_converted_with_iters"])
+def test_pooling_flags_on_converted_dir(runs, name):
+    assert_user_error(runs.result(name), runs.cases[name].expect)
+    assert snapshot(runs.root / "converted") == runs.converted_snapshot
+
+
+def test_eval_without_images(runs):
+    assert_user_error(runs.result("eval_no_images"), runs.cases["eval_no_images"].expect)
+
+
+def test_offline_pretrained_default_env_fails_fast_with_one_line(runs):
+    result = runs.result("offline_default")
+    assert_user_error(result, ["--checkpoint", "--no-pretrained"])
+    assert not (runs.root / "offline_default" / "out").exists()
+
+
+def test_flops_json_is_pure_json(runs):
+    result = runs.result("flops_json")
+    assert result.rc == 0, str(result)
+    document = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
+    assert {"gmacs", "baseline_gmacs", "pooling_gmacs", "blocks"} <= set(document)
+    assert document["model"] == "deit_tiny_patch16_224"
+    assert document["pooling"]["k"] == [98] and document["pooling"]["method"] == "kmeans"
+    blocks = document["blocks"]
+    assert len(blocks) == 12
+    assert all(b["tokens_in"] == b["tokens_out"] == 197 for b in blocks[:5])
+    assert blocks[5]["tokens_in"] == 197 and blocks[5]["tokens_out"] == 99
+    assert all(b["tokens_in"] == b["tokens_out"] == 99 for b in blocks[6:])
+    assert 1.1 < document["baseline_gmacs"] < 1.4  # unpooled DeiT-Tiny: about 1.26 GMACs
+    assert document["pooling_gmacs"] > 0
+    assert document["pooling_gmacs"] < document["gmacs"] < document["baseline_gmacs"]
+    assert "Traceback" not in result.stderr
+
+
+def test_eval_json_skips_unreadable_image(runs):
+    if not IMAGES.is_dir():
+        pytest.skip(f"real images {IMAGES} are absent (see ../shared/data/README.md)")
+    result = runs.result("eval_corrupt")
+    assert result.rc == 0, str(result)
+    document = json.loads(result.stdout)
+    assert document["n"] == 3
+    assert document["class_mapping"] == "imagenet"
+    assert len(document["skipped"]) == 1 and "zz_corrupt.JPEG" in document["skipped"][0]
+    assert document["agreement"] is not None and 0 <= document["agreement"] <= 100
+    if REAL_WEIGHTS.is_file():
+        assert document["baseline_top1"] >= 100 * 2 / 3 - 1e-6, "the real DeiT-Tiny should get 2 of these 3 photos"
+    warnings = [line for line in result.lines() if "zz_corrupt.JPEG" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning:"), str(result)
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_imports_without_torch():
+    code = "import vitpool.cli, sys; assert 'torch' not in sys.modules and 'timm' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_help_answers_without_error():
+    done = subprocess.run([str(VITPOOL), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for command in ("convert", "flops", "eval"):
+        assert command in done.stdout
+
+
+def test_convert_write_failure_is_a_user_error(tmp_path, monkeypatch):
+    import safetensors.torch
+    from typer.testing import CliRunner
+
+    from vitpool.cli import app
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    result = CliRunner().invoke(app, ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and hidden_entries(tmp_path) == []
+    assert result.exit_code == 2, f"exit {result.exit_code}, exception {result.exception!r}"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "No space left" in lines[0]
