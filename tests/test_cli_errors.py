@@ -160,9 +160,10 @@ def runs(tmp_path_factory):
     convert_error("offline_pretrained", ["deit_tiny", "--k", "100"],
                   ["could not load pretrained weights", "--checkpoint", "--no-pretrained"])
 
-    work = runs.workdir("missing_parent")
-    runs.start("missing_parent", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", work / "absent" / "out"],
-               ["absent", "does not exist"], work)
+    work = runs.workdir("parent_is_file")
+    (work / "afile").write_text("not a folder\n")
+    runs.start("parent_is_file", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", work / "afile" / "out"],
+               ["cannot write", "afile"], work)
     if IS_ROOT:
         runs.not_started["readonly_parent"] = "running as root, which writes through directory permissions (see test_convert_write_failure_is_a_user_error)"
     else:
@@ -266,7 +267,7 @@ REFUSALS = [
     "pickle_with_code",
     "mismatched_checkpoint",
     "offline_pretrained",
-    "missing_parent",
+    "parent_is_file",
     "readonly_parent",
     "existing_out",
     "convert_saved_dir",

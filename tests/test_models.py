@@ -337,10 +337,16 @@ def test_failed_save_leaves_nothing_behind(tmp_path, converted, monkeypatch, exi
         assert not target.exists()
 
 
-def test_save_into_missing_parent_is_an_error(tmp_path, converted):
-    with pytest.raises(VitpoolError, match="does not exist"):
-        vitpool.save(converted, tmp_path / "no" / "such" / "dir")
-    assert not (tmp_path / "no").exists()
+def test_save_creates_missing_parents(tmp_path, converted):
+    target = vitpool.save(converted, tmp_path / "runs" / "nested" / "dir")
+    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors", "vitpool.json"]
+
+
+def test_save_under_a_file_is_an_error(tmp_path, converted):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(VitpoolError, match="cannot write"):
+        vitpool.save(converted, tmp_path / "afile" / "sub" / "dir")
+    assert (tmp_path / "afile").read_text() == "not a folder"
 
 
 # --- the real DeiT-Tiny checkpoint -----------------------------------------------------------------

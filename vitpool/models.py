@@ -182,8 +182,10 @@ def save(model, directory: str | Path, force: bool = False) -> Path:
     if directory.exists() and not directory.is_dir():
         raise VitpoolError(f"output {directory} exists and is not a directory")
     parent = directory.parent
-    if not parent.is_dir():
-        raise VitpoolError(f"cannot write {directory}: its parent folder {parent} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise VitpoolError(f"cannot write {directory}: {error.strerror or error} ({error.filename or parent})") from None
     if not os.access(parent, os.W_OK):
         raise VitpoolError(f"cannot write {directory}: no permission to write in {parent}")
     config = pooling_config(model) or PoolingConfig(k=(), layers=())

@@ -26,7 +26,8 @@ class Pooled(NamedTuple):
 
 
 def _is_tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
 
 
 def check_finite(x: Tensor) -> None:
