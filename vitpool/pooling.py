@@ -91,13 +91,13 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
     """Alternate nearest-medoid assignment and per-cluster medoid update, from the top-k tokens by score.
 
     Medoids are input tokens, so every distance is read from one Gram matrix X X^T (N*N*C MACs, once);
-    an iteration adds only N*N MACs, whatever K is, instead of a dense (N x N)(N x K) update.
+    an iteration adds only N*N + N*K MACs, whatever the width C, instead of a dense (N x N)(N x K) update.
     """
-    check_finite(x)
     xf = x.float()
     w = torch.ones_like(xf[..., 0]) if weight is None else weight.float()
     gram = xf @ xf.transpose(1, 2)
     sq = torch.diagonal(gram, dim1=1, dim2=2)
+    check_finite(sq)  # a NaN or inf anywhere in a token shows in its squared norm: B*N values to check, not B*N*C
     index = top_k_indices(init_scores, k)
     assign = _nearest_medoid(gram, sq, index)
     for _ in range(iters):
@@ -107,29 +107,36 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
 
 
 def _nearest_medoid(gram: Tensor, sq: Tensor, index: Tensor) -> Tensor:
-    """argmin_j ||x_i - x_index[j]||^2 for every token i, from the Gram matrix (||x_i||^2 is common to a row)."""
+    """argmin_j ||x_i - x_index[j]||^2 for every token i, from the Gram matrix (||x_i||^2 is common to a row).
+
+    Written as the max of <x_i, m_j> - ||m_j||^2 / 2: one pass over [B, N, K], and max(dim) is faster than argmin.
+    """
     cross = gram.gather(2, index.unsqueeze(1).expand(-1, gram.shape[1], -1))
-    return (sq.gather(1, index).unsqueeze(1) - 2 * cross).argmin(dim=-1)
+    return (cross - 0.5 * sq.gather(1, index).unsqueeze(1)).max(dim=-1).indices
 
 
 def _update_medoids(gram: Tensor, sq: Tensor, weight: Tensor, assign: Tensor, index: Tensor) -> Tensor:
-    """Each cluster's member j minimising sum_i w_i ||x_i - x_j||^2 over its members i; empty clusters keep theirs."""
+    """Each cluster's member j minimising sum_i w_i ||x_i - x_j||^2 over its members i; empty clusters keep theirs.
+
+    That sum is W_c ||x_j||^2 - 2 sum_i w_i <x_i, x_j> plus a constant of the cluster c, where W_c is the
+    cluster's weight; the masked minimum runs over [B, K, N] so that it reduces along contiguous memory.
+    """
     k = index.shape[1]
-    same = (assign.unsqueeze(2) == assign.unsqueeze(1)).to(gram.dtype)  # [B, N, N]: j and i share a cluster
-    pull = ((same * gram) @ weight.unsqueeze(-1)).squeeze(-1)  # sum_i w_i <x_i, x_j> over j's cluster
-    mass = (same @ weight.unsqueeze(-1)).squeeze(-1)  # sum_i w_i over j's cluster
-    cost = mass * sq - 2 * pull  # the weighted error of j as medoid, up to a per-cluster constant
-    member = assign.unsqueeze(-1) == torch.arange(k, device=assign.device)  # [B, N, K]
-    best = torch.where(member, cost.unsqueeze(-1), torch.full_like(member, float("inf"), dtype=cost.dtype)).argmin(dim=1)
-    return torch.where(member.any(dim=1), best, index)
+    same = assign.unsqueeze(2) == assign.unsqueeze(1)  # [B, N, N]: j and i share a cluster
+    pull = (torch.where(same, gram, 0.0) @ weight.unsqueeze(-1)).squeeze(-1)
+    member = torch.arange(k, device=assign.device).view(1, k, 1) == assign.unsqueeze(1)  # [B, K, N]
+    mass = (member.to(weight.dtype) @ weight.unsqueeze(-1)).squeeze(-1).gather(1, assign)  # W_c of each token's cluster
+    cost = mass * sq - 2 * pull
+    best_cost, best = torch.where(member, cost.unsqueeze(1), float("inf")).min(dim=-1)
+    return torch.where(torch.isinf(best_cost), index, best)
 
 
 def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int) -> Pooled:
     """Alternate nearest-centre assignment and (weighted) mean update, from the top-k tokens by score."""
-    check_finite(x)
     xf = x.float()
     w = torch.ones_like(xf[..., 0]) if weight is None else weight.float()
     x_sq = squared_norms(xf)
+    check_finite(x_sq)
     centers = gather_tokens(xf, top_k_indices(init_scores, k))
     assign = nearest(xf, x_sq, centers)
     for _ in range(iters):
@@ -213,7 +220,8 @@ def tome(x: Tensor, k: int, metric: Tensor | None = None, size: Tensor | None = 
     a, b = metric[:, ::2], metric[:, 1::2]
     n_a, n_b = a.shape[1], b.shape[1]
     best, best_b = (a @ b.transpose(1, 2)).max(dim=-1)  # [B, Na]
-    rank = best.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+    order = best.topk(n_a, dim=-1).indices  # strongest edge first (ONNX TopK; a stable sort does not export)
+    rank = order.topk(n_a, dim=-1, largest=False).indices  # inverse permutation: the rank of each A token
     assign_a = torch.where(rank < r, (n_a - r) + best_b, rank - r)
     assign_b = (n_a - r) + torch.arange(n_b, device=x.device).expand(batch, -1)
     assign = torch.stack([assign_a[:, :n_b], assign_b], dim=-1).reshape(batch, 2 * n_b)

@@ -1,0 +1,127 @@
+"""DeiT-S latency on this CPU: three schedules (about 25%, 40% and 50% fewer MACs), batch 1 and 32,
+eager PyTorch and ONNX Runtime, baseline and pooled interleaved in one run (vitpool.bench).
+
+Also measures the pooling layers' own share of the pooled model's latency: in eager PyTorch by timing
+the TokenPool modules with hooks during extra calls, in ONNX Runtime from its node profile (the nodes the
+exporter tagged with the TokenPool module). Random weights: latency does not depend on them.
+Writes benchmarks/results/bench_deit_small_cpu.json.
+
+    .venv/bin/python benchmarks/bench_deit_small_cpu.py [--repeats-1 30] [--repeats-32 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import vitpool
+from vitpool.adapter import pooled_layers
+from vitpool.bench import bench, environment, rows_to_json
+from vitpool.export import INPUT_NAME, session, to_onnx
+from vitpool.models import create_model
+
+SCHEDULES = {  # K after blocks 2, 5, 8; MAC ratio measured with `vitpool flops`
+    "minus25": [160, 128, 100],
+    "minus40": [128, 88, 56],
+    "minus50": [100, 64, 36],
+}
+LAYERS = [2, 5, 8]
+
+
+def eager_pool_share(model, images, calls: int = 5) -> float:
+    """Fraction of eager forward time spent inside the TokenPool modules."""
+    spent = [0.0]
+    started = {}
+
+    def before(module, _inputs):
+        started[module] = time.perf_counter()
+
+    def after(module, _inputs, _output):
+        spent[0] += time.perf_counter() - started.pop(module)
+
+    handles = []
+    for pool in pooled_layers(model).values():
+        handles += [pool.register_forward_pre_hook(before), pool.register_forward_hook(after)]
+    try:
+        with torch.inference_mode():
+            model(images)
+            spent[0] = 0.0
+            begin = time.perf_counter()
+            for _ in range(calls):
+                model(images)
+            total = time.perf_counter() - begin
+    finally:
+        for handle in handles:
+            handle.remove()
+    return spent[0] / total
+
+
+def onnx_pool_share(model, images, workdir: str, calls: int = 5) -> float:
+    """Fraction of ONNX Runtime node time spent in nodes exported from the TokenPool modules."""
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(workdir) / "pooled.onnx"
+    to_onnx(model, path)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    pool_nodes = {n.name for n in graph.node if any("TokenPool" in p.value for p in n.metadata_props)}
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(workdir) / "profile")
+    options.intra_op_num_threads = torch.get_num_threads()
+    runtime = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {INPUT_NAME: images.numpy()}
+    for _ in range(calls):
+        runtime.run(None, feed)
+    events = json.loads(Path(runtime.end_profiling()).read_text())
+    node_time = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            name = event["name"].removesuffix("_kernel_time")
+            node_time[name] = node_time.get(name, 0) + event["dur"]
+    total = sum(node_time.values())
+    return sum(t for name, t in node_time.items() if name in pool_nodes) / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats-1", type=int, default=30)
+    parser.add_argument("--repeats-32", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_deit_small_cpu.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base = create_model("deit_small", pretrained=False)
+    results = []
+    start = time.perf_counter()
+    for name, k in SCHEDULES.items():
+        pooled = vitpool.convert(base, k=k, layers=LAYERS)
+        rows = []
+        for batch, repeats in ((1, args.repeats_1), (32, args.repeats_32)):
+            batch_rows, env = bench(base, pooled, ["torch", "onnxruntime"], [batch], warmup=3, iters=repeats)
+            rows += rows_to_json(batch_rows, env)
+        with tempfile.TemporaryDirectory() as workdir:
+            shares = {}
+            for batch in (1, 32):
+                images = torch.randn(batch, 3, 224, 224)
+                shares[f"torch_batch{batch}"] = eager_pool_share(pooled, images, calls=5 if batch == 1 else 2)
+                shares[f"onnxruntime_batch{batch}"] = onnx_pool_share(pooled, images, workdir, calls=5 if batch == 1 else 2)
+        results.append({"schedule": name, "k": k, "layers": LAYERS, "method": "wkmedoids", "iters": 5,
+                        "rows": rows, "pooling_share_of_latency": shares})
+        print(json.dumps({"schedule": name, "shares": shares,
+                          "efficiency": {f"{r['runtime']}_b{r['batch_size']}": round(r["efficiency"], 3) for r in rows if r["model"] == "pooled"}}),
+              flush=True)
+    document = {"model": "deit_small_patch16_224 (random weights)", "device": "cpu", "env": environment("cpu", torch.get_num_threads()),
+                "seconds": round(time.perf_counter() - start), "results": results}
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

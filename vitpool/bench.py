@@ -1,0 +1,228 @@
+"""Latency of the unpooled and the converted model, timed in the same run, interleaved, on the same input.
+
+Per runtime and batch size: warm-up calls for both models, then rounds that time one call of each, the
+order alternating every round so that drift (frequency, cache, other load) falls on both alike. CPU calls
+are timed with perf_counter; CUDA calls with CUDA events after a synchronise. Peak memory is measured in a
+separate untimed pass: on CUDA the allocator's peak; on Linux CPU the process's peak resident set over
+that pass (the kernel's high-water mark is reset first through /proc/self/clear_refs).
+
+The efficiency of the converted model is its speed-up divided by its MAC speed-up (baseline MACs over
+converted MACs, pooling layers included): 1.0 means every MAC saved turned into time saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vitpool.errors import VitpoolError
+
+RUNTIMES = ("torch", "torch-compile", "onnxruntime")
+
+
+@dataclass
+class BenchRow:
+    model: str  # "baseline" or "pooled"
+    runtime: str
+    device: str
+    precision: str
+    batch_size: int
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    images_per_s: float
+    peak_mem_mb: float | None
+    gmacs: float  # per image
+    speedup: float | None = None  # baseline p50 / pooled p50
+    mac_speedup: float | None = None  # baseline MACs / pooled MACs
+    efficiency: float | None = None  # speedup / mac_speedup
+
+
+def environment(device: str, threads: int) -> dict:
+    import timm
+    import torch
+
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = _cpu_name()
+    return {"torch": torch.__version__, "timm": timm.__version__, "onnxruntime": ort_version, "device_name": name,
+            "threads": threads, "cpu_count": os.cpu_count(), "python": platform.python_version()}
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(field)
+
+
+def peak_memory_mb(call: Callable[[], object], device: str, repeats: int = 3) -> float | None:
+    """Extra memory at the peak of `repeats` calls: CUDA allocator peak, or the CPU resident set's rise."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(repeats):
+            call()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+        before = _rss_mb("VmRSS")
+        for _ in range(repeats):
+            call()
+        return _rss_mb("VmHWM") - before
+    except OSError:
+        return None
+
+
+class Timer:
+    """Times one call: CUDA events on the GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def __call__(self, call: Callable[[], object]) -> float:
+        import torch
+
+        if self.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        begin = time.perf_counter()
+        call()
+        return (time.perf_counter() - begin) * 1e3
+
+
+def torch_runner(model, images, device: str, precision: str, compiled: bool) -> Callable[[], object]:
+    import torch
+
+    model = model.to(device).eval()
+    if compiled:
+        model = torch.compile(model)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def call():
+        with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            return model(images)
+
+    return call
+
+
+def onnx_runner(model, images, device: str, threads: int, workdir: str) -> Callable[[], object]:
+    from vitpool.export import INPUT_NAME, session, to_onnx
+
+    path = Path(workdir) / f"{id(model)}.onnx"
+    to_onnx(model.cpu(), path)
+    runtime = session(path, device, threads)
+    feed = {INPUT_NAME: images.cpu().numpy()}
+    return lambda: runtime.run(None, feed)
+
+
+def _summary(times: list[float], batch: int) -> dict:
+    ordered = sorted(times)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return {"p50_ms": statistics.median(ordered), "p90_ms": p90, "mean_ms": statistics.fmean(ordered),
+            "images_per_s": 1e3 * batch / statistics.median(ordered)}
+
+
+def bench(
+    baseline,
+    pooled,
+    runtimes: list[str],
+    batch_sizes: list[int],
+    device: str = "cpu",
+    precision: str = "fp32",
+    warmup: int = 5,
+    iters: int = 30,
+    threads: int | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> tuple[list[BenchRow], dict]:
+    """Rows for both models at every runtime and batch size, and the environment they were measured in."""
+    import torch
+
+    from vitpool.flops import total_macs
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise VitpoolError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise VitpoolError(f"unknown device {device!r}: use cpu or cuda")
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise VitpoolError(f"unknown runtime {', '.join(unknown)}: choose from {', '.join(RUNTIMES)}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise VitpoolError(f"unknown precision {precision!r}: use bf16 or fp16 with --amp")
+    if precision != "fp32" and device != "cuda":
+        raise VitpoolError(f"--amp {precision} is for CUDA; drop it on the CPU")
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    models = {"baseline": baseline.eval(), "pooled": pooled.eval()}
+    macs = {name: total_macs(model) for name, model in models.items()}
+    timer = Timer(device)
+    rows: list[BenchRow] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for runtime in runtimes:
+            for batch in batch_sizes:
+                channels, height, width = baseline.patch_embed.proj.in_channels, *baseline.patch_embed.img_size
+                images = torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(0)).to(device)
+                if on_step:
+                    on_step(f"{runtime}, batch {batch}: preparing")
+                calls = {
+                    name: onnx_runner(model, images, device, threads, workdir) if runtime == "onnxruntime"
+                    else torch_runner(model, images, device, precision, compiled=runtime == "torch-compile")
+                    for name, model in models.items()
+                }
+                for call in calls.values():
+                    for _ in range(warmup):
+                        call()
+                memory = {name: peak_memory_mb(call, device) for name, call in calls.items()}
+                times: dict[str, list[float]] = {name: [] for name in calls}
+                for round_ in range(iters):
+                    if on_step:
+                        on_step(f"{runtime}, batch {batch}: round {round_ + 1}/{iters}")
+                    order = list(calls) if round_ % 2 == 0 else list(reversed(calls))
+                    for name in order:
+                        times[name].append(timer(calls[name]))
+                summaries = {name: _summary(times[name], batch) for name in calls}
+                speedup = summaries["baseline"]["p50_ms"] / summaries["pooled"]["p50_ms"]
+                mac_speedup = macs["baseline"] / macs["pooled"]
+                for name in calls:
+                    extra = {"speedup": speedup, "mac_speedup": mac_speedup, "efficiency": speedup / mac_speedup} if name == "pooled" else {}
+                    row_precision = "fp32" if runtime == "onnxruntime" else precision  # autocast is a torch feature
+                    rows.append(BenchRow(name, runtime, device, row_precision, batch, **summaries[name],
+                                         peak_mem_mb=memory[name], gmacs=macs[name] / 1e9, **extra))
+    return rows, environment(device, threads)
+
+
+def rows_to_json(rows: list[BenchRow], env: dict) -> list[dict]:
+    """One JSON object per row, each carrying the environment, so the list loads as one table."""
+    return [{**asdict(row), "env": env} for row in rows]

@@ -1,0 +1,179 @@
+"""ONNX export of a (converted) model with its pooling in the graph, checked against PyTorch in ONNX Runtime.
+
+The pooling layers have fixed iteration counts and static shapes, so the graph has no data-dependent
+control flow; the batch axis is a named dynamic dimension. The dynamo exporter fixes the batch to 1 when
+it traces with a batch of 1, so the example batch is at least 2. K-Medoids' argmin may resolve a near-tie
+differently under ONNX Runtime's kernels, so the check is top-1 agreement against a stated threshold,
+not bit-equality; the file is only moved into place once the check has passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vitpool.errors import VitpoolError
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+BATCH_DIM = "batch"
+DEFAULT_OPSET = 18
+LOGIT_ATOL = 1e-3
+
+
+@dataclass
+class ExportCheck:
+    source: str  # "random" or the image folder
+    n: int
+    max_abs_diff: float
+    agreement: float  # percent of inputs whose top-1 is the same in ONNX Runtime and PyTorch
+    close: float  # percent of inputs whose logits all agree within LOGIT_ATOL
+    min_agreement: float
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement >= self.min_agreement
+
+
+@dataclass
+class ExportResult:
+    path: str
+    opset: int
+    input_name: str
+    input_shape: list
+    size_mb: float
+    seconds: float
+    check: ExportCheck | None
+
+    def to_json(self) -> dict:
+        document = asdict(self)
+        if self.check is not None:
+            document["check"]["passed"] = self.check.passed
+        return document
+
+
+def _example_input(model, batch_size: int):
+    import torch
+
+    channels, height, width = model.patch_embed.proj.in_channels, *model.patch_embed.img_size
+    return torch.randn(max(2, batch_size), channels, height, width, generator=torch.Generator().manual_seed(0))
+
+
+def to_onnx(model, path: str | Path, opset: int = DEFAULT_OPSET, batch_size: int = 2) -> None:
+    """Write `model` to `path` as ONNX with a dynamic batch axis; the exporter's chatter goes to stderr."""
+    import torch
+
+    example = _example_input(model, batch_size)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model.eval(),
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"x": {0: torch.export.Dim(BATCH_DIM)}},
+            opset_version=opset,
+            verbose=False,
+        )
+        program.save(str(path))
+
+
+def session(path: str | Path, device: str = "cpu", threads: int | None = None):
+    """An ONNX Runtime session on the CPU, or on CUDA where onnxruntime-gpu provides it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise VitpoolError("onnxruntime has no CUDA execution provider here; install onnxruntime-gpu or bench --runtime torch")
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def _check_batches(model, data: Path | None, limit: int, batch_size: int):
+    import torch
+
+    if data is None:
+        generator = torch.Generator().manual_seed(1)
+        images = torch.randn(limit, 3, *model.patch_embed.img_size, generator=generator)
+        return "random", list(images.split(batch_size))
+    from vitpool import data as image_data
+
+    folder = image_data.scan(data, model.num_classes)
+    batches = []
+    for images, _, _ in image_data.loader(image_data.spread(folder.samples, limit), model, batch_size, workers=0):
+        if images is not None:
+            batches.append(images)
+    return str(data), batches
+
+
+def check(model, path: str | Path, data: Path | None = None, limit: int = 32, batch_size: int = 8,
+          min_agreement: float = 90.0) -> ExportCheck:
+    """Run the exported file in ONNX Runtime and PyTorch on the same inputs; compare logits and top-1."""
+    import numpy as np
+    import torch
+
+    runtime = session(path)
+    source, batches = _check_batches(model, data, limit, batch_size)
+    if not batches:
+        raise VitpoolError(f"no readable images in {data} to check the export with")
+    n = agree = close = 0
+    max_diff = 0.0
+    with torch.no_grad():
+        for images in batches:
+            expected = model(images).float().numpy()
+            actual = runtime.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
+            diff = np.abs(actual - expected)
+            max_diff = max(max_diff, float(diff.max()))
+            agree += int((actual.argmax(-1) == expected.argmax(-1)).sum())
+            close += int((diff.max(-1) <= LOGIT_ATOL).sum())
+            n += len(images)
+    return ExportCheck(source, n, max_diff, 100.0 * agree / n, 100.0 * close / n, min_agreement)
+
+
+def export(model, out: str | Path, opset: int = DEFAULT_OPSET, batch_size: int = 2, run_check: bool = True,
+           data: Path | None = None, limit: int = 32, min_agreement: float = 90.0, force: bool = False) -> ExportResult:
+    """Export, check in ONNX Runtime, and only then move the file to `out` (atomic; `force` to replace)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise VitpoolError(f"output {out} already exists; choose another path or pass --force to replace it")
+    if out.is_dir():
+        raise VitpoolError(f"output {out} is a directory; give a file name such as model.onnx")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(handle)
+    except OSError as error:
+        raise VitpoolError(f"cannot write {out}: {error.strerror or error}") from None
+    staging = Path(staging)
+    try:
+        start = time.perf_counter()
+        to_onnx(model, staging, opset, batch_size)
+        seconds = time.perf_counter() - start
+        result = check(model, staging, data, limit, min_agreement=min_agreement) if run_check else None
+        if result is not None and not result.passed:
+            raise VitpoolError(
+                f"the export disagrees with PyTorch: top-1 agreement {result.agreement:.1f}% < {min_agreement:.1f}% "
+                f"on {result.n} inputs (max abs diff {result.max_abs_diff:.3g}); nothing written. Check on real "
+                f"images with --data, or lower --min-agreement if near-ties are expected"
+            )
+        import onnx
+
+        graph_input = onnx.load(str(staging), load_external_data=False).graph.input[0]
+        shape = [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+        size_mb = staging.stat().st_size / 2**20
+        os.replace(staging, out)
+    finally:
+        staging.unlink(missing_ok=True)
+    return ExportResult(str(out), opset, graph_input.name, shape, size_mb, seconds, result)
