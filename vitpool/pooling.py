@@ -90,43 +90,48 @@ def top_k_indices(scores: Tensor, k: int) -> Tensor:
 def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int) -> Pooled:
     """Alternate nearest-medoid assignment and per-cluster medoid update, from the top-k tokens by score.
 
-    Medoids are input tokens, so every distance is read from one Gram matrix X X^T (N*N*C MACs, once);
-    an iteration adds only N*N + N*K MACs, whatever the width C, instead of a dense (N x N)(N x K) update.
+    Medoids are input tokens, so every distance is read from one pairwise distance matrix built from the
+    Gram matrix X X^T (N*N*C MACs, once); an iteration adds only N*N MACs, whatever K and the width C are,
+    instead of a dense (N x N)(N x K) update.
     """
     xf = x.float()
     w = torch.ones_like(xf[..., 0]) if weight is None else weight.float()
-    gram = xf @ xf.transpose(1, 2)
-    sq = torch.diagonal(gram, dim1=1, dim2=2)
-    check_finite(sq)  # a NaN or inf anywhere in a token shows in its squared norm: B*N values to check, not B*N*C
+    distance = pairwise_squared_distances(xf)
     index = top_k_indices(init_scores, k)
-    assign = _nearest_medoid(gram, sq, index)
+    assign = _nearest_medoid(distance, index)
     for _ in range(iters):
-        index = _update_medoids(gram, sq, w, assign, index)
-        assign = _nearest_medoid(gram, sq, index)
+        index = _update_medoids(distance, w, assign, index)
+        assign = _nearest_medoid(distance, index)
     return Pooled(gather_tokens(x, index), assign)
 
 
-def _nearest_medoid(gram: Tensor, sq: Tensor, index: Tensor) -> Tensor:
-    """argmin_j ||x_i - x_index[j]||^2 for every token i, from the Gram matrix (||x_i||^2 is common to a row).
+def pairwise_squared_distances(x: Tensor) -> Tensor:
+    """||x_i - x_j||^2 as [B, N, N], exactly symmetric with an exact zero diagonal.
 
-    Written as the max of <x_i, m_j> - ||m_j||^2 / 2: one pass over [B, N, K], and max(dim) is faster than argmin.
+    Exact symmetry matters: two tokens alone in a cluster are equally good medoids, and only a tie that is
+    exact in floating point resolves the same way (first index) in PyTorch and in ONNX Runtime.
     """
-    cross = gram.gather(2, index.unsqueeze(1).expand(-1, gram.shape[1], -1))
-    return (cross - 0.5 * sq.gather(1, index).unsqueeze(1)).max(dim=-1).indices
+    gram = x @ x.transpose(1, 2)
+    sq = torch.diagonal(gram, dim1=1, dim2=2)
+    check_finite(sq)  # a NaN or inf anywhere in a token shows in its squared norm: B*N values to check, not B*N*C
+    return ((sq.unsqueeze(2) + sq.unsqueeze(1)) - (gram + gram.transpose(1, 2))).clamp_min(0)
 
 
-def _update_medoids(gram: Tensor, sq: Tensor, weight: Tensor, assign: Tensor, index: Tensor) -> Tensor:
+def _nearest_medoid(distance: Tensor, index: Tensor) -> Tensor:
+    """The medoid (position in `index`) nearest to every token; ties go to the first."""
+    return distance.gather(2, index.unsqueeze(1).expand(-1, distance.shape[1], -1)).min(dim=-1).indices
+
+
+def _update_medoids(distance: Tensor, weight: Tensor, assign: Tensor, index: Tensor) -> Tensor:
     """Each cluster's member j minimising sum_i w_i ||x_i - x_j||^2 over its members i; empty clusters keep theirs.
 
-    That sum is W_c ||x_j||^2 - 2 sum_i w_i <x_i, x_j> plus a constant of the cluster c, where W_c is the
-    cluster's weight; the masked minimum runs over [B, K, N] so that it reduces along contiguous memory.
+    The masked minimum runs over [B, K, N] so that it reduces along contiguous memory; min(dim) is faster
+    than argmin on the CPU and breaks ties by the first index, as ONNX's ArgMin does.
     """
     k = index.shape[1]
     same = assign.unsqueeze(2) == assign.unsqueeze(1)  # [B, N, N]: j and i share a cluster
-    pull = (torch.where(same, gram, 0.0) @ weight.unsqueeze(-1)).squeeze(-1)
+    cost = (torch.where(same, distance, 0.0) @ weight.unsqueeze(-1)).squeeze(-1)  # [B, N]
     member = torch.arange(k, device=assign.device).view(1, k, 1) == assign.unsqueeze(1)  # [B, K, N]
-    mass = (member.to(weight.dtype) @ weight.unsqueeze(-1)).squeeze(-1).gather(1, assign)  # W_c of each token's cluster
-    cost = mass * sq - 2 * pull
     best_cost, best = torch.where(member, cost.unsqueeze(1), float("inf")).min(dim=-1)
     return torch.where(torch.isinf(best_cost), index, best)
 

@@ -1,0 +1,52 @@
+"""vitpool bench: its JSON rows on a tiny model, and its refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+VITPOOL = Path(sys.executable).parent / "vitpool"
+SMALL = ["deit_tiny", "--no-pretrained", "--k", "100,50", "--layers", "3,6"]
+
+
+def _vitpool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VITPOOL), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bench_json_rows():
+    run = _vitpool("bench", *SMALL, "--batch-size", "1,2", "--runtime", "torch,onnxruntime", "--warmup", "1",
+                   "--repeats", "3", "--json")
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(run.stdout)
+    assert [(r["runtime"], r["batch_size"], r["model"]) for r in rows] == [
+        (runtime, batch, model) for runtime in ("torch", "onnxruntime") for batch in (1, 2) for model in ("baseline", "pooled")
+    ]
+    for row in rows:
+        assert row["device"] == "cpu" and row["precision"] == "fp32"
+        assert 0 < row["p50_ms"] <= row["p90_ms"]
+        assert row["images_per_s"] == __import__("pytest").approx(1e3 * row["batch_size"] / row["p50_ms"])
+        assert row["peak_mem_mb"] is None or row["peak_mem_mb"] >= 0
+        assert {"torch", "timm", "onnxruntime", "device_name", "threads"} <= set(row["env"])
+    baseline, pooled = rows[0], rows[1]
+    assert pooled["gmacs"] < 0.75 * baseline["gmacs"] and baseline["speedup"] is None
+    assert pooled["mac_speedup"] == __import__("pytest").approx(baseline["gmacs"] / pooled["gmacs"])
+    assert pooled["speedup"] == __import__("pytest").approx(baseline["p50_ms"] / pooled["p50_ms"])
+    assert pooled["efficiency"] == __import__("pytest").approx(pooled["speedup"] / pooled["mac_speedup"])
+
+
+def _assert_one_line_error(run: subprocess.CompletedProcess, *words: str) -> None:
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in run.stderr, run.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_bench_refusals():
+    _assert_one_line_error(_vitpool("bench", *SMALL, "--device", "cuda"), "no CUDA GPU")
+    _assert_one_line_error(_vitpool("bench", *SMALL, "--runtime", "tensorrt"), "unknown runtime tensorrt")
+    _assert_one_line_error(_vitpool("bench", "deit_tiny", "--no-pretrained"), "converted model")
+    _assert_one_line_error(_vitpool("bench", *SMALL, "--amp", "bf16"), "--amp bf16 is for CUDA")
+    _assert_one_line_error(_vitpool("bench", *SMALL, "--batch-size", "0"), "--batch-size")

@@ -1,0 +1,71 @@
+"""ONNX export: every method in the graph, parity with PyTorch in ONNX Runtime, a dynamic batch, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import vitpool
+from vitpool import export as export_module
+from vitpool.config import METHODS
+from vitpool.errors import VitpoolError
+from vitpool.models import create_model
+
+SCHEDULE = {"k": [128, 88, 56], "layers": [2, 5, 8]}
+GRID_SCHEDULE = {"k": [121, 81, 49], "layers": [2, 5, 8]}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_exports_and_agrees_with_pytorch_on_real_images(method, real_deit_tiny, imagenet_sample, tmp_path):
+    pooled = vitpool.convert(real_deit_tiny, method=method, **(GRID_SCHEDULE if method == "grid" else SCHEDULE))
+    result = export_module.export(pooled, tmp_path / "m.onnx", data=imagenet_sample, limit=16, min_agreement=90)
+    check = result.check
+    assert check.n == 16 and check.source == str(imagenet_sample)
+    assert check.agreement >= 93.75, f"{method}: top-1 agreement {check.agreement}%"
+    assert check.close >= 87.5, f"{method}: logits within 1e-3 on only {check.close}% of images"
+    assert result.input_shape == ["batch", 3, 224, 224]
+    graph = onnx.load(result.path, load_external_data=False).graph
+    assert any("TokenPool" in prop.value for node in graph.node for prop in node.metadata_props), "pooling not in the graph"
+    assert not any(node.op_type.startswith("ScatterND") or node.op_type == "Loop" for node in graph.node)
+
+
+def test_one_file_runs_any_batch_size(real_deit_tiny, tmp_path):
+    pooled = vitpool.convert(real_deit_tiny, **SCHEDULE)
+    path = export_module.export(pooled, tmp_path / "m.onnx", run_check=False, batch_size=1).path
+    runtime = export_module.session(path)
+    generator = torch.Generator().manual_seed(3)
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, 224, 224, generator=generator)
+        logits = runtime.run(None, {export_module.INPUT_NAME: images.numpy()})[0]
+        with torch.no_grad():
+            expected = pooled(images).numpy()
+        assert logits.shape == (batch, 1000)
+        np.testing.assert_allclose(logits, expected, atol=1e-3)
+
+
+def test_distilled_model_exports_with_both_prefix_tokens(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+    pooled = vitpool.convert(model, method="importance", k=[120, 60], layers=[3, 7])
+    result = export_module.export(pooled, tmp_path / "d.onnx", limit=8)
+    assert result.check.agreement == 100.0 and result.check.max_abs_diff < 1e-3
+
+
+def test_existing_file_needs_force_and_failed_checks_write_nothing(real_deit_tiny, tmp_path, monkeypatch):
+    pooled = vitpool.convert(real_deit_tiny, method="importance", k=[100], layers=[4])
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(VitpoolError, match="already exists"):
+        export_module.export(pooled, target, run_check=False)
+    assert target.read_bytes() == b"old"
+
+    def disagreeing_check(*args, **kwargs):
+        return export_module.ExportCheck("random", 10, 5.0, 50.0, 0.0, kwargs.get("min_agreement", 90.0))
+
+    monkeypatch.setattr(export_module, "check", disagreeing_check)
+    with pytest.raises(VitpoolError, match="disagrees with PyTorch"):
+        export_module.export(pooled, target, force=True)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"], "a temporary file was left behind"
