@@ -92,14 +92,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats-1", type=int, default=30)
     parser.add_argument("--repeats-32", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=5, help="K-Medoids iterations")
+    parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list of " + ", ".join(SCHEDULES))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_deit_small_cpu.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     base = create_model("deit_small", pretrained=False)
     results = []
     start = time.perf_counter()
-    for name, k in SCHEDULES.items():
-        pooled = vitpool.convert(base, k=k, layers=LAYERS)
+    for name in args.schedules.split(","):
+        k = SCHEDULES[name]
+        pooled = vitpool.convert(base, k=k, layers=LAYERS, iters=args.iters)
         rows = []
         for batch, repeats in ((1, args.repeats_1), (32, args.repeats_32)):
             batch_rows, env = bench(base, pooled, ["torch", "onnxruntime"], [batch], warmup=3, iters=repeats)
@@ -110,7 +113,7 @@ def main() -> None:
                 images = torch.randn(batch, 3, 224, 224)
                 shares[f"torch_batch{batch}"] = eager_pool_share(pooled, images, calls=5 if batch == 1 else 2)
                 shares[f"onnxruntime_batch{batch}"] = onnx_pool_share(pooled, images, workdir, calls=5 if batch == 1 else 2)
-        results.append({"schedule": name, "k": k, "layers": LAYERS, "method": "wkmedoids", "iters": 5,
+        results.append({"schedule": name, "k": k, "layers": LAYERS, "method": "wkmedoids", "iters": args.iters,
                         "rows": rows, "pooling_share_of_latency": shares})
         print(json.dumps({"schedule": name, "shares": shares,
                           "efficiency": {f"{r['runtime']}_b{r['batch_size']}": round(r["efficiency"], 3) for r in rows if r["model"] == "pooled"}}),

@@ -46,8 +46,11 @@ class BenchRow:
 
 
 def environment(device: str, threads: int) -> dict:
-    import timm
     import torch
+
+    from vitpool.models import import_timm
+
+    timm = import_timm()
 
     try:
         import onnxruntime

@@ -1,0 +1,29 @@
+"""Does the clustering converge? Weighted K-Medoids on the real DeiT-Tiny at K = 128, 88, 56 after blocks
+2, 5, 8 with 0 to 10 iterations, on the 500 shared photos. Writes benchmarks/results/iters_deit_tiny.json.
+
+    .venv/bin/python benchmarks/iters_deit_tiny.py [--data ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import vitpool
+from vitpool.evaluate import evaluate
+from vitpool.models import create_model
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "iters_deit_tiny.json")
+args = parser.parse_args()
+base = create_model("deit_tiny", checkpoint=args.data / "weights" / "deit_tiny_patch16_224.pth")
+rows = []
+for iters in (0, 1, 2, 3, 5, 10):
+    pooled = vitpool.convert(base, method="wkmedoids", k=[128, 88, 56], layers=[2, 5, 8], iters=iters)
+    result = evaluate(pooled, args.data / "imagenet-sample", baseline=base, batch_size=50)
+    rows.append({"iters": iters, "top1": result.top1, "agreement": result.agreement, "kl": result.kl, "n": result.n})
+    print(json.dumps(rows[-1]), flush=True)
+args.out.with_suffix(".json.tmp").write_text(json.dumps({"method": "wkmedoids", "k": [128, 88, 56], "layers": [2, 5, 8], "rows": rows}, indent=2) + "\n")
+args.out.with_suffix(".json.tmp").replace(args.out)
