@@ -69,3 +69,25 @@ def test_existing_file_needs_force_and_failed_checks_write_nothing(real_deit_tin
         export_module.export(pooled, target, force=True)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"], "a temporary file was left behind"
+
+
+def test_export_command_json_and_refusal(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    vitpool_cli = Path(sys.executable).parent / "vitpool"
+    target = tmp_path / "out" / "m.onnx"
+    args = [str(vitpool_cli), "export", "deit_tiny", "--no-pretrained", "--method", "importance", "--k", "100",
+            "--layers", "4", "--limit", "4", "--out", str(target)]
+    run = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    document = json.loads(run.stdout)
+    assert document["path"] == str(target) and document["input_shape"] == ["batch", 3, 224, 224]
+    assert document["check"]["passed"] and document["check"]["n"] == 4 and document["pooling"]["k"] == [100]
+    before = target.read_bytes()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    lines = [line for line in again.stderr.splitlines() if line.strip()]
+    assert again.returncode == 2 and len(lines) == 1 and "already exists" in lines[0] and "--force" in lines[0]
+    assert target.read_bytes() == before
