@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
-import torch
+from _results import RESULTS, SHARED_DATA, cpu_environment, write_json
 
 import vitpool
 from vitpool.config import METHODS
@@ -29,9 +27,9 @@ GRID_SCHEDULE = {"k": [121, 81, 49], "layers": [2, 5, 8]}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA)
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "accuracy_deit_tiny.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "accuracy_deit_tiny.json")
     args = parser.parse_args()
     base = create_model("deit_tiny", checkpoint=args.data / "weights" / "deit_tiny_patch16_224.pth")
     images = args.data / "imagenet-sample"
@@ -54,15 +52,11 @@ def main() -> None:
         "data": "../shared/data/imagenet-sample (500 photos, one per even ImageNet class)",
         "fine_tuned": False,
         "iters": 5,
-        "env": {"torch": torch.__version__, "vitpool": vitpool.__version__, "python": platform.python_version(),
-                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
+        "env": cpu_environment(),
         "seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
     }
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    write_json(args.out, document)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 import torch
+from _results import RESULTS, write_json
 
 import vitpool
 from vitpool.adapter import pooled_layers
 from vitpool.bench import bench, environment, rows_to_json
-from vitpool.export import INPUT_NAME, session, to_onnx
+from vitpool.export import INPUT_NAME, to_onnx
 from vitpool.models import create_model
 
 SCHEDULES = {  # K after blocks 2, 5, 8; MAC ratio measured with `vitpool flops`
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--repeats-32", type=int, default=10)
     parser.add_argument("--iters", type=int, default=5, help="K-Medoids iterations")
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list of " + ", ".join(SCHEDULES))
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_deit_small_cpu.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_deit_small_cpu.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     base = create_model("deit_small", pretrained=False)
@@ -120,10 +121,7 @@ def main() -> None:
               flush=True)
     document = {"model": "deit_small_patch16_224 (random weights)", "device": "cpu", "env": environment("cpu", torch.get_num_threads()),
                 "seconds": round(time.perf_counter() - start), "results": results}
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    write_json(args.out, document)
 
 
 if __name__ == "__main__":

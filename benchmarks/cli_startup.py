@@ -5,15 +5,16 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _results import RESULTS, write_json
+
 VITPOOL = Path(sys.executable).parent / "vitpool"
-OUT = Path(__file__).resolve().parent / "results" / "cli_startup.json"
+OUT = RESULTS / "cli_startup.json"
 
 times = []
 for _ in range(7):
@@ -22,6 +23,4 @@ for _ in range(7):
     times.append(time.perf_counter() - start)
 document = {"command": "vitpool --help", "runs": len(times), "median_s": statistics.median(times), "max_s": max(times),
             "python": sys.version.split()[0]}
-OUT.with_suffix(".json.tmp").write_text(json.dumps(document, indent=2) + "\n")
-OUT.with_suffix(".json.tmp").replace(OUT)
-print(json.dumps(document))
+write_json(OUT, document)

@@ -10,13 +10,15 @@ import argparse
 import json
 from pathlib import Path
 
+from _results import RESULTS, SHARED_DATA, write_json
+
 import vitpool
 from vitpool.evaluate import evaluate
 from vitpool.models import create_model
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "iters_deit_tiny.json")
+parser.add_argument("--data", type=Path, default=SHARED_DATA)
+parser.add_argument("--out", type=Path, default=RESULTS / "iters_deit_tiny.json")
 args = parser.parse_args()
 base = create_model("deit_tiny", checkpoint=args.data / "weights" / "deit_tiny_patch16_224.pth")
 rows = []
@@ -25,5 +27,4 @@ for iters in (0, 1, 2, 3, 5, 10):
     result = evaluate(pooled, args.data / "imagenet-sample", baseline=base, batch_size=50)
     rows.append({"iters": iters, "top1": result.top1, "agreement": result.agreement, "kl": result.kl, "n": result.n})
     print(json.dumps(rows[-1]), flush=True)
-args.out.with_suffix(".json.tmp").write_text(json.dumps({"method": "wkmedoids", "k": [128, 88, 56], "layers": [2, 5, 8], "rows": rows}, indent=2) + "\n")
-args.out.with_suffix(".json.tmp").replace(args.out)
+write_json(args.out, {"method": "wkmedoids", "k": [128, 88, 56], "layers": [2, 5, 8], "rows": rows})

@@ -63,7 +63,7 @@ def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters):
     if loaded.config is not None and given:
         raise VitpoolError(
             f"{model_or_dir} is already converted ({loaded.config.describe()}); to try {', '.join(given)} pass "
-            f"its base model name ({loaded.name}) with --checkpoint, or convert it again"
+            f"its base model and weights instead: {loaded.name} --checkpoint {Path(model_or_dir) / 'model.safetensors'}"
         )
     if loaded.config is None and given and not k_values:
         raise VitpoolError(f"{', '.join(given)} given without --k: say how many tokens to keep, e.g. --k 160,128,96")
@@ -82,6 +82,10 @@ def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters):
 
 def emit_json(document) -> None:
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def pooling_json(pooled) -> dict | None:
+    return pooled.vitpool_config.to_dict() if pooled is not None else None
 
 
 @app.command()
@@ -133,7 +137,7 @@ def flops(
 
     loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters)
     report = count_macs(pooled, baseline=loaded.model) if pooled is not None else count_macs(loaded.model)
-    document = {"model": loaded.name, "pooling": pooled.vitpool_config.to_dict() if pooled is not None else None, **report.to_json()}
+    document = {"model": loaded.name, "pooling": pooling_json(pooled), **report.to_json()}
     if as_json:
         emit_json(document)
         return
@@ -189,7 +193,7 @@ def eval_command(
     for skipped in result.skipped:
         err.print(f"warning: skipped unreadable image {skipped}", highlight=False, soft_wrap=True)
     if as_json:
-        emit_json({"model": loaded.name, "pooling": pooled.vitpool_config.to_dict() if pooled is not None else None, **result.to_json()})
+        emit_json({"model": loaded.name, "pooling": pooling_json(pooled), **result.to_json()})
         return
     table = Table(title=f"{loaded.name} on {data_dir} ({result.n} images, {result.mapping} class mapping)")
     table.add_column("metric")
@@ -233,7 +237,7 @@ def export(
         result = export_model(pooled if pooled is not None else loaded.model, out_file, opset, batch_size, run_check,
                               data_dir, limit, min_agreement, force)
     if as_json:
-        emit_json({"model": loaded.name, "pooling": pooled.vitpool_config.to_dict() if pooled is not None else None, **result.to_json()})
+        emit_json({"model": loaded.name, "pooling": pooling_json(pooled), **result.to_json()})
         return
     out.print(f"wrote {result.path} ({result.size_mb:.1f} MB, opset {result.opset}, input {result.input_name} "
               f"{result.input_shape}, exported in {result.seconds:.1f} s)", highlight=False)
