@@ -21,16 +21,23 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'vitpool' has no attribute {name!r}")
 
 
-def convert(model, method: str = "wkmedoids", k=(), layers=None, iters: int = 5, seed: int = 0):
+def convert(model, method: str = "wkmedoids", k=(), layers=None, iters: int = 5, seed: int = 0,
+            budget: float | None = None, target_gmacs: float | None = None):
     """A copy of timm `model` with Token Pooling after blocks `layers`, keeping `k[i]` patch tokens after each.
 
-    `layers` left out spreads the K values evenly over the blocks (see `config.default_layers`). The result
-    is still a timm model: `forward_features`, `forward_head` and `num_prefix_tokens` work as before.
+    `layers` left out spreads the K values evenly over the blocks (see `config.default_layers`). `budget`
+    (a fraction of the unpooled MACs) or `target_gmacs` picks K and layers instead (see `vitpool.budget`).
+    The result is still a timm model: `forward_features`, `forward_head` and `num_prefix_tokens` work as before.
     """
     from vitpool.adapter import apply_pooling
     from vitpool.config import make_config
 
-    config = make_config(method, k, layers, iters, seed, depth=len(model.blocks))
+    if budget is not None or target_gmacs is not None:
+        from vitpool.budget import solve
+
+        config = solve(model, method, iters, budget, target_gmacs, seed)[0]
+    else:
+        config = make_config(method, k, layers, iters, seed, depth=len(model.blocks))
     return apply_pooling(model, config)
 
 

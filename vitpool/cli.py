@@ -33,6 +33,8 @@ MethodOpt = Annotated[Optional[str], typer.Option("--method", help="wkmedoids (d
 KOpt = Annotated[Optional[str], typer.Option("--k", help="Comma list of patch-token counts to keep (prefix tokens excluded), e.g. 160,128,96.")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Comma list of 0-based blocks after which each K applies. Default: spread evenly over blocks 0..depth-2 (3 values on 12 blocks -> 2,5,8).")]
 ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (fixed; default 5).")]
+BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Instead of --k/--layers: the fraction of the unpooled MACs to keep, e.g. 0.6 (pooling layers included; see README for the schedule family).")]
+TargetOpt = Annotated[Optional[float], typer.Option("--target-gmacs", help="Instead of --k/--layers: the GMACs to land on, within 1%.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only a JSON document on stdout.")]
 
 
@@ -50,13 +52,16 @@ def user_errors(command):
     return wrapper
 
 
-def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters):
+def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters, budget=None, target_gmacs=None):
     """(unpooled model, converted model or None) from MODEL_OR_DIR and the model and pooling flags."""
     from vitpool.adapter import apply_pooling
     from vitpool.config import DEFAULT_ITERS, DEFAULT_METHOD, make_config, parse_int_list
     from vitpool.models import load_model_or_dir
 
-    pooling_flags = {"--method": method, "--k": k, "--layers": layers, "--iters": iters}
+    if (budget is not None or target_gmacs is not None) and (k is not None or layers is not None):
+        raise VitpoolError("give either --budget/--target-gmacs or --k/--layers, not both")
+    pooling_flags = {"--method": method, "--k": k, "--layers": layers, "--iters": iters, "--budget": budget,
+                     "--target-gmacs": target_gmacs}
     given = [flag for flag, value in pooling_flags.items() if value is not None]
     k_values, layer_values = parse_int_list(k, "--k"), parse_int_list(layers, "--layers")
     loaded = load_model_or_dir(model_or_dir, str(checkpoint) if checkpoint else None, pretrained)
@@ -65,9 +70,16 @@ def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters):
             f"{model_or_dir} is already converted ({loaded.config.describe()}); to try {', '.join(given)} pass "
             f"its base model and weights instead: {loaded.name} --checkpoint {Path(model_or_dir) / 'model.safetensors'}"
         )
-    if loaded.config is None and given and not k_values:
+    if loaded.config is None and given and not k_values and budget is None and target_gmacs is None:
         raise VitpoolError(f"{', '.join(given)} given without --k: say how many tokens to keep, e.g. --k 160,128,96")
     config = loaded.config
+    if config is None and (budget is not None or target_gmacs is not None):
+        from vitpool.budget import solve
+
+        config, reached, baseline = solve(loaded.model, method or DEFAULT_METHOD, DEFAULT_ITERS if iters is None else iters,
+                                          budget, target_gmacs)
+        err.print(f"schedule for the budget: --k {','.join(map(str, config.k))} --layers {','.join(map(str, config.layers))} "
+                  f"({reached / 1e9:.3f} of {baseline / 1e9:.3f} GMACs, {reached / baseline:.3f})", highlight=False)
     if config is None and k_values:
         config = make_config(
             method or DEFAULT_METHOD,
@@ -99,19 +111,21 @@ def convert(
     k: KOpt = None,
     layers: LayersOpt = None,
     iters: ItersOpt = None,
+    budget: BudgetOpt = None,
+    target_gmacs: TargetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     as_json: JsonOpt = False,
 ):
     """Convert a pretrained ViT with Token Pooling and save it as a self-describing directory."""
     from vitpool.models import save
 
-    if k is None:
-        raise VitpoolError("convert needs --k, the patch tokens to keep, e.g. --k 160,128,96 (see --help)")
+    if k is None and budget is None and target_gmacs is None:
+        raise VitpoolError("convert needs --k (the patch tokens to keep, e.g. --k 160,128,96) or --budget (e.g. 0.6)")
     if out_dir.exists() and not force:
         raise VitpoolError(f"output {out_dir} already exists; choose another path or pass --force to replace it")
     if Path(model).is_dir():
         raise VitpoolError(f"{model} is a saved model; convert takes a timm model name (with --checkpoint for local weights)")
-    loaded, pooled = build(model, checkpoint, pretrained, method, k, layers, iters)
+    loaded, pooled = build(model, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs)
     path = save(pooled, out_dir, force=force)
     summary = {"out": str(path), "base_model": loaded.name, "pooling": pooled.vitpool_config.to_dict()}
     if as_json:
@@ -130,12 +144,14 @@ def flops(
     k: KOpt = None,
     layers: LayersOpt = None,
     iters: ItersOpt = None,
+    budget: BudgetOpt = None,
+    target_gmacs: TargetOpt = None,
     as_json: JsonOpt = False,
 ):
     """Count multiply-accumulates (MACs) per block, pooling layers included, against the unpooled model."""
     from vitpool.flops import count_macs
 
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters)
+    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs)
     report = count_macs(pooled, baseline=loaded.model) if pooled is not None else count_macs(loaded.model)
     document = {"model": loaded.name, "pooling": pooling_json(pooled), **report.to_json()}
     if as_json:
@@ -167,6 +183,8 @@ def eval_command(
     k: KOpt = None,
     layers: LayersOpt = None,
     iters: ItersOpt = None,
+    budget: BudgetOpt = None,
+    target_gmacs: TargetOpt = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate N images spread evenly over the folder.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
@@ -177,7 +195,7 @@ def eval_command(
 
     from vitpool.evaluate import evaluate
 
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters)
+    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("evaluating", total=None)
@@ -218,6 +236,8 @@ def export(
     k: KOpt = None,
     layers: LayersOpt = None,
     iters: ItersOpt = None,
+    budget: BudgetOpt = None,
+    target_gmacs: TargetOpt = None,
     opset: Annotated[int, typer.Option("--opset", min=17, help="ONNX opset.")] = 18,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Example batch to trace with (at least 2 is used; the exported batch axis is dynamic).")] = 2,
     run_check: Annotated[bool, typer.Option("--check/--no-check", help="Compare ONNX Runtime with PyTorch before writing.")] = True,
@@ -232,7 +252,7 @@ def export(
 
     if out_file.exists() and not force:
         raise VitpoolError(f"output {out_file} already exists; choose another path or pass --force to replace it")
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters)
+    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs)
     with err.status("exporting to ONNX and checking it in ONNX Runtime", spinner="dots"):
         result = export_model(pooled if pooled is not None else loaded.model, out_file, opset, batch_size, run_check,
                               data_dir, limit, min_agreement, force)
@@ -258,6 +278,8 @@ def bench(
     k: KOpt = None,
     layers: LayersOpt = None,
     iters: ItersOpt = None,
+    budget: BudgetOpt = None,
+    target_gmacs: TargetOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     runtime: Annotated[Optional[str], typer.Option("--runtime", help="Comma list of torch, torch-compile, onnxruntime. Default: torch,onnxruntime (onnxruntime on CUDA only where onnxruntime-gpu is installed).")] = None,
     batch_size: Annotated[str, typer.Option("--batch-size", help="Comma list of batch sizes.")] = "1,32",
@@ -277,9 +299,9 @@ def bench(
     if runtime is None:
         runtime = "torch,onnxruntime" if device != "cuda" or _onnxruntime_has_cuda() else "torch"
     runtimes = [r.strip() for r in runtime.split(",") if r.strip()]
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters)
+    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs)
     if pooled is None:
-        raise VitpoolError("bench compares a converted model with its original: pass a converted directory or --k")
+        raise VitpoolError("bench compares a converted model with its original: pass a converted directory, --k or --budget")
     with err.status("benchmarking", spinner="dots") as status:
         rows, env = run_bench(loaded.model, pooled, runtimes, list(batches), device, amp or "fp32", warmup, repeats,
                               threads, on_step=lambda text: status.update(f"benchmarking: {text}"))

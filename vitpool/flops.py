@@ -61,12 +61,12 @@ def input_size(model) -> tuple[int, int, int]:
     return (model.patch_embed.proj.in_channels, *(int(v) for v in model.patch_embed.img_size))
 
 
-def _analyse(model):
+def analyse(module, inputs: tuple) -> tuple[int, dict]:
+    """fvcore's total and per-submodule MACs of `module(*inputs)`, with the handles fvcore lacks."""
     import torch
     from fvcore.nn import FlopCountAnalysis
 
-    x = torch.zeros(1, *input_size(model))
-    analysis = FlopCountAnalysis(model.eval(), x)
+    analysis = FlopCountAnalysis(module.eval(), inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
@@ -75,6 +75,12 @@ def _analyse(model):
         total = int(analysis.total())
         by_module = analysis.by_module()
     return total, by_module
+
+
+def _analyse(model) -> tuple[int, dict]:
+    import torch
+
+    return analyse(model, (torch.zeros(1, *input_size(model)),))
 
 
 def total_macs(model) -> int:

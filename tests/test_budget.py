@@ -1,0 +1,65 @@
+"""MAC-budget schedules: the solver lands within 1% of the budget, counted like `vitpool flops`."""
+
+from __future__ import annotations
+
+import pytest
+
+import vitpool
+from vitpool.budget import MacModel, family_schedule, solve
+from vitpool.config import make_config
+from vitpool.errors import VitpoolError
+from vitpool.flops import count_macs, total_macs
+from vitpool.models import create_model
+
+MODELS = {}
+
+
+def _model(name):
+    if name not in MODELS:
+        MODELS[name] = create_model(name, pretrained=False)
+    return MODELS[name]
+
+
+@pytest.mark.parametrize(
+    "name,method,budget,target_gmacs",
+    [
+        ("deit_tiny", "wkmedoids", 0.5, None),
+        ("deit_tiny", "tome", 0.75, None),
+        ("deit_tiny", "grid", 0.6, None),
+        ("deit_tiny", "importance", None, 0.9),
+        ("deit_small", "kmeans", 0.6, None),
+    ],
+)
+def test_solved_schedule_lands_within_one_percent(name, method, budget, target_gmacs):
+    model = _model(name)
+    config, reached, baseline = solve(model, method, 5, budget=budget, target_gmacs=target_gmacs)
+    target = budget * baseline if budget is not None else target_gmacs * 1e9
+    converted = vitpool.convert(model, method=method, k=config.k, layers=config.layers)
+    assert total_macs(converted) == reached  # the figure reported is the whole converted model's count
+    assert abs(reached - target) <= 0.01 * target
+    assert config.layers == (2, 5, 8) and list(config.k) == sorted(config.k, reverse=True)
+
+
+@pytest.mark.parametrize("method", ["wkmedoids", "kmeans", "tome", "grid", "random"])
+def test_the_parts_model_adds_up_to_the_whole_model_count(method):
+    model = _model("deit_tiny")
+    k = (121, 81, 49) if method == "grid" else (150, 100, 60)
+    config = make_config(method, k, (1, 4, 9), 5)
+    assert MacModel(model, method, 5).total(config) == count_macs(vitpool.convert(model, method=method, k=k, layers=(1, 4, 9))).macs
+
+
+def test_family_keeps_method_constraints():
+    assert family_schedule(0.3, 196, (14, 14), 12, "tome") == (98, 49, 25)  # never more than half a layer
+    for k in family_schedule(0.7, 196, (14, 14), 12, "grid"):
+        assert any(k == a * b for a in range(1, 15) for b in range(1, 15))
+    assert family_schedule(1.0, 196, (14, 14), 12, "wkmedoids") == (196, 196, 196)
+
+
+def test_python_api_and_unreachable_budgets():
+    model = _model("deit_tiny")
+    converted = vitpool.convert(model, budget=0.7)
+    assert abs(total_macs(converted) / total_macs(model) - 0.7) <= 0.007
+    with pytest.raises(VitpoolError, match="lands within 1%"):
+        solve(model, "wkmedoids", 5, budget=0.1)
+    with pytest.raises(VitpoolError, match=r"in \(0, 1\]"):
+        solve(model, "wkmedoids", 5, budget=1.5)

@@ -1,0 +1,170 @@
+"""K schedules from a MAC budget: `--budget R` (a fraction of the unpooled MACs) or `--target-gmacs G`.
+
+The schedule family has one parameter r in (0, 1]: pooling after blocks `default_layers(m, depth)` with
+m = min(3, depth - 1) (blocks 2, 5, 8 of a 12-block model), keeping K_i = round(N * r^(i+1)) patch tokens
+after the i-th of them, so that each pooling layer keeps the same fraction r of the tokens reaching it.
+Method constraints are kept: `tome` never removes more than half of the tokens of a layer, and `grid` rounds
+K down to a count its token grid can make. The MACs of a schedule, pooling layers included, are the same
+fvcore counts as `vitpool flops`, estimated during the bisection on r from cached counts of the parts (one
+block at N tokens, one pooling layer from N to K tokens, the final norm; within 0.1% of the whole-model count)
+and counted on the whole converted model for the schedule chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+
+from torch import nn
+
+from vitpool.adapter import NEEDS_ATTENTION, TokenPool, apply_pooling, plan_for, token_grid
+from vitpool.config import PoolingConfig, default_layers, grid_shape, make_config
+from vitpool.errors import VitpoolError
+from vitpool.flops import analyse, total_macs
+
+TOLERANCE = 0.01  # a solved schedule lands within 1% of the budget
+STEPS = 16  # r to 1/65536: finer than one token of K
+
+
+def family_layers(depth: int) -> tuple[int, ...]:
+    return default_layers(min(3, depth - 1), depth)
+
+
+def family_schedule(r: float, num_patches: int, grid: tuple[int, int], depth: int, method: str) -> tuple[int, ...]:
+    """K values of the family at parameter r, within the method's constraints."""
+    k_values, tokens, current = [], num_patches, grid
+    for i in range(len(family_layers(depth))):
+        k = min(tokens, max(1, round(num_patches * r ** (i + 1))))
+        if method == "tome":
+            k = max(k, tokens - tokens // 2)
+        if method == "grid":
+            k = _largest_grid_count(k, current)
+            current = grid_shape(k, current)
+        k_values.append(k)
+        tokens = k
+    return tuple(k_values)
+
+
+def _largest_grid_count(k: int, grid: tuple[int, int]) -> int:
+    for candidate in range(k, 0, -1):
+        try:
+            grid_shape(candidate, grid)
+            return candidate
+        except VitpoolError:
+            continue
+    return 1
+
+
+class _LiveOutputs(nn.Module):
+    """A pooling layer's outputs that the model uses: the trace drops work whose results nothing reads.
+
+    The tokens always; the sizes only where a later `tome` layer weights its merges by them.
+    """
+
+    def __init__(self, layer: TokenPool, sizes_live: bool) -> None:
+        super().__init__()
+        self.layer, self.sizes_live = layer, sizes_live
+
+    def forward(self, x, size, seen=None):
+        tokens, sizes, _ = self.layer(x, size, seen)
+        return (tokens, sizes) if self.sizes_live else tokens
+
+
+class MacModel:
+    """Exact MACs of any schedule of one method on one model, from fvcore counts of the model's parts."""
+
+    def __init__(self, model, method: str, iters: int) -> None:
+        import torch
+
+        self.model, self.method, self.iters = model, method, iters
+        self.prefix = int(model.num_prefix_tokens)
+        self.num_patches = model.patch_embed.num_patches
+        self.depth = len(model.blocks)
+        self.dim = model.embed_dim
+        shapes = {tuple(p.shape for p in block.parameters()) for block in model.blocks}
+        if len(shapes) != 1:
+            raise VitpoolError("budget schedules need blocks of one shape; give --k and --layers instead")
+        self.baseline = total_macs(model)
+        tokens = self.num_patches + self.prefix
+        self.rest = self.baseline - self.depth * self.block(tokens) - self.norm(tokens)
+        self._torch = torch
+
+    @lru_cache(maxsize=None)
+    def block(self, tokens: int) -> int:
+        import torch
+
+        return analyse(self.model.blocks[0], (torch.zeros(1, tokens, self.dim),))[0]
+
+    @lru_cache(maxsize=None)
+    def norm(self, tokens: int) -> int:
+        import torch
+
+        return analyse(self.model.norm, (torch.zeros(1, tokens, self.dim),))[0] if any(True for _ in self.model.norm.parameters()) else 0
+
+    def pool(self, stage, sizes_live: bool = False) -> int:
+        return self._pool(replace(stage, layer=0), sizes_live)
+
+    @lru_cache(maxsize=None)
+    def _pool(self, stage, sizes_live: bool) -> int:
+        torch = self._torch
+        layer = TokenPool(self.method, stage, self.prefix, self.iters, seed=0)
+        tokens = stage.tokens_in + self.prefix
+        attn = self.model.blocks[stage.layer].attn
+        if self.method in NEEDS_ATTENTION:
+            seen = torch.rand(1, attn.num_heads, tokens, tokens).softmax(-1)
+        elif self.method == "tome":
+            seen = torch.rand(1, attn.num_heads, tokens, attn.head_dim)
+        else:
+            seen = None
+        inputs = (torch.rand(1, tokens, self.dim), torch.ones(1, stage.tokens_in)) + ((seen,) if seen is not None else ())
+        return analyse(_LiveOutputs(layer, sizes_live), inputs)[0]
+
+    def total(self, config: PoolingConfig) -> int:
+        stages = {stage.layer: stage for stage in plan_for(self.model, config)}
+        last = max(stages, default=-1)
+        tokens, macs = self.num_patches, self.rest
+        for i in range(self.depth):
+            macs += self.block(tokens + self.prefix)
+            if i in stages:
+                macs += self.pool(stages[i], sizes_live=self.method == "tome" and i != last)
+                tokens = stages[i].k
+        return macs + self.norm(tokens + self.prefix)
+
+
+def solve(model, method: str, iters: int, budget: float | None = None, target_gmacs: float | None = None,
+          seed: int = 0) -> tuple[PoolingConfig, int, int]:
+    """The family schedule whose MACs come closest to the budget; (config, its MACs, the unpooled MACs)."""
+    if (budget is None) == (target_gmacs is None):
+        raise VitpoolError("give one of --budget (a fraction of the unpooled MACs) or --target-gmacs")
+    if budget is not None and not 0 < budget <= 1:
+        raise VitpoolError(f"--budget is a fraction of the unpooled model's MACs, in (0, 1]; got {budget}")
+    macs = MacModel(model, method, iters)
+    target = budget * macs.baseline if budget is not None else target_gmacs * 1e9
+    depth, grid = macs.depth, token_grid(model)
+    layers = family_layers(depth)
+
+    def config_at(r: float) -> PoolingConfig:
+        k = family_schedule(r, macs.num_patches, grid, depth, method)
+        return make_config(method, k, layers, iters, seed)
+
+    low, high = 0.0, 1.0
+    best = min((config_at(r) for r in (low, high)), key=lambda c: abs(macs.total(c) - target))
+    for _ in range(STEPS):
+        middle = (low + high) / 2
+        config = config_at(middle)
+        total = macs.total(config)
+        if abs(total - target) < abs(macs.total(best) - target):
+            best = config
+        if total < target:
+            low = middle
+        else:
+            high = middle
+    reached = total_macs(apply_pooling(model, best))
+    if abs(reached - target) > TOLERANCE * target:
+        lowest, highest = macs.total(config_at(0.0)), macs.total(config_at(1.0))
+        raise VitpoolError(
+            f"no {method} schedule of the family (pooling after blocks {', '.join(map(str, layers))}) lands within "
+            f"1% of {target / 1e9:.3f} GMACs: it reaches {lowest / 1e9:.3f} to {highest / 1e9:.3f} GMACs "
+            f"(unpooled {macs.baseline / 1e9:.3f}); choose a budget in that range or give --k and --layers"
+        )
+    return best, reached, macs.baseline
