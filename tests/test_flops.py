@@ -37,11 +37,14 @@ def test_pooled_blocks_cost_what_their_token_count_says():
 
 
 def test_weighted_kmedoids_cost_is_counted_exactly():
-    """One Gram matrix (N*N*C), then one N x N matrix-vector product per iteration."""
+    """One Gram matrix (N*N*C), then one N x N matrix-vector product per iteration; cluster sizes (N*K) on top
+    when proportional attention uses them."""
     base = create_model("deit_tiny", pretrained=False)
     iters = 3
+    plain = count_macs(vitpool.convert(base, k=[100, 50], layers=[2, 6], iters=iters, proportional=False), baseline=base)
+    assert [b.pool_macs for b in plain.blocks if b.pool_macs] == [n * n * 192 + iters * n * n for n in (196, 100)]
     report = count_macs(vitpool.convert(base, k=[100, 50], layers=[2, 6], iters=iters), baseline=base)
-    expected = [n * n * 192 + iters * n * n for n in (196, 100)]
+    expected = [n * n * 192 + iters * n * n + n * k for n, k in ((196, 100), (100, 50))]
     assert [b.pool_macs for b in report.blocks if b.pool_macs] == expected
     assert report.pooling_macs == sum(expected)
     patch_embed, final_norm, head = 196 * (16 * 16 * 3) * 192, 5 * 51 * 192, 192 * 1000

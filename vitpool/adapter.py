@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from vitpool import pooling
-from vitpool.config import CLUSTERING_METHODS, PoolingConfig, PoolingStage, plan_stages
+from vitpool.config import CLUSTERING_METHODS, MEDOID_METHODS, PoolingConfig, PoolingStage, plan_stages
 from vitpool.errors import VitpoolError
 
 NEEDS_ATTENTION = CLUSTERING_METHODS + ("importance",)
@@ -46,9 +46,12 @@ def captured_output(module: nn.Module | None) -> Iterator[list[Tensor]]:
 class TokenPool(nn.Module):
     """Replaces the patch tokens after a block with `k` tokens; prefix tokens pass through unchanged."""
 
-    def __init__(self, method: str, stage: PoolingStage, num_prefix_tokens: int, iters: int, seed: int) -> None:
+    def __init__(self, method: str, stage: PoolingStage, num_prefix_tokens: int, iters: int, seed: int,
+                 output: str = "medoid", proportional: bool = True) -> None:
         super().__init__()
         self.method = method
+        self.output = output
+        self.proportional = proportional
         self.k = stage.k
         self.tokens_in = stage.tokens_in
         self.grid_in = stage.grid_in
@@ -77,6 +80,8 @@ class TokenPool(nn.Module):
             significance = significance_from_attention(seen, self.num_prefix_tokens)
             if method == "importance":
                 out = pooling.importance(patches, k, significance)
+            elif method in MEDOID_METHODS:
+                out = getattr(pooling, method)(patches, k, significance, self.iters, means=self.output == "mean")
             else:
                 out = getattr(pooling, method)(patches, k, significance, self.iters)
         elif method == "random":
@@ -91,7 +96,8 @@ class TokenPool(nn.Module):
 
     def extra_repr(self) -> str:
         iters = f", iters={self.iters}" if self.method in CLUSTERING_METHODS else ""
-        return f"method={self.method}, tokens_in={self.tokens_in}, k={self.k}{iters}"
+        extra = (", output=mean" if self.output == "mean" else "") + (", proportional" if self.proportional else "")
+        return f"method={self.method}, tokens_in={self.tokens_in}, k={self.k}{iters}{extra}"
 
 
 def significance_from_attention(attention: Tensor, num_prefix_tokens: int) -> Tensor:
@@ -100,21 +106,34 @@ def significance_from_attention(attention: Tensor, num_prefix_tokens: int) -> Te
 
 
 class PooledBlocks(nn.Sequential):
-    """timm's blocks, run one after another, each followed by its `TokenPool` where it has one."""
+    """timm's blocks, run one after another, each followed by its `TokenPool` where it has one.
+
+    With proportional attention, every block after a pooling layer gets log(cluster size) as an additive
+    attention mask [B, 1, 1, P+N] (0 for prefix tokens), which timm passes to the fused kernel as is.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         size = None
+        bias = None
         for block in self:
             pool = getattr(block, "token_pool", None)
             if pool is None:
-                x = block(x)
+                x = block(x) if bias is None else block(x, attn_mask=bias)
                 continue
             with captured_output(pool.tap(block)) as seen:
-                x = block(x)
+                x = block(x) if bias is None else block(x, attn_mask=bias)
             if size is None:
                 size = x.new_ones(x.shape[0], x.shape[1] - pool.num_prefix_tokens, dtype=torch.float32)
             x, size, _ = pool(x, size, seen[0] if seen else None)
+            if pool.proportional:
+                bias = size_bias(size, pool.num_prefix_tokens, x.dtype)
         return x
+
+
+def size_bias(size: Tensor, num_prefix_tokens: int, dtype: torch.dtype) -> Tensor:
+    """log(size) per key token as an additive attention mask [B, 1, 1, P+N]; prefix tokens count as one patch."""
+    logs = torch.cat([size.new_zeros(size.shape[0], num_prefix_tokens), size.clamp_min(1).log()], dim=1)
+    return logs.to(dtype)[:, None, None, :]
 
 
 def _check_model(model: nn.Module) -> None:
@@ -150,7 +169,8 @@ def apply_pooling(model: nn.Module, config: PoolingConfig) -> nn.Module:
     model = copy.deepcopy(model)
     for stage in stages:
         block = model.blocks[stage.layer]
-        block.token_pool = TokenPool(config.method, stage, model.num_prefix_tokens, config.iters, config.seed)
+        block.token_pool = TokenPool(config.method, stage, model.num_prefix_tokens, config.iters, config.seed,
+                                     config.output, config.proportional)
         if config.method in NEEDS_ATTENTION:
             block.attn.fused_attn = False
     model.blocks = PooledBlocks(*model.blocks)

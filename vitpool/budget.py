@@ -58,7 +58,8 @@ def _largest_grid_count(k: int, grid: tuple[int, int]) -> int:
 class _LiveOutputs(nn.Module):
     """A pooling layer's outputs that the model uses: the trace drops work whose results nothing reads.
 
-    The tokens always; the sizes only where a later `tome` layer weights its merges by them.
+    The tokens always; the sizes where later blocks use them (proportional attention) or a later `tome`
+    layer weights its merges by them.
     """
 
     def __init__(self, layer: TokenPool, sizes_live: bool) -> None:
@@ -73,10 +74,10 @@ class _LiveOutputs(nn.Module):
 class MacModel:
     """Exact MACs of any schedule of one method on one model, from fvcore counts of the model's parts."""
 
-    def __init__(self, model, method: str, iters: int) -> None:
+    def __init__(self, model, method: str, iters: int, output: str = "medoid", proportional: bool = True) -> None:
         import torch
 
-        self.model, self.method, self.iters = model, method, iters
+        self.model, self.method, self.iters, self.output, self.proportional = model, method, iters, output, proportional
         self.prefix = int(model.num_prefix_tokens)
         self.num_patches = model.patch_embed.num_patches
         self.depth = len(model.blocks)
@@ -107,7 +108,7 @@ class MacModel:
     @lru_cache(maxsize=None)
     def _pool(self, stage, sizes_live: bool) -> int:
         torch = self._torch
-        layer = TokenPool(self.method, stage, self.prefix, self.iters, seed=0)
+        layer = TokenPool(self.method, stage, self.prefix, self.iters, seed=0, output=self.output)
         tokens = stage.tokens_in + self.prefix
         attn = self.model.blocks[stage.layer].attn
         if self.method in NEEDS_ATTENTION:
@@ -126,26 +127,26 @@ class MacModel:
         for i in range(self.depth):
             macs += self.block(tokens + self.prefix)
             if i in stages:
-                macs += self.pool(stages[i], sizes_live=self.method == "tome" and i != last)
+                macs += self.pool(stages[i], sizes_live=self.proportional or (self.method == "tome" and i != last))
                 tokens = stages[i].k
         return macs + self.norm(tokens + self.prefix)
 
 
 def solve(model, method: str, iters: int, budget: float | None = None, target_gmacs: float | None = None,
-          seed: int = 0) -> tuple[PoolingConfig, int, int]:
+          seed: int = 0, output: str = "medoid", proportional: bool = True) -> tuple[PoolingConfig, int, int]:
     """The family schedule whose MACs come closest to the budget; (config, its MACs, the unpooled MACs)."""
     if (budget is None) == (target_gmacs is None):
         raise VitpoolError("give one of --budget (a fraction of the unpooled MACs) or --target-gmacs")
     if budget is not None and not 0 < budget <= 1:
         raise VitpoolError(f"--budget is a fraction of the unpooled model's MACs, in (0, 1]; got {budget}")
-    macs = MacModel(model, method, iters)
+    macs = MacModel(model, method, iters, output, proportional)
     target = budget * macs.baseline if budget is not None else target_gmacs * 1e9
     depth, grid = macs.depth, token_grid(model)
     layers = family_layers(depth)
 
     def config_at(r: float) -> PoolingConfig:
         k = family_schedule(r, macs.num_patches, grid, depth, method)
-        return make_config(method, k, layers, iters, seed)
+        return make_config(method, k, layers, iters, seed, output=output, proportional=proportional)
 
     low, high = 0.0, 1.0
     best = min((config_at(r) for r in (low, high)), key=lambda c: abs(macs.total(c) - target))

@@ -33,6 +33,8 @@ MethodOpt = Annotated[Optional[str], typer.Option("--method", help="wkmedoids (d
 KOpt = Annotated[Optional[str], typer.Option("--k", help="Comma list of patch-token counts to keep (prefix tokens excluded), e.g. 160,128,96.")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Comma list of 0-based blocks after which each K applies. Default: spread evenly over blocks 0..depth-2 (3 values on 12 blocks -> 2,5,8).")]
 ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (fixed; default 5).")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", help="K-Medoids outputs: medoid (default) or mean (each cluster's weighted mean).")]
+ProportionalOpt = Annotated[Optional[bool], typer.Option("--proportional/--no-proportional", help="Add log(cluster size) to the attention logits after pooling (ToMe's proportional attention). Default: on.")]
 BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Instead of --k/--layers: the fraction of the unpooled MACs to keep, e.g. 0.6 (pooling layers included; see README for the schedule family).")]
 TargetOpt = Annotated[Optional[float], typer.Option("--target-gmacs", help="Instead of --k/--layers: the GMACs to land on, within 1%.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only a JSON document on stdout.")]
@@ -52,7 +54,8 @@ def user_errors(command):
     return wrapper
 
 
-def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters, budget=None, target_gmacs=None):
+def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters, budget=None, target_gmacs=None,
+          output=None, proportional=None):
     """(unpooled model, converted model or None) from MODEL_OR_DIR and the model and pooling flags."""
     from vitpool.adapter import apply_pooling
     from vitpool.config import DEFAULT_ITERS, DEFAULT_METHOD, make_config, parse_int_list
@@ -61,7 +64,8 @@ def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters, b
     if (budget is not None or target_gmacs is not None) and (k is not None or layers is not None):
         raise VitpoolError("give either --budget/--target-gmacs or --k/--layers, not both")
     pooling_flags = {"--method": method, "--k": k, "--layers": layers, "--iters": iters, "--budget": budget,
-                     "--target-gmacs": target_gmacs}
+                     "--target-gmacs": target_gmacs, "--output": output, "--proportional": proportional}
+    variant = {"output": output or "medoid", "proportional": True if proportional is None else proportional}
     given = [flag for flag, value in pooling_flags.items() if value is not None]
     k_values, layer_values = parse_int_list(k, "--k"), parse_int_list(layers, "--layers")
     loaded = load_model_or_dir(model_or_dir, str(checkpoint) if checkpoint else None, pretrained)
@@ -77,7 +81,7 @@ def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters, b
         from vitpool.budget import solve
 
         config, reached, baseline = solve(loaded.model, method or DEFAULT_METHOD, DEFAULT_ITERS if iters is None else iters,
-                                          budget, target_gmacs)
+                                          budget, target_gmacs, **variant)
         err.print(f"schedule for the budget: --k {','.join(map(str, config.k))} --layers {','.join(map(str, config.layers))} "
                   f"({reached / 1e9:.3f} of {baseline / 1e9:.3f} GMACs, {reached / baseline:.3f})", highlight=False)
     if config is None and k_values:
@@ -87,6 +91,7 @@ def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters, b
             layer_values if layers is not None else None,
             DEFAULT_ITERS if iters is None else iters,
             depth=len(loaded.model.blocks),
+            **variant,
         )
     pooled = apply_pooling(loaded.model, config) if config is not None else None
     return loaded, pooled
@@ -111,6 +116,8 @@ def convert(
     k: KOpt = None,
     layers: LayersOpt = None,
     iters: ItersOpt = None,
+    output: OutputOpt = None,
+    proportional: ProportionalOpt = None,
     budget: BudgetOpt = None,
     target_gmacs: TargetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
@@ -125,7 +132,7 @@ def convert(
         raise VitpoolError(f"output {out_dir} already exists; choose another path or pass --force to replace it")
     if Path(model).is_dir():
         raise VitpoolError(f"{model} is a saved model; convert takes a timm model name (with --checkpoint for local weights)")
-    loaded, pooled = build(model, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs)
+    loaded, pooled = build(model, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
     path = save(pooled, out_dir, force=force)
     summary = {"out": str(path), "base_model": loaded.name, "pooling": pooled.vitpool_config.to_dict()}
     if as_json:
@@ -144,6 +151,8 @@ def flops(
     k: KOpt = None,
     layers: LayersOpt = None,
     iters: ItersOpt = None,
+    output: OutputOpt = None,
+    proportional: ProportionalOpt = None,
     budget: BudgetOpt = None,
     target_gmacs: TargetOpt = None,
     as_json: JsonOpt = False,
@@ -151,7 +160,7 @@ def flops(
     """Count multiply-accumulates (MACs) per block, pooling layers included, against the unpooled model."""
     from vitpool.flops import count_macs
 
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs)
+    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
     report = count_macs(pooled, baseline=loaded.model) if pooled is not None else count_macs(loaded.model)
     document = {"model": loaded.name, "pooling": pooling_json(pooled), **report.to_json()}
     if as_json:
@@ -183,6 +192,8 @@ def eval_command(
     k: KOpt = None,
     layers: LayersOpt = None,
     iters: ItersOpt = None,
+    output: OutputOpt = None,
+    proportional: ProportionalOpt = None,
     budget: BudgetOpt = None,
     target_gmacs: TargetOpt = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate N images spread evenly over the folder.")] = None,
@@ -195,7 +206,7 @@ def eval_command(
 
     from vitpool.evaluate import evaluate
 
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs)
+    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("evaluating", total=None)
@@ -236,6 +247,8 @@ def export(
     k: KOpt = None,
     layers: LayersOpt = None,
     iters: ItersOpt = None,
+    output: OutputOpt = None,
+    proportional: ProportionalOpt = None,
     budget: BudgetOpt = None,
     target_gmacs: TargetOpt = None,
     opset: Annotated[int, typer.Option("--opset", min=17, help="ONNX opset.")] = 18,
@@ -252,7 +265,7 @@ def export(
 
     if out_file.exists() and not force:
         raise VitpoolError(f"output {out_file} already exists; choose another path or pass --force to replace it")
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs)
+    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
     with err.status("exporting to ONNX and checking it in ONNX Runtime", spinner="dots"):
         result = export_model(pooled if pooled is not None else loaded.model, out_file, opset, batch_size, run_check,
                               data_dir, limit, min_agreement, force)
@@ -278,6 +291,8 @@ def bench(
     k: KOpt = None,
     layers: LayersOpt = None,
     iters: ItersOpt = None,
+    output: OutputOpt = None,
+    proportional: ProportionalOpt = None,
     budget: BudgetOpt = None,
     target_gmacs: TargetOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
@@ -299,7 +314,7 @@ def bench(
     if runtime is None:
         runtime = "torch,onnxruntime" if device != "cuda" or _onnxruntime_has_cuda() else "torch"
     runtimes = [r.strip() for r in runtime.split(",") if r.strip()]
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs)
+    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
     if pooled is None:
         raise VitpoolError("bench compares a converted model with its original: pass a converted directory, --k or --budget")
     with err.status("benchmarking", spinner="dots") as status:

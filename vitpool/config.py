@@ -12,6 +12,8 @@ from vitpool.errors import VitpoolError
 
 CLUSTERING_METHODS = ("wkmedoids", "kmedoids", "wkmeans", "kmeans")
 METHODS = CLUSTERING_METHODS + ("importance", "random", "grid", "tome")
+MEDOID_METHODS = ("wkmedoids", "kmedoids")
+OUTPUTS = ("medoid", "mean")
 DEFAULT_METHOD = "wkmedoids"
 DEFAULT_ITERS = 5
 
@@ -22,7 +24,11 @@ class PoolingConfig:
 
     `k[i]` is the number of patch tokens (prefix tokens such as CLS excluded) kept after block `layers[i]`
     (0-based). `iters` is the fixed iteration count of the clustering methods; `seed` draws the `random`
-    baseline's fixed token order.
+    baseline's fixed token order. `output` is what the K-Medoids methods emit: the medoid token, or the
+    (significance-weighted) mean of its cluster. `proportional` adds log(cluster size) to the attention
+    logits of every block after a pooling layer (ToMe's proportional attention), so a token standing for
+    many patches draws attention like them; on by default because it wins for every method that merges
+    (benchmarks/variants_deit_tiny.py).
     """
 
     method: str = DEFAULT_METHOD
@@ -30,6 +36,8 @@ class PoolingConfig:
     layers: tuple[int, ...] = ()
     iters: int = DEFAULT_ITERS
     seed: int = 0
+    output: str = "medoid"
+    proportional: bool = True
 
     def to_dict(self) -> dict:
         return {**asdict(self), "k": list(self.k), "layers": list(self.layers)}
@@ -50,7 +58,9 @@ class PoolingConfig:
             return "no pooling"
         schedule = ", ".join(f"{k} after block {layer}" for k, layer in zip(self.k, self.layers))
         iters = f", {self.iters} iterations" if self.method in CLUSTERING_METHODS else ""
-        return f"{self.method}{iters}: {schedule}"
+        output = ", mean outputs" if self.output == "mean" else ""
+        proportional = "" if self.proportional else ", no proportional attention"
+        return f"{self.method}{iters}{output}{proportional}: {schedule}"
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,10 @@ def plan_stages(config: PoolingConfig, depth: int, num_patches: int, grid: tuple
     """Check `config` against a model with `depth` blocks and `num_patches` patch tokens; return its stages."""
     if config.method not in METHODS:
         raise VitpoolError(f"unknown method {config.method!r}: choose one of {', '.join(METHODS)}")
+    if config.output not in OUTPUTS:
+        raise VitpoolError(f"unknown --output {config.output!r}: choose medoid or mean")
+    if config.output == "mean" and config.method not in MEDOID_METHODS:
+        raise VitpoolError(f"--output mean applies to {' and '.join(MEDOID_METHODS)}; {config.method} has one kind of output")
     if config.iters < 0:
         raise VitpoolError(f"--iters must be 0 or more; got {config.iters}")
     if len(config.k) != len(config.layers):
@@ -153,6 +167,8 @@ def make_config(
     iters: int = DEFAULT_ITERS,
     seed: int = 0,
     depth: int | None = None,
+    output: str = "medoid",
+    proportional: bool = True,
 ) -> PoolingConfig:
     """Build a configuration; with `layers` left out, K values are spread by `default_layers` over `depth` blocks."""
     k = tuple(int(v) for v in k)
@@ -160,4 +176,5 @@ def make_config(
         if depth is None:
             raise VitpoolError("the blocks to pool after (--layers) are needed when the model depth is unknown")
         layers = default_layers(len(k), depth)
-    return PoolingConfig(method=method, k=k, layers=tuple(int(v) for v in layers), iters=int(iters), seed=int(seed))
+    return PoolingConfig(method=method, k=k, layers=tuple(int(v) for v in layers), iters=int(iters), seed=int(seed),
+                         output=output, proportional=bool(proportional))

@@ -87,7 +87,7 @@ def top_k_indices(scores: Tensor, k: int) -> Tensor:
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
-def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int) -> Pooled:
+def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int, means: bool = False) -> Pooled:
     """Alternate nearest-medoid assignment and per-cluster medoid update, from the top-k tokens by score.
 
     Medoids are input tokens, so every distance is read from one pairwise distance matrix built from the
@@ -102,6 +102,8 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
     for _ in range(iters):
         index = _update_medoids(distance, w, assign, index)
         assign = _nearest_medoid(distance, index)
+    if means:  # the clusters found by K-Medoids, represented by their weighted means (N*K*C more MACs)
+        return Pooled(weighted_means(xf, w, assign, k)[0].to(x.dtype), assign)
     return Pooled(gather_tokens(x, index), assign)
 
 
@@ -153,14 +155,17 @@ def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters
     return Pooled(centers.to(x.dtype), assign)
 
 
-def kmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5) -> Pooled:
-    """K-Medoids (outputs are input tokens), initialised with the k most significant tokens."""
-    return _kmedoids(x, k, None, significance, iters)
+def kmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5, means: bool = False) -> Pooled:
+    """K-Medoids (outputs are input tokens, or with `means` their clusters' means), from the k most significant tokens."""
+    return _kmedoids(x, k, None, significance, iters, means)
 
 
-def wkmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5) -> Pooled:
-    """Weighted K-Medoids, the paper's best: each token's error is weighted by its significance."""
-    return _kmedoids(x, k, significance, significance, iters)
+def wkmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5, means: bool = False) -> Pooled:
+    """Weighted K-Medoids, the paper's best: each token's error is weighted by its significance.
+
+    With `means`, each output is its cluster's significance-weighted mean instead of the medoid.
+    """
+    return _kmedoids(x, k, significance, significance, iters, means)
 
 
 def kmeans(x: Tensor, k: int, significance: Tensor, iters: int = 5) -> Pooled:

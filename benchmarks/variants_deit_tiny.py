@@ -1,0 +1,40 @@
+"""Proportional attention and weighted-mean outputs, off the shelf: the real DeiT-Tiny on the 500 shared
+photos, K = 128, 88, 56 after blocks 2, 5, 8. Writes benchmarks/results/variants_deit_tiny.json.
+
+    .venv/bin/python benchmarks/variants_deit_tiny.py [--data ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _results import RESULTS, SHARED_DATA, cpu_environment, write_json
+
+from vitpool.adapter import apply_pooling
+from vitpool.config import make_config
+from vitpool.evaluate import evaluate
+from vitpool.flops import total_macs
+from vitpool.models import create_model
+
+VARIANTS = [(method, output, proportional)
+            for method in ("wkmedoids", "kmedoids") for output in ("medoid", "mean") for proportional in (False, True)]
+VARIANTS += [(method, "medoid", proportional) for method in ("wkmeans", "importance", "tome") for proportional in (False, True)]
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--data", type=Path, default=SHARED_DATA)
+parser.add_argument("--out", type=Path, default=RESULTS / "variants_deit_tiny.json")
+args = parser.parse_args()
+base = create_model("deit_tiny", checkpoint=args.data / "weights" / "deit_tiny_patch16_224.pth")
+baseline_macs = total_macs(base)
+rows = []
+for method, output, proportional in VARIANTS:
+    config = make_config(method, (128, 88, 56), (2, 5, 8), 5, output=output, proportional=proportional)
+    model = apply_pooling(base, config)
+    result = evaluate(model, args.data / "imagenet-sample", baseline=base, batch_size=50)
+    rows.append({"method": method, "output": output, "proportional": proportional, "mac_ratio": total_macs(model) / baseline_macs,
+                 "top1": result.top1, "agreement": result.agreement, "kl": result.kl, "n": result.n})
+    print(json.dumps(rows[-1]), flush=True)
+write_json(args.out, {"model": "deit_tiny_patch16_224 (../shared/data/weights)", "k": [128, 88, 56], "layers": [2, 5, 8],
+                      "env": cpu_environment(), "rows": rows})

@@ -1,0 +1,95 @@
+"""Proportional attention (log cluster size as an attention bias) and weighted-mean outputs for K-Medoids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitpool
+from vitpool import pooling
+from vitpool.errors import VitpoolError
+from vitpool.flops import count_macs
+from vitpool.models import create_model
+
+SCHEDULE = {"k": [128, 88, 56], "layers": [2, 5, 8]}
+
+
+@pytest.fixture(scope="module")
+def deit_tiny():
+    torch.manual_seed(0)
+    return create_model("deit_tiny", pretrained=False)
+
+
+def _masks_seen(model, x):
+    """The attn_mask each block's attention receives, by block index."""
+    seen = {}
+    handles = [
+        block.attn.register_forward_pre_hook(lambda _m, _a, kwargs, i=i: seen.__setitem__(i, kwargs.get("attn_mask")), with_kwargs=True)
+        for i, block in enumerate(model.blocks)
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_blocks_after_pooling_get_log_cluster_sizes(deit_tiny):
+    converted = vitpool.convert(deit_tiny, **SCHEDULE)  # proportional attention is the default
+    seen = _masks_seen(converted, torch.randn(2, 3, 224, 224))
+    assert all(seen[i] is None for i in range(3))  # before and at the first pooled block: plain attention
+    for i in range(3, 12):
+        mask = seen[i]
+        k = SCHEDULE["k"][sum(i > layer for layer in SCHEDULE["layers"]) - 1]
+        assert mask.shape == (2, 1, 1, 1 + k)
+        assert torch.equal(mask[..., 0], torch.zeros(2, 1, 1))  # CLS stands for itself
+        # every patch is in exactly one cluster: the sizes add up to the 196 patches
+        torch.testing.assert_close(mask[..., 1:].exp().sum(-1), torch.full((2, 1, 1), 196.0))
+    assert all(block.attn.fused_attn for i, block in enumerate(converted.blocks) if i not in SCHEDULE["layers"])
+
+
+def test_proportional_attention_changes_nothing_where_tokens_stand_for_one_patch(deit_tiny):
+    x = torch.randn(2, 3, 224, 224)
+    plain = vitpool.convert(deit_tiny, method="importance", proportional=False, **SCHEDULE)
+    proportional = vitpool.convert(deit_tiny, method="importance", proportional=True, **SCHEDULE)
+    clustered = vitpool.convert(deit_tiny, proportional=True, **SCHEDULE)
+    with torch.no_grad():
+        torch.testing.assert_close(proportional(x), plain(x))
+        assert not torch.allclose(clustered(x), vitpool.convert(deit_tiny, proportional=False, **SCHEDULE)(x))
+
+
+def test_mean_outputs_are_the_weighted_means_of_the_medoid_clusters():
+    generator = torch.Generator().manual_seed(0)
+    x, significance = torch.randn(2, 40, 8, generator=generator), torch.rand(2, 40, generator=generator) + 0.1
+    medoid = pooling.wkmedoids(x, 10, significance, iters=3)
+    mean = pooling.wkmedoids(x, 10, significance, iters=3, means=True)
+    assert torch.equal(mean.assign, medoid.assign)
+    expected, _ = pooling.weighted_means(x, significance, medoid.assign, 10)
+    torch.testing.assert_close(mean.tokens, expected)
+
+
+def test_mean_outputs_cost_one_cluster_sum_more(deit_tiny):
+    medoid = count_macs(vitpool.convert(deit_tiny, **SCHEDULE)).blocks[2].pool_macs
+    mean = count_macs(vitpool.convert(deit_tiny, output="mean", **SCHEDULE)).blocks[2].pool_macs
+    # one-hot cluster sums and weights (fvcore rounds einsum counts to four digits)
+    assert mean - medoid == pytest.approx(196 * 128 * 192 + 196 * 128, rel=1e-6)
+
+
+def test_variants_are_saved_and_validated(deit_tiny, tmp_path):
+    converted = vitpool.convert(deit_tiny, output="mean", proportional=False, **SCHEDULE)
+    vitpool.save(converted, tmp_path / "m")
+    reloaded = vitpool.load(tmp_path / "m")
+    assert reloaded.vitpool_config == converted.vitpool_config
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), converted(x))
+    with pytest.raises(VitpoolError, match="--output mean applies to"):
+        vitpool.convert(deit_tiny, method="tome", output="mean", k=[150], layers=[2])
+
+
+def test_proportional_mean_export_agrees_on_real_images(real_deit_tiny, imagenet_sample, tmp_path):
+    from vitpool.export import export
+
+    converted = vitpool.convert(real_deit_tiny, output="mean", proportional=True, **SCHEDULE)
+    check = export(converted, tmp_path / "m.onnx", data=imagenet_sample, limit=8).check
+    assert check.agreement == 100.0 and check.close == 100.0
