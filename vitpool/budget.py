@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 
+import torch
 from torch import nn
 
 from vitpool.adapter import NEEDS_ATTENTION, TokenPool, apply_pooling, plan_for, token_grid
@@ -75,8 +76,6 @@ class MacModel:
     """Exact MACs of any schedule of one method on one model, from fvcore counts of the model's parts."""
 
     def __init__(self, model, method: str, iters: int, output: str = "medoid", proportional: bool = True) -> None:
-        import torch
-
         self.model, self.method, self.iters, self.output, self.proportional = model, method, iters, output, proportional
         self.prefix = int(model.num_prefix_tokens)
         self.num_patches = model.patch_embed.num_patches
@@ -88,26 +87,20 @@ class MacModel:
         self.baseline = total_macs(model)
         tokens = self.num_patches + self.prefix
         self.rest = self.baseline - self.depth * self.block(tokens) - self.norm(tokens)
-        self._torch = torch
 
     @lru_cache(maxsize=None)
     def block(self, tokens: int) -> int:
-        import torch
-
         return analyse(self.model.blocks[0], (torch.zeros(1, tokens, self.dim),))[0]
 
     @lru_cache(maxsize=None)
     def norm(self, tokens: int) -> int:
-        import torch
-
-        return analyse(self.model.norm, (torch.zeros(1, tokens, self.dim),))[0] if any(True for _ in self.model.norm.parameters()) else 0
+        return analyse(self.model.norm, (torch.zeros(1, tokens, self.dim),))[0]
 
     def pool(self, stage, sizes_live: bool = False) -> int:
         return self._pool(replace(stage, layer=0), sizes_live)
 
     @lru_cache(maxsize=None)
     def _pool(self, stage, sizes_live: bool) -> int:
-        torch = self._torch
         layer = TokenPool(self.method, stage, self.prefix, self.iters, seed=0, output=self.output)
         tokens = stage.tokens_in + self.prefix
         attn = self.model.blocks[stage.layer].attn
