@@ -117,11 +117,10 @@ class PooledBlocks(nn.Sequential):
         bias = None
         for block in self:
             pool = getattr(block, "token_pool", None)
+            with captured_output(pool.tap(block) if pool is not None else None) as seen:
+                x = block(x) if bias is None else block(x, attn_mask=bias)
             if pool is None:
-                x = block(x) if bias is None else block(x, attn_mask=bias)
                 continue
-            with captured_output(pool.tap(block)) as seen:
-                x = block(x) if bias is None else block(x, attn_mask=bias)
             if size is None:
                 size = x.new_ones(x.shape[0], x.shape[1] - pool.num_prefix_tokens, dtype=torch.float32)
             x, size, _ = pool(x, size, seen[0] if seen else None)

@@ -68,11 +68,16 @@ def cluster_sums(x: Tensor, weight: Tensor, member: Tensor) -> tuple[Tensor, Ten
     return weighted_member.transpose(1, 2) @ x, torch.einsum("bnk,bn->bk", member, weight)
 
 
+def cluster_means(x: Tensor, weight: Tensor, member: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted cluster means [B, K, C] (0 where a cluster has no weight) and the clusters' weights [B, K]."""
+    sums, mass = cluster_sums(x, weight, member)
+    return sums / mass.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1), mass
+
+
 def weighted_means(x: Tensor, weight: Tensor, assign: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Weighted cluster means [B, K, C] and member counts [B, K]; an empty cluster's mean is 0."""
     member = one_hot(assign, k, x.dtype)
-    sums, mass = cluster_sums(x, weight, member)
-    return sums / mass.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1), member.sum(1)
+    return cluster_means(x, weight, member)[0], member.sum(1)
 
 
 def reconstruction_error(x: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -147,10 +152,9 @@ def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters
     centers = gather_tokens(xf, top_k_indices(init_scores, k))
     assign = nearest(xf, x_sq, centers)
     for _ in range(iters):
-        sums, mass = cluster_sums(xf, w, one_hot(assign, k, xf.dtype))
+        means, mass = cluster_means(xf, w, one_hot(assign, k, xf.dtype))
         # A cluster with no weight (empty, or all significance 0) keeps its centre rather than collapsing to 0.
-        has_mass = (mass > 0).unsqueeze(-1)
-        centers = torch.where(has_mass, sums / mass.clamp_min(torch.finfo(xf.dtype).tiny).unsqueeze(-1), centers)
+        centers = torch.where((mass > 0).unsqueeze(-1), means, centers)
         assign = nearest(xf, x_sq, centers)
     return Pooled(centers.to(x.dtype), assign)
 
