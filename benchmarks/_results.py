@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -20,9 +18,10 @@ def write_json(path: Path, document) -> None:
 
 
 def cpu_environment() -> dict:
+    """vitpool.bench's environment record on the CPU, plus vitpool's version."""
     import torch
 
     import vitpool
+    from vitpool.bench import environment
 
-    return {"torch": torch.__version__, "vitpool": vitpool.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    return {**environment("cpu", torch.get_num_threads()), "vitpool": vitpool.__version__}
