@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitpool.errors import VitpoolError
+from vitpool.errors import VitpoolError, refuse_existing_output
 
 app = typer.Typer(
     help="Token Pooling for timm Vision Transformers: convert, count MACs, evaluate, export to ONNX, benchmark.",
@@ -128,8 +128,7 @@ def convert(
 
     if k is None and budget is None and target_gmacs is None:
         raise VitpoolError("convert needs --k (the patch tokens to keep, e.g. --k 160,128,96) or --budget (e.g. 0.6)")
-    if out_dir.exists() and not force:
-        raise VitpoolError(f"output {out_dir} already exists; choose another path or pass --force to replace it")
+    refuse_existing_output(out_dir, force)
     if Path(model).is_dir():
         raise VitpoolError(f"{model} is a saved model; convert takes a timm model name (with --checkpoint for local weights)")
     loaded, pooled = build(model, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
@@ -263,8 +262,7 @@ def export(
     """Export to ONNX with the pooling in the graph and a dynamic batch axis, checked in ONNX Runtime."""
     from vitpool.export import LOGIT_ATOL, export as export_model
 
-    if out_file.exists() and not force:
-        raise VitpoolError(f"output {out_file} already exists; choose another path or pass --force to replace it")
+    refuse_existing_output(out_file, force)
     loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
     with err.status("exporting to ONNX and checking it in ONNX Runtime", spinner="dots"):
         result = export_model(pooled if pooled is not None else loaded.model, out_file, opset, batch_size, run_check,

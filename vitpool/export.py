@@ -18,7 +18,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vitpool.errors import VitpoolError
+from vitpool.errors import VitpoolError, refuse_existing_output
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -146,8 +146,7 @@ def export(model, out: str | Path, opset: int = DEFAULT_OPSET, batch_size: int =
            data: Path | None = None, limit: int = 32, min_agreement: float = 90.0, force: bool = False) -> ExportResult:
     """Export, check in ONNX Runtime, and only then move the file to `out` (atomic; `force` to replace)."""
     out = Path(out)
-    if out.exists() and not force:
-        raise VitpoolError(f"output {out} already exists; choose another path or pass --force to replace it")
+    refuse_existing_output(out, force)
     if out.is_dir():
         raise VitpoolError(f"output {out} is a directory; give a file name such as model.onnx")
     try:

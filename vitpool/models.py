@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from vitpool.config import PoolingConfig
-from vitpool.errors import VitpoolError
+from vitpool.errors import VitpoolError, refuse_existing_output
 
 ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
@@ -177,8 +177,7 @@ def save(model, directory: str | Path, force: bool = False) -> Path:
     from vitpool.adapter import pooling_config
 
     directory = Path(directory)
-    if directory.exists() and not force:
-        raise VitpoolError(f"output {directory} already exists; choose another path or pass --force to replace it")
+    refuse_existing_output(directory, force)
     if directory.exists() and not directory.is_dir():
         raise VitpoolError(f"output {directory} exists and is not a directory")
     parent = directory.parent
