@@ -49,10 +49,10 @@ def test_the_parts_model_adds_up_to_the_whole_model_count(method):
 
 
 def test_family_keeps_method_constraints():
-    assert family_schedule(0.3, 196, (14, 14), 12, "tome") == (98, 49, 25)  # never more than half a layer
-    for k in family_schedule(0.7, 196, (14, 14), 12, "grid"):
+    assert family_schedule(0.3, 196, (14, 14), 3, "tome") == (98, 49, 25)  # never more than half a layer
+    for k in family_schedule(0.7, 196, (14, 14), 3, "grid"):
         assert any(k == a * b for a in range(1, 15) for b in range(1, 15))
-    assert family_schedule(1.0, 196, (14, 14), 12, "wkmedoids") == (196, 196, 196)
+    assert family_schedule(1.0, 196, (14, 14), 3, "wkmedoids") == (196, 196, 196)
 
 
 def test_python_api_and_unreachable_budgets():

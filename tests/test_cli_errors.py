@@ -235,6 +235,26 @@ def runs(tmp_path_factory):
     runs.start("flops_converted_with_k", ["flops", converted, "--k", "50"], ["already converted", "--k", "deit_tiny_patch16_224"])
     runs.start("eval_converted_with_iters", ["eval", converted, "--iters", "3", "--data", empty],
                ["already converted", "--iters"])
+
+    work = runs.workdir("sweep_bad_budgets")
+    runs.start("sweep_bad_budgets", ["sweep", "deit_tiny", "--no-pretrained", "--data", empty, "--out", work / "s",
+                                     "--budgets", "0.6,1.5"], ["--budgets", "'0.6,1.5'"], work)
+    work = runs.workdir("sweep_other_settings")
+    (work / "s").mkdir()
+    (work / "s" / "results.json").write_text(json.dumps({"settings": {"model": "deit_small_patch16_224"}, "points": []}))
+    runs.start("sweep_other_settings", ["sweep", "deit_tiny", "--no-pretrained", "--data", empty, "--out", work / "s"],
+               ["other settings", "model", "--force"], work)
+    work = runs.workdir("visualize_missing_image")
+    runs.start("visualize_missing_image", ["visualize", converted, root / "nope.jpg", "--out", work / "v.png"],
+               ["nope.jpg", "does not exist"], work)
+    work = runs.workdir("visualize_existing_out")
+    (work / "v.png").write_bytes(b"keep")
+    runs.start("visualize_existing_out", ["visualize", converted, root / "nope.jpg", "--out", work / "v.png"],
+               ["already exists", "--force"], work)
+    work = runs.workdir("visualize_unpooled")
+    (work / "photo.png").write_bytes((ckpt / "tiny.pth").read_bytes()[:10])
+    runs.start("visualize_unpooled", ["visualize", "deit_tiny", "--no-pretrained", work / "photo.png", "--out", work / "v.png"],
+               ["converted model", "--k"], work)
     try:
         yield runs
     finally:
@@ -306,6 +326,13 @@ def test_existing_out_with_force_is_replaced(runs):
     assert summary["pooling"]["k"] == [100] and summary["pooling"]["layers"] == [5]
     description = json.loads((out / "vitpool.json").read_text())
     assert description["pooling"] == summary["pooling"]
+
+
+@pytest.mark.parametrize("name", ["sweep_bad_budgets", "sweep_other_settings", "visualize_missing_image",
+                                  "visualize_existing_out", "visualize_unpooled"])
+def test_sweep_and_visualize_refusals_write_nothing(runs, name):
+    assert_user_error(runs.result(name), runs.cases[name].expect)
+    assert snapshot(runs.cases[name].work) == runs.snapshots[name]
 
 
 @pytest.mark.parametrize("name", ["flops_converted_with_k", "eval_converted_with_iters"])

@@ -31,10 +31,10 @@ def family_layers(depth: int) -> tuple[int, ...]:
     return default_layers(min(3, depth - 1), depth)
 
 
-def family_schedule(r: float, num_patches: int, grid: tuple[int, int], depth: int, method: str) -> tuple[int, ...]:
-    """K values of the family at parameter r, within the method's constraints."""
+def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: int, method: str) -> tuple[int, ...]:
+    """K values of the family at parameter r for `count` pooling layers, within the method's constraints."""
     k_values, tokens, current = [], num_patches, grid
-    for i in range(len(family_layers(depth))):
+    for i in range(count):
         k = min(tokens, max(1, round(num_patches * r ** (i + 1))))
         if method == "tome":
             k = max(k, tokens - tokens // 2)
@@ -125,20 +125,28 @@ class MacModel:
         return macs + self.norm(tokens + self.prefix)
 
 
-def solve(model, method: str, iters: int, budget: float | None = None, target_gmacs: float | None = None,
-          seed: int = 0, output: str = "medoid", proportional: bool = True) -> tuple[PoolingConfig, int, int]:
-    """The family schedule whose MACs come closest to the budget; (config, its MACs, the unpooled MACs)."""
+def budget_target(macs: MacModel, budget: float | None, target_gmacs: float | None) -> float:
+    """The MACs a budget asks for."""
     if (budget is None) == (target_gmacs is None):
         raise VitpoolError("give one of --budget (a fraction of the unpooled MACs) or --target-gmacs")
     if budget is not None and not 0 < budget <= 1:
         raise VitpoolError(f"--budget is a fraction of the unpooled model's MACs, in (0, 1]; got {budget}")
-    macs = MacModel(model, method, iters, output, proportional)
-    target = budget * macs.baseline if budget is not None else target_gmacs * 1e9
+    return budget * macs.baseline if budget is not None else target_gmacs * 1e9
+
+
+def solve(model, method: str, iters: int, budget: float | None = None, target_gmacs: float | None = None,
+          seed: int = 0, output: str = "medoid", proportional: bool = True, layers: tuple[int, ...] | None = None,
+          macs: MacModel | None = None) -> tuple[PoolingConfig, int, int]:
+    """The family schedule whose MACs come closest to the budget; (config, its MACs, the unpooled MACs).
+
+    `layers` replaces the family's pooling blocks; `macs` reuses a MacModel's cached counts."""
+    macs = macs or MacModel(model, method, iters, output, proportional)
+    target = budget_target(macs, budget, target_gmacs)
     depth, grid = macs.depth, token_grid(model)
-    layers = family_layers(depth)
+    layers = tuple(layers) if layers else family_layers(depth)
 
     def config_at(r: float) -> PoolingConfig:
-        k = family_schedule(r, macs.num_patches, grid, depth, method)
+        k = family_schedule(r, macs.num_patches, grid, len(layers), method)
         return make_config(method, k, layers, iters, seed, output=output, proportional=proportional)
 
     low, high = 0.0, 1.0

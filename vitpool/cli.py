@@ -18,7 +18,7 @@ from rich.table import Table
 from vitpool.errors import VitpoolError, refuse_existing_output
 
 app = typer.Typer(
-    help="Token Pooling for timm Vision Transformers: convert, count MACs, evaluate, export to ONNX, benchmark.",
+    help="Token Pooling for timm Vision Transformers: convert, count MACs, evaluate, export to ONNX, benchmark, schedule, sweep, visualize.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -333,6 +333,166 @@ def bench(
     out.print(f"{env['device_name']}, {env['threads']} threads; torch {env['torch']}, timm {env['timm']}, "
               f"onnxruntime {env['onnxruntime']}. Efficiency = speed-up / MAC speed-up (1.0: every MAC saved became time saved).",
               highlight=False)
+
+
+@app.command()
+@user_errors
+def schedule(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
+    data_dir: Annotated[Path, typer.Option("--data", help="Calibration images (labels are not used): an image folder DIR/<class>/<image>.")],
+    out_file: Annotated[Path, typer.Option("--out", help="JSON file for the schedule (refused if it exists, unless --force).")],
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = True,
+    method: MethodOpt = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma list of the blocks to pool after (default: the budget family's, 2,5,8 on 12 blocks).")] = None,
+    iters: ItersOpt = None,
+    output: OutputOpt = None,
+    proportional: ProportionalOpt = None,
+    budget: BudgetOpt = None,
+    target_gmacs: TargetOpt = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Calibration images, spread evenly over the folder.")] = 100,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Search the per-layer K that keeps the model closest to the unpooled one (KL, agreement) within a MAC budget."""
+    from vitpool.config import DEFAULT_ITERS, DEFAULT_METHOD, METHODS, OUTPUTS, parse_int_list
+    from vitpool.schedule import search
+    from vitpool.sweep import load_images, write_atomically
+
+    refuse_existing_output(out_file, force)
+    if budget is None and target_gmacs is None:
+        raise VitpoolError("schedule needs --budget (a fraction of the unpooled MACs, e.g. 0.6) or --target-gmacs")
+    if method is not None and method not in METHODS:
+        raise VitpoolError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
+    if output is not None and output not in OUTPUTS:
+        raise VitpoolError(f"--output must be one of {', '.join(OUTPUTS)}; got {output!r}")
+    if Path(model).is_dir():
+        raise VitpoolError(f"{model} is a saved model; schedule takes the unpooled timm model (with --checkpoint for local weights)")
+    loaded, _ = build(model, checkpoint, pretrained, None, None, None, None)
+    with err.status("reading the calibration images", spinner="dots") as status:
+        images = load_images(loaded.model, data_dir, limit, workers=workers)
+        status.update("searching")
+        result = search(loaded.model, images, method or DEFAULT_METHOD, DEFAULT_ITERS if iters is None else iters, budget,
+                        target_gmacs, output or "medoid", True if proportional is None else proportional,
+                        parse_int_list(layers, "--layers") or None, on_step=lambda text: status.update(f"searching: {text}"))
+    document = {"model": loaded.name, "budget": budget, "target_gmacs": target_gmacs, "calibration_images": len(images.labels),
+                "data": str(data_dir), **result.to_json()}
+    write_atomically(out_file, json.dumps(document, indent=2) + "\n")
+    if as_json:
+        emit_json(document)
+        return
+    table = Table(title=f"{loaded.name}, {document['method']} at {document['mac_ratio']:.3f} of the MACs, "
+                        f"on {document['calibration_images']} calibration images")
+    for column in ("schedule", "K", "KL (nats)", "agreement (%)"):
+        table.add_column(column, justify="left" if column in ("schedule", "K") else "right")
+    family = document["family"]
+    table.add_row("budget family", ",".join(map(str, family["k"])), f"{family['kl']:.4f}", f"{family['agreement']:.1f}")
+    table.add_row("searched", ",".join(map(str, document["k"])), f"{document['calibration']['kl']:.4f}",
+                  f"{document['calibration']['agreement']:.1f}")
+    out.print(table)
+    out.print(f"{document['flags']}  ({document['gmacs']:.3f} GMACs; {document['evaluations']} schedules scored); wrote {out_file}",
+              highlight=False)
+
+
+@app.command()
+@user_errors
+def sweep(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
+    data_dir: Annotated[Path, typer.Option("--data", help="Image folder DIR/<class>/<image>; WordNet-id folders map to ImageNet-1k classes.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for results.json, results.csv and tradeoff.png; a rerun resumes it.")],
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = True,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Comma list of methods (default: all of them, tome included).")] = None,
+    budgets: Annotated[str, typer.Option("--budgets", help="Comma list of MAC budgets (fractions of the unpooled MACs).")] = "0.5,0.6,0.75,0.9",
+    iters: ItersOpt = None,
+    output: OutputOpt = None,
+    proportional: ProportionalOpt = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use N images spread evenly over the folder.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
+    calibration: Annotated[Optional[int], typer.Option("--search", min=1, metavar="N", help="Also search each point's schedule (as `vitpool schedule`) on N of the images, and score every point on the others.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start again even if --out holds a sweep with other settings.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Every method at every MAC budget on your images: top-1, agreement, KL against GMACs, and a plot."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vitpool.config import DEFAULT_ITERS, OUTPUTS
+    from vitpool.sweep import parse_budgets, parse_methods, sweep as run_sweep
+
+    method_list, budget_list = parse_methods(methods), parse_budgets(budgets)
+    if output is not None and output not in OUTPUTS:
+        raise VitpoolError(f"--output must be one of {', '.join(OUTPUTS)}; got {output!r}")
+    if Path(model).is_dir():
+        raise VitpoolError(f"{model} is a saved model; sweep takes the unpooled timm model (with --checkpoint for local weights)")
+    loaded, _ = build(model, checkpoint, pretrained, None, None, None, None)
+    settings = {"model": loaded.name, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+                "pretrained": pretrained if checkpoint is None else False, "data": str(Path(data_dir).resolve()),
+                "limit": limit, "iters": DEFAULT_ITERS if iters is None else iters, "output": output or "medoid",
+                "proportional": True if proportional is None else proportional, "calibration": calibration}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("sweep", total=None)
+        results = run_sweep(loaded.model, settings, out_dir, method_list, budget_list, settings["iters"], settings["output"],
+                            settings["proportional"], limit, force, workers,
+                            on_progress=lambda text, done, total: progress.update(task, description=text, completed=done, total=total),
+                            calibration=calibration)
+    if as_json:
+        emit_json({"settings": results.settings, "reference": results.reference, "points": results.rows})
+        return
+    table = Table(title=f"{loaded.name} on {data_dir}: {results.reference['n']} images, unpooled {results.reference['gmacs']:.3f} "
+                        f"GMACs, top-1 {results.reference['top1']:.1f}%")
+    for column in ("method", "budget", "schedule", "K", "layers", "GMACs", "ratio", "top-1", "top-5", "agreement", "KL"):
+        table.add_column(column, justify="left" if column in ("method", "schedule", "K", "layers") else "right")
+    for r in sorted(results.rows, key=lambda r: (r["method"], r["budget"], r["schedule"])):
+        if "error" in r:
+            table.add_row(r["method"], f"{r['budget']:g}", r["schedule"], "-", "-", "", "", "", "", "", r["error"][:40])
+            continue
+        table.add_row(r["method"], f"{r['budget']:g}", r["schedule"], ",".join(map(str, r["k"])), ",".join(map(str, r["layers"])),
+                      f"{r['gmacs']:.3f}", f"{r['mac_ratio']:.3f}", f"{r['top1']:.1f}", f"{r['top5']:.1f}",
+                      f"{r['agreement']:.1f}", f"{r['kl']:.3f}")
+    out.print(table)
+    out.print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.csv'} and {out_dir / 'tradeoff.png'}", highlight=False)
+
+
+@app.command()
+@user_errors
+def visualize(
+    model_or_dir: ModelArg,
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="An image file (JPEG, PNG, ...).")],
+    out_file: Annotated[Path, typer.Option("--out", help="PNG file to write (refused if it exists, unless --force).")],
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = True,
+    method: MethodOpt = None,
+    k: KOpt = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma list of blocks: with --k, where to pool (all drawn); for a converted model or --budget, which of its pooling layers to draw. Default: all.")] = None,
+    iters: ItersOpt = None,
+    output: OutputOpt = None,
+    proportional: ProportionalOpt = None,
+    budget: BudgetOpt = None,
+    target_gmacs: TargetOpt = None,
+    scale: Annotated[int, typer.Option("--scale", min=1, max=8, help="Upscale the model's input picture by this factor.")] = 2,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Draw the image with each 16x16 patch coloured by the token it ends up in after each pooling layer (Fig. 1c)."""
+    from vitpool.config import parse_int_list
+    from vitpool.visualize import visualize as draw
+
+    refuse_existing_output(out_file, force)
+    if out_file.suffix.lower() != ".png":
+        raise VitpoolError(f"--out {out_file}: visualize writes a PNG; give a path ending in .png")
+    shown = parse_int_list(layers, "--layers") if k is None else ()
+    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers if k is not None else None, iters,
+                           budget, target_gmacs, output, proportional)
+    if pooled is None:
+        raise VitpoolError("visualize shows a converted model's clusters: pass a converted directory, --k or --budget")
+    summary = draw(pooled, image, out_file, list(shown) or None, scale)
+    if as_json:
+        emit_json({"model": loaded.name, "pooling": pooling_json(pooled), **summary})
+        return
+    counts = ", ".join(f"{n} tokens after block {layer}" for layer, n in summary["tokens"].items())
+    out.print(f"wrote {out_file} ({summary['size'][0]}x{summary['size'][1]}): {counts}", highlight=False)
 
 
 def _onnxruntime_has_cuda() -> bool:

@@ -33,6 +33,43 @@ class EvalResult:
         }
 
 
+@dataclass
+class Tally:
+    """Running counts over batches of logits; `result()` turns them into an EvalResult."""
+
+    n: int = 0
+    top1: int = 0
+    top5: int = 0
+    agree: int = 0
+    baseline_top1: int = 0
+    kl_sum: float = 0.0
+    compared: bool = False
+
+    def add(self, logits, labels, reference=None) -> None:
+        """Count one batch: `logits` of the evaluated model, `reference` the unpooled model's on the same images."""
+        logits = logits.float()
+        top = logits.topk(5, dim=-1).indices
+        self.top1 += int((top[:, 0] == labels).sum())
+        self.top5 += int((top == labels.unsqueeze(1)).any(1).sum())
+        self.n += len(labels)
+        if reference is not None:
+            reference = reference.float()
+            self.compared = True
+            self.baseline_top1 += int((reference.argmax(-1) == labels).sum())
+            self.agree += int((reference.argmax(-1) == top[:, 0]).sum())
+            log_p, log_q = reference.log_softmax(-1), logits.log_softmax(-1)
+            self.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+
+    def result(self, mapping: str = "imagenet", skipped: list[str] | None = None) -> EvalResult:
+        n = self.n
+        result = EvalResult(n, 100.0 * self.top1 / n, 100.0 * self.top5 / n, mapping=mapping, skipped=skipped or [])
+        if self.compared:
+            result.agreement = 100.0 * self.agree / n
+            result.kl = self.kl_sum / n
+            result.baseline_top1 = 100.0 * self.baseline_top1 / n
+        return result
+
+
 def evaluate(
     model,
     data_dir,
@@ -51,33 +88,16 @@ def evaluate(
     folder = data.scan(data_dir, model.num_classes)
     samples = data.spread(folder.samples, limit)
     batches = data.loader(samples, baseline if baseline is not None else model, batch_size, workers)
-    n = top1 = top5 = agree = 0
-    baseline_top1 = 0
-    kl_sum = 0.0
+    tally = Tally()
     skipped: list[str] = []
     model.eval()
     with torch.inference_mode():
         for images, labels, bad in batches:
             skipped += bad
             if images is not None:
-                logits = model(images).float()
-                top = logits.topk(5, dim=-1).indices
-                top1 += int((top[:, 0] == labels).sum())
-                top5 += int((top == labels.unsqueeze(1)).any(1).sum())
-                n += len(labels)
-                if baseline is not None:
-                    reference = baseline(images).float()
-                    baseline_top1 += int((reference.argmax(-1) == labels).sum())
-                    agree += int((reference.argmax(-1) == top[:, 0]).sum())
-                    log_p, log_q = reference.log_softmax(-1), logits.log_softmax(-1)
-                    kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+                tally.add(model(images), labels, baseline(images) if baseline is not None else None)
             if on_batch:
-                on_batch(n + len(skipped), len(samples))
-    if n == 0:
+                on_batch(tally.n + len(skipped), len(samples))
+    if tally.n == 0:
         raise VitpoolError(f"none of the {len(samples)} images in {data_dir} could be read: {'; '.join(skipped[:3])}")
-    result = EvalResult(n, 100.0 * top1 / n, 100.0 * top5 / n, mapping=folder.mapping, skipped=skipped)
-    if baseline is not None:
-        result.agreement = 100.0 * agree / n
-        result.kl = kl_sum / n
-        result.baseline_top1 = 100.0 * baseline_top1 / n
-    return result
+    return tally.result(folder.mapping, skipped)

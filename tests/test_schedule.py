@@ -1,0 +1,89 @@
+"""`vitpool schedule`: a greedy search over per-layer K that stays within the budget and only improves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vitpool.adapter import apply_pooling
+from vitpool.flops import total_macs
+from vitpool.models import create_model
+from vitpool.schedule import search
+from vitpool.sweep import load_images, split
+
+VITPOOL = Path(sys.executable).with_name("vitpool")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("deit_tiny", pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibration")
+    generator = torch.Generator().manual_seed(2)
+    for name in ("a", "b"):
+        (root / name).mkdir()
+        for i in range(4):
+            pixels = torch.randint(0, 256, (230, 230, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_search_stays_in_budget_improves_and_is_deterministic(model, folder):
+    images = load_images(model, folder, None, workers=0)
+    first = search(model, images, "wkmedoids", iters=1, budget=0.6)
+    baseline = total_macs(model)
+    assert abs(total_macs(apply_pooling(model, first.config)) / baseline - 0.6) <= 0.006
+    assert first.macs == total_macs(apply_pooling(model, first.config))
+    assert first.history[0]["k"] == list(first.start.k)
+    kls = [step["kl"] for step in first.history]
+    assert kls == sorted(kls, reverse=True) and first.best.kl <= first.start.kl
+    assert list(first.config.k) == first.history[-1]["k"] and first.config.layers == (2, 5, 8)
+    assert all(a >= b for a, b in zip(first.config.k, first.config.k[1:])), "K must not grow"
+    again = search(model, images, "wkmedoids", iters=1, budget=0.6)
+    assert again.config == first.config and again.best == first.best
+
+
+def test_search_keeps_tome_constraints_and_custom_layers(model, folder):
+    images = load_images(model, folder, None, workers=0)
+    found = search(model, images, "tome", iters=1, budget=0.7, layers=(3, 7))
+    assert found.config.layers == (3, 7)
+    tokens = 196
+    for k in found.config.k:
+        assert tokens - tokens // 2 <= k <= tokens
+        tokens = k
+
+
+def test_split_is_disjoint_and_spread(model, folder):
+    images = load_images(model, folder, None, workers=0)
+    calibration, rest = split(images, 3)
+    assert len(calibration.labels) == 3 and len(rest.labels) == 5
+    pairs = {tuple(t.flatten()[:8].tolist()) for t in calibration.images}
+    assert not pairs & {tuple(t.flatten()[:8].tolist()) for t in rest.images}
+
+
+def test_schedule_command_saves_flags_that_other_commands_accept(folder, tmp_path):
+    out = tmp_path / "schedule.json"
+    done = subprocess.run([str(VITPOOL), "schedule", "deit_tiny", "--no-pretrained", "--data", str(folder), "--budget", "0.75",
+                           "--iters", "1", "--limit", "4", "--workers", "0", "--out", str(out), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert json.loads(out.read_text()) == document
+    assert document["calibration_images"] == 4 and abs(document["mac_ratio"] - 0.75) <= 0.0075
+    flops = subprocess.run([str(VITPOOL), "flops", "deit_tiny", *document["flags"].split(), "--iters", "1", "--json"],
+                           capture_output=True, text=True, timeout=300)
+    assert flops.returncode == 0, flops.stderr
+    assert json.loads(flops.stdout)["gmacs"] == pytest.approx(document["gmacs"])
+    again = subprocess.run([str(VITPOOL), "schedule", "deit_tiny", "--no-pretrained", "--data", str(folder), "--budget", "0.75",
+                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already exists" in again.stderr and json.loads(out.read_text()) == document

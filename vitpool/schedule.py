@@ -1,0 +1,131 @@
+"""`vitpool schedule`: search per-layer K for the schedule that stays closest to the unpooled model at a budget.
+
+The paper took its schedules from PoWER-BERT's learned search; here the search runs on the user's model and
+a few unlabelled calibration images. It starts from the budget family's schedule (`vitpool.budget`) and
+moves tokens between pooling layers: a move adds `step` tokens to one layer and takes from another as many
+as keeps the MACs (pooling layers included) within 1% of the budget. Every move of the current step is
+scored by the mean KL(unpooled || pooled) on the calibration images (ties: top-1 agreement); the best one
+is taken while it improves, then the step halves. Greedy, deterministic, and a few dozen forward passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from vitpool.adapter import apply_pooling, plan_for
+from vitpool.budget import TOLERANCE, MacModel, budget_target, solve
+from vitpool.errors import VitpoolError
+from vitpool.flops import total_macs
+from vitpool.sweep import ImageSet, score
+
+STEPS = (32, 16, 8, 4)
+MAX_EVALUATIONS = 80
+
+
+@dataclass(frozen=True)
+class Scored:
+    k: tuple[int, ...]
+    kl: float
+    agreement: float
+
+    def better_than(self, other: "Scored") -> bool:
+        return (self.kl, -self.agreement) < (other.kl, -other.agreement)
+
+
+@dataclass
+class SearchResult:
+    config: object  # PoolingConfig
+    macs: int
+    baseline_macs: int
+    start: Scored  # the family schedule
+    best: Scored
+    evaluations: int
+    history: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        c = self.config
+        return {
+            "method": c.method, "k": list(c.k), "layers": list(c.layers), "iters": c.iters, "output": c.output,
+            "proportional": c.proportional, "gmacs": self.macs / 1e9, "mac_ratio": self.macs / self.baseline_macs,
+            "baseline_gmacs": self.baseline_macs / 1e9,
+            "flags": f"--method {c.method} --k {','.join(map(str, c.k))} --layers {','.join(map(str, c.layers))}",
+            "calibration": {"kl": self.best.kl, "agreement": self.best.agreement},
+            "family": {"k": list(self.start.k), "kl": self.start.kl, "agreement": self.start.agreement},
+            "evaluations": self.evaluations, "history": self.history,
+        }
+
+
+def search(model, images: ImageSet, method: str, iters: int, budget: float | None = None,
+           target_gmacs: float | None = None, output: str = "medoid", proportional: bool = True,
+           layers: tuple[int, ...] | None = None, on_step: Callable[[str], None] | None = None) -> SearchResult:
+    """Greedy search over per-layer K within the budget, scored on `images` against the unpooled logits."""
+    macs = MacModel(model, method, iters, output, proportional)
+    target = budget_target(macs, budget, target_gmacs)
+    start_config, _, _ = solve(model, method, iters, budget, target_gmacs, output=output, proportional=proportional,
+                               layers=layers, macs=macs)
+    note = on_step or (lambda text: None)
+    scores: dict[tuple[int, ...], Scored] = {}
+
+    def evaluate(k: tuple[int, ...]) -> Scored:
+        if k not in scores:
+            result = score(apply_pooling(model, replace(start_config, k=k)), images)
+            scores[k] = Scored(k, result.kl, result.agreement)
+            note(f"{len(scores)} schedules scored, K {','.join(map(str, k))}: KL {result.kl:.4f}")
+        return scores[k]
+
+    def valid(k: tuple[int, ...]) -> bool:
+        try:
+            plan_for(model, replace(start_config, k=k))
+        except VitpoolError:
+            return False
+        return True
+
+    def rebalance(k: list[int], j: int) -> tuple[int, ...] | None:
+        """k with k[j] set so that the total comes closest to the target, or None if none lands within 1%."""
+        options = []
+        for value in range(k[j + 1] if j + 1 < len(k) else 1, (k[j - 1] if j else macs.num_patches) + 1):
+            candidate = tuple(k[:j]) + (value,) + tuple(k[j + 1:])
+            if valid(candidate):  # method constraints: tome's half per layer, grid's counts
+                options.append(candidate)
+        low, high, best = 0, len(options) - 1, None
+        while low <= high:  # the total grows with k[j]
+            middle = (low + high) // 2
+            total = macs.total(replace(start_config, k=options[middle]))
+            if best is None or abs(total - target) < abs(best[1] - target):
+                best = (options[middle], total)
+            if total < target:
+                low = middle + 1
+            else:
+                high = middle - 1
+        if best is None or abs(best[1] - target) > TOLERANCE * target:
+            return None
+        return best[0]
+
+    current = evaluate(tuple(start_config.k))
+    start, history = current, [{"k": list(current.k), "kl": current.kl, "agreement": current.agreement}]
+    for step in STEPS:
+        while len(scores) < MAX_EVALUATIONS:
+            moves = []
+            for i in range(len(current.k)):
+                for j in range(len(current.k)):
+                    if i == j:
+                        continue
+                    k = list(current.k)
+                    k[i] += step
+                    if k[i] > (k[i - 1] if i else macs.num_patches):
+                        continue
+                    moved = rebalance(k, j)
+                    if moved is not None and moved != current.k:
+                        moves.append(moved)
+            candidates = [evaluate(k) for k in dict.fromkeys(moves)]
+            best = min(candidates, key=lambda s: (s.kl, -s.agreement), default=None)
+            if best is None or not best.better_than(current):
+                break
+            current = best
+            history.append({"k": list(current.k), "kl": current.kl, "agreement": current.agreement, "step": step})
+    config = replace(start_config, k=current.k)
+    reached = total_macs(apply_pooling(model, config))
+    if abs(reached - target) > TOLERANCE * target:  # the parts model is exact to 0.1%; this guards it
+        raise VitpoolError(f"the searched schedule counts {reached / 1e9:.3f} GMACs, not within 1% of {target / 1e9:.3f}")
+    return SearchResult(config, reached, macs.baseline, start, current, len(scores), history)

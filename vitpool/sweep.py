@@ -1,0 +1,266 @@
+"""The accuracy-compute trade-off: every method at every MAC budget on the user's images, resumably.
+
+Images are decoded once and held in memory, and the unpooled model's logits are computed once, so each
+point costs one forward pass of the converted model. After every point `results.json` and `results.csv`
+are rewritten atomically, so an interrupted sweep keeps what it finished and a rerun with the same
+settings skips it; `tradeoff.png` is drawn at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitpool import data
+from vitpool.config import METHODS
+from vitpool.errors import VitpoolError
+from vitpool.evaluate import Tally
+
+MAX_IMAGE_BYTES = 4 * 2**30  # the decoded images a sweep keeps in memory
+CSV_FIELDS = ("method", "budget", "schedule", "k", "layers", "gmacs", "mac_ratio", "top1", "top5", "agreement", "kl",
+              "n", "seconds", "error")
+
+
+@dataclass
+class ImageSet:
+    """Decoded, preprocessed images with labels, and the unpooled model's logits on them."""
+
+    images: object  # Tensor [M, 3, H, W]
+    labels: object  # Tensor [M]
+    reference: object  # Tensor [M, classes]
+    mapping: str
+    skipped: list[str]
+
+    def subset(self, index: list[int]) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index], self.reference[index], self.mapping, [])
+
+
+def load_images(model, data_dir, limit: int | None, batch_size: int = 50, workers: int = 2,
+                on_batch: Callable[[int, int], None] | None = None) -> ImageSet:
+    """Read an image folder once (timm's preprocessing for `model`) and run the unpooled `model` on it."""
+    import torch
+
+    folder = data.scan(data_dir, model.num_classes)
+    samples = data.spread(folder.samples, limit)
+    _, config = data.transform_for(model)
+    per_image = 4 * 3 * config["input_size"][1] * config["input_size"][2]
+    if len(samples) * per_image > MAX_IMAGE_BYTES:
+        raise VitpoolError(f"{len(samples)} images would take {len(samples) * per_image / 2**30:.1f} GB in memory; "
+                           f"pass --limit (e.g. --limit 1000) to sweep a spread-out subset")
+    images, labels, reference, skipped = [], [], [], []
+    model.eval()
+    with torch.inference_mode():
+        for batch, batch_labels, bad in data.loader(samples, model, batch_size, workers):
+            skipped += bad
+            if batch is not None:
+                images.append(batch)
+                labels.append(batch_labels)
+                reference.append(model(batch).float())
+            if on_batch:
+                on_batch(sum(len(b) for b in labels) + len(skipped), len(samples))
+    if not images:
+        raise VitpoolError(f"none of the {len(samples)} images in {data_dir} could be read: {'; '.join(skipped[:3])}")
+    return ImageSet(torch.cat(images), torch.cat(labels), torch.cat(reference), folder.mapping, skipped)
+
+
+def score(model, images: ImageSet, batch_size: int = 50):
+    """EvalResult of `model` on the images, compared with the unpooled logits."""
+    import torch
+
+    tally = Tally()
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(images.labels), batch_size):
+            part = slice(start, start + batch_size)
+            tally.add(model(images.images[part]), images.labels[part], images.reference[part])
+    return tally.result(images.mapping)
+
+
+def parse_methods(text: str | None) -> list[str]:
+    if text is None:
+        return list(METHODS)
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise VitpoolError(f"--methods takes a comma list of {', '.join(METHODS)}; got {text!r}")
+    return methods
+
+
+def parse_budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets or not all(0 < b <= 1 for b in budgets):
+        raise VitpoolError(f"--budgets takes a comma list of fractions of the unpooled MACs in (0, 1], e.g. 0.5,0.6,0.75,0.9; got {text!r}")
+    return budgets
+
+
+class Results:
+    """results.json of a sweep: the settings it was run with, the unpooled reference, and one row per point."""
+
+    def __init__(self, out_dir: Path, settings: dict, force: bool) -> None:
+        self.out_dir, self.settings = out_dir, settings
+        self.path = out_dir / "results.json"
+        self.reference: dict | None = None
+        self.rows: list[dict] = []
+        if self.path.exists() and not force:
+            try:
+                saved = json.loads(self.path.read_text())
+                previous = saved["settings"]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise VitpoolError(f"{self.path} is not a vitpool sweep ({error}); choose another --out or pass --force") from None
+            if previous != settings:
+                changed = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
+                raise VitpoolError(f"{out_dir} holds a sweep with other settings ({', '.join(changed)} differ); "
+                                   f"choose another --out, or pass --force to start it again")
+            self.reference, self.rows = saved.get("reference"), saved.get("points", [])
+        elif out_dir.exists() and not out_dir.is_dir():
+            raise VitpoolError(f"--out {out_dir} is a file; give a directory")
+
+    def done(self, method: str, budget: float, schedule: str) -> bool:
+        return any(r["method"] == method and r["budget"] == budget and r["schedule"] == schedule for r in self.rows)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.save()
+
+    def save(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        document = {"settings": self.settings, "reference": self.reference, "points": self.rows}
+        write_atomically(self.path, json.dumps(document, indent=2) + "\n")
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        rows = ([{**self.reference, "method": "unpooled", "budget": 1.0, "schedule": ""}] if self.reference else []) + self.rows
+        for row in rows:
+            writer.writerow({**row, "k": " ".join(map(str, row.get("k") or [])), "layers": " ".join(map(str, row.get("layers") or []))})
+        write_atomically(self.out_dir / "results.csv", buffer.getvalue())
+
+
+def write_atomically(path: Path, text: str | bytes) -> None:
+    temporary = path.with_name(f".{path.name}.partial")
+    if isinstance(text, bytes):
+        temporary.write_bytes(text)
+    else:
+        temporary.write_text(text)
+    temporary.replace(path)
+
+
+def metrics_row(result) -> dict:
+    return {"top1": result.top1, "top5": result.top5, "agreement": result.agreement, "kl": result.kl, "n": result.n}
+
+
+def run_point(model, method: str, budget: float, images: ImageSet, iters: int, output: str, proportional: bool,
+              baseline_macs: int, schedule: str = "family", calibration: ImageSet | None = None) -> dict:
+    """One row of the sweep: the family schedule for `budget` (or the one `vitpool schedule` finds on the
+    calibration images), converted, its MACs counted and scored on `images`."""
+    from vitpool.adapter import apply_pooling
+    from vitpool.budget import solve
+    from vitpool.schedule import search
+
+    started = time.perf_counter()
+    row = {"method": method, "budget": budget, "schedule": schedule}
+    try:
+        if schedule == "searched":
+            found = search(model, calibration, method, iters, budget, output=output, proportional=proportional)
+            config, reached = found.config, found.macs
+            row["search"] = {"evaluations": found.evaluations, "calibration_kl": found.best.kl,
+                             "family_k": list(found.start.k), "family_calibration_kl": found.start.kl}
+        else:
+            config, reached, _ = solve(model, method, iters, budget, output=output, proportional=proportional)
+    except VitpoolError as error:
+        return {**row, "error": str(error)}
+    result = score(apply_pooling(model, config), images)
+    return {**row, "k": list(config.k), "layers": list(config.layers), "gmacs": reached / 1e9,
+            "mac_ratio": reached / baseline_macs, **metrics_row(result), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def plot(results: Results, path: Path) -> None:
+    """Top-1 and agreement against GMACs, one line per method, the unpooled model as a star (like the paper's Fig. 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings, reference = results.settings, results.reference
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=100)
+    panels = (("top1", "top-1 accuracy (%)"), ("agreement", "top-1 agreement with the unpooled model (%)"))
+    methods = list(dict.fromkeys(r["method"] for r in results.rows))
+    colours = plt.get_cmap("tab10")
+    for axis, (key, label) in zip(axes, panels):
+        for i, method in enumerate(methods):
+            for schedule, style in (("family", "-"), ("searched", "--")):
+                points = sorted((r["gmacs"], r[key]) for r in results.rows
+                                if r["method"] == method and r["schedule"] == schedule and "error" not in r)
+                if points:
+                    xs, ys = zip(*points)
+                    name = method if schedule == "family" else f"{method} (searched)"
+                    axis.plot(xs, ys, style, marker="o", markersize=4, color=colours(i % 10), label=name)
+        if reference is not None:
+            value = reference["top1"] if key == "top1" else 100.0
+            axis.plot([reference["gmacs"]], [value], marker="*", markersize=14, color="black", linestyle="none", label="unpooled")
+        axis.set_xlabel("GMACs per image (multiply-accumulates, pooling included)")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    n = reference["n"] if reference else 0
+    figure.suptitle(f"{settings['model']} on {Path(settings['data']).name} ({n} images), no fine-tuning")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    write_atomically(path, buffer.getvalue())
+
+
+def split(images: ImageSet, calibration: int) -> tuple[ImageSet, ImageSet]:
+    """(calibration images spread over the set, the rest): searched schedules are scored on images they never saw."""
+    n = len(images.labels)
+    if not 0 < calibration < n:
+        raise VitpoolError(f"--calibration {calibration} must leave images to evaluate on: the folder gives {n}")
+    chosen = sorted({(i * n) // calibration for i in range(calibration)})
+    rest = [i for i in range(n) if i not in set(chosen)]
+    return images.subset(chosen), images.subset(rest)
+
+
+def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: list[float], iters: int, output: str,
+          proportional: bool, limit: int | None, force: bool = False, workers: int = 2,
+          on_progress: Callable[[str, int, int], None] | None = None, calibration: int | None = None) -> Results:
+    """Run every (method, budget, schedule) point not already in `out_dir/results.json`; returns all results.
+
+    With `calibration` N, also the searched schedule of every point, searched on N of the images; then
+    every point, family ones included, is scored on the other images only.
+    """
+    from vitpool.flops import total_macs
+
+    results = Results(out_dir, settings, force)
+    schedules = ("family", "searched") if calibration else ("family",)
+    todo = [(m, b, s) for s in schedules for m in methods for b in budgets if not results.done(m, b, s)]
+    total = len(methods) * len(budgets) * len(schedules)
+    progress = on_progress or (lambda text, done, total: None)
+    progress("reading images", total - len(todo), total)
+    baseline_macs = total_macs(model)
+    if todo or results.reference is None:
+        images = load_images(model, settings["data"], limit, workers=workers)
+        calibration_images = None
+        if calibration:
+            calibration_images, images = split(images, calibration)
+        if results.reference is None:
+            tally = Tally()
+            tally.add(images.reference, images.labels)
+            results.reference = {"gmacs": baseline_macs / 1e9, "mac_ratio": 1.0, **metrics_row(tally.result()),
+                                 "skipped": images.skipped}
+            results.save()
+        for done, (method, budget, schedule) in enumerate(todo, start=total - len(todo)):
+            progress(f"{method} at {budget:g}" + (" (searching)" if schedule == "searched" else ""), done, total)
+            results.add(run_point(model, method, budget, images, iters, output, proportional, baseline_macs, schedule,
+                                  calibration_images))
+    progress("drawing", total, total)
+    results.save()
+    plot(results, out_dir / "tradeoff.png")
+    return results
