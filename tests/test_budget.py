@@ -63,3 +63,13 @@ def test_python_api_and_unreachable_budgets():
         solve(model, "wkmedoids", 5, budget=0.1)
     with pytest.raises(VitpoolError, match=r"in \(0, 1\]"):
         solve(model, "wkmedoids", 5, budget=1.5)
+
+
+def test_every_block_family_is_tomes_schedule():
+    model = _model("deit_tiny")
+    config, reached, baseline = solve(model, "tome", 1, budget=0.6, family="every-block")
+    assert config.layers == tuple(range(11)) and abs(reached / baseline - 0.6) <= 0.006
+    removed = [a - b for a, b in zip((196,) + config.k, config.k)]
+    assert max(removed) - min(removed) <= 1, f"ToMe removes the same number of tokens after every block: {removed}"
+    with pytest.raises(VitpoolError, match="family"):
+        solve(model, "tome", 1, budget=0.6, family="spiral")

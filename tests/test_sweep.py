@@ -49,7 +49,10 @@ def run(model, folder, out, methods, budgets, **kwargs):
 def test_sweep_writes_every_point_and_resumes_without_recomputing(model, folder, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     first = run(model, folder, out, ["importance", "tome"], [0.6, 0.9])
-    assert [(r["method"], r["budget"]) for r in first.rows] == [("importance", 0.6), ("importance", 0.9), ("tome", 0.6), ("tome", 0.9)]
+    assert [(r["method"], r["budget"], r["schedule"]) for r in first.rows] == [
+        ("importance", 0.6, "family"), ("importance", 0.9, "family"), ("tome", 0.6, "family"), ("tome", 0.9, "family"),
+        ("tome", 0.6, "every-block"), ("tome", 0.9, "every-block")]
+    assert first.rows[4]["layers"] == list(range(11)) and first.rows[2]["layers"] == [2, 5, 8]
     baseline = total_macs(model)
     for row in first.rows:
         assert abs(row["mac_ratio"] - row["budget"]) <= 0.01 * row["budget"], row
@@ -60,7 +63,7 @@ def test_sweep_writes_every_point_and_resumes_without_recomputing(model, folder,
 
     with (out / "results.csv").open() as handle:
         table = list(csv.DictReader(handle))
-    assert [r["method"] for r in table] == ["unpooled", "importance", "importance", "tome", "tome"]
+    assert [r["method"] for r in table] == ["unpooled", "importance", "importance", "tome", "tome", "tome", "tome"]
     assert float(table[1]["top1"]) == pytest.approx(first.rows[0]["top1"])
 
     calls = []
@@ -68,7 +71,7 @@ def test_sweep_writes_every_point_and_resumes_without_recomputing(model, folder,
     monkeypatch.setattr(sweep_module, "run_point", lambda *a, **k: calls.append(a[1:3]) or real_run_point(*a, **k))
     second = run(model, folder, out, ["importance", "tome", "random"], [0.6, 0.9])
     assert calls == [("random", 0.6), ("random", 0.9)], "finished points were computed again"
-    assert second.rows[:4] == first.rows
+    assert second.rows[:6] == first.rows
     with Image.open(out / "tradeoff.png") as image:
         assert image.format == "PNG" and image.size == (1200, 500)
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)

@@ -27,15 +27,29 @@ TOLERANCE = 0.01  # a solved schedule lands within 1% of the budget
 STEPS = 16  # r to 1/65536: finer than one token of K
 
 
-def family_layers(depth: int) -> tuple[int, ...]:
+FAMILIES = ("geometric", "every-block")
+
+
+def family_layers(depth: int, family: str = "geometric") -> tuple[int, ...]:
+    if family == "every-block":
+        return tuple(range(depth - 1))
     return default_layers(min(3, depth - 1), depth)
 
 
-def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: int, method: str) -> tuple[int, ...]:
-    """K values of the family at parameter r for `count` pooling layers, within the method's constraints."""
+def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: int, method: str,
+                    family: str = "geometric") -> tuple[int, ...]:
+    """K values of the family at parameter r in [0, 1] for `count` pooling layers, within the method's constraints.
+
+    geometric: K_i = round(N r^(i+1)). every-block (ToMe's own schedule, for comparing with ToMe on its terms):
+    the same number of tokens, (1 - r) N / count, removed after each block, rounded cumulatively.
+    """
     k_values, tokens, current = [], num_patches, grid
     for i in range(count):
-        k = min(tokens, max(1, round(num_patches * r ** (i + 1))))
+        if family == "every-block":
+            wanted = num_patches - round((i + 1) * (1 - r) * num_patches / count)
+        else:
+            wanted = round(num_patches * r ** (i + 1))
+        k = min(tokens, max(1, wanted))
         if method == "tome":
             k = max(k, tokens - tokens // 2)
         if method == "grid":
@@ -136,17 +150,19 @@ def budget_target(macs: MacModel, budget: float | None, target_gmacs: float | No
 
 def solve(model, method: str, iters: int, budget: float | None = None, target_gmacs: float | None = None,
           seed: int = 0, output: str = "medoid", proportional: bool = True, layers: tuple[int, ...] | None = None,
-          macs: MacModel | None = None) -> tuple[PoolingConfig, int, int]:
+          macs: MacModel | None = None, family: str = "geometric") -> tuple[PoolingConfig, int, int]:
     """The family schedule whose MACs come closest to the budget; (config, its MACs, the unpooled MACs).
 
     `layers` replaces the family's pooling blocks; `macs` reuses a MacModel's cached counts."""
+    if family not in FAMILIES:
+        raise VitpoolError(f"schedule family must be one of {', '.join(FAMILIES)}; got {family!r}")
     macs = macs or MacModel(model, method, iters, output, proportional)
     target = budget_target(macs, budget, target_gmacs)
     depth, grid = macs.depth, token_grid(model)
-    layers = tuple(layers) if layers else family_layers(depth)
+    layers = tuple(layers) if layers else family_layers(depth, family)
 
     def config_at(r: float) -> PoolingConfig:
-        k = family_schedule(r, macs.num_patches, grid, len(layers), method)
+        k = family_schedule(r, macs.num_patches, grid, len(layers), method, family)
         return make_config(method, k, layers, iters, seed, output=output, proportional=proportional)
 
     low, high = 0.0, 1.0

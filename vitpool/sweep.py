@@ -173,7 +173,8 @@ def run_point(model, method: str, budget: float, images: ImageSet, iters: int, o
             row["search"] = {"evaluations": found.evaluations, "calibration_kl": found.best.kl,
                              "family_k": list(found.start.k), "family_calibration_kl": found.start.kl}
         else:
-            config, reached, _ = solve(model, method, iters, budget, output=output, proportional=proportional)
+            family = "every-block" if schedule == "every-block" else "geometric"
+            config, reached, _ = solve(model, method, iters, budget, output=output, proportional=proportional, family=family)
     except VitpoolError as error:
         return {**row, "error": str(error)}
     result = score(apply_pooling(model, config), images)
@@ -195,12 +196,12 @@ def plot(results: Results, path: Path) -> None:
     colours = plt.get_cmap("tab10")
     for axis, (key, label) in zip(axes, panels):
         for i, method in enumerate(methods):
-            for schedule, style in (("family", "-"), ("searched", "--")):
+            for schedule, style in (("family", "-"), ("searched", "--"), ("every-block", ":")):
                 points = sorted((r["gmacs"], r[key]) for r in results.rows
                                 if r["method"] == method and r["schedule"] == schedule and "error" not in r)
                 if points:
                     xs, ys = zip(*points)
-                    name = method if schedule == "family" else f"{method} (searched)"
+                    name = method if schedule == "family" else f"{method} ({schedule})"
                     axis.plot(xs, ys, style, marker="o", markersize=4, color=colours(i % 10), label=name)
         if reference is not None:
             value = reference["top1"] if key == "top1" else 100.0
@@ -233,6 +234,9 @@ def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: lis
           on_progress: Callable[[str, int, int], None] | None = None, calibration: int | None = None) -> Results:
     """Run every (method, budget, schedule) point not already in `out_dir/results.json`; returns all results.
 
+    Schedules are the budget family's (`vitpool.budget`), and for `tome` also ToMe's own: the same number of
+    tokens merged after every block ("every-block").
+
     With `calibration` N, also the searched schedule of every point, searched on N of the images; then
     every point, family ones included, is scored on the other images only.
     """
@@ -240,8 +244,10 @@ def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: lis
 
     results = Results(out_dir, settings, force)
     schedules = ("family", "searched") if calibration else ("family",)
-    todo = [(m, b, s) for s in schedules for m in methods for b in budgets if not results.done(m, b, s)]
-    total = len(methods) * len(budgets) * len(schedules)
+    points = [(m, b, s) for s in schedules for m in methods for b in budgets]
+    points += [("tome", b, "every-block") for b in budgets if "tome" in methods]  # ToMe on its own schedule
+    todo = [point for point in points if not results.done(*point)]
+    total = len(points)
     progress = on_progress or (lambda text, done, total: None)
     progress("reading images", total - len(todo), total)
     baseline_macs = total_macs(model)
