@@ -209,10 +209,11 @@ def plot(results: Results, path: Path) -> None:
         axis.set_xlabel("GMACs per image (multiply-accumulates, pooling included)")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
     n = reference["n"] if reference else 0
     figure.suptitle(f"{settings['model']} on {Path(settings['data']).name} ({n} images), no fine-tuning")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 0.82, 1))  # the legend goes in the right-hand strip
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
