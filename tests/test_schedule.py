@@ -44,11 +44,15 @@ def test_search_stays_in_budget_improves_and_is_deterministic(model, folder):
     baseline = total_macs(model)
     assert abs(total_macs(apply_pooling(model, first.config)) / baseline - 0.6) <= 0.006
     assert first.macs == total_macs(apply_pooling(model, first.config))
-    assert first.history[0]["k"] == list(first.start.k)
-    kls = [step["kl"] for step in first.history]
-    assert kls == sorted(kls, reverse=True) and first.best.kl <= first.start.kl
-    assert list(first.config.k) == first.history[-1]["k"] and first.config.layers == (2, 5, 8)
+    assert [tuple(h["layers"]) for h in first.history[:3]] == [(5,), (3, 7), (2, 5, 8)], "1, 2 and 3 pooling layers"
+    assert first.start.layers == (2, 5, 8) and list(first.start.k) == first.history[2]["k"]  # the --budget schedule
+    moves = [step["kl"] for step in first.history[3:]]
+    assert moves == sorted(moves, reverse=True) and all(kl < min(h["kl"] for h in first.history[:3]) for kl in moves)
+    assert first.best.kl <= min(h["kl"] for h in first.history[:3]) and first.best.kl <= first.start.kl
+    assert list(first.config.k) == first.history[-1]["k"] or not moves
+    assert first.config.layers == first.best.layers and first.config.layers in {(5,), (3, 7), (2, 5, 8)}
     assert all(a >= b for a, b in zip(first.config.k, first.config.k[1:])), "K must not grow"
+    assert list(first.config.k) == [h for h in first.history if tuple(h["layers"]) == first.config.layers][-1]["k"]
     again = search(model, images, "wkmedoids", iters=1, budget=0.6)
     assert again.config == first.config and again.best == first.best
 

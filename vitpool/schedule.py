@@ -1,8 +1,9 @@
-"""`vitpool schedule`: search per-layer K for the schedule that stays closest to the unpooled model at a budget.
+"""`vitpool schedule`: search the pooling schedule that stays closest to the unpooled model at a budget.
 
 The paper took its schedules from PoWER-BERT's learned search; here the search runs on the user's model and
-a few unlabelled calibration images. It starts from the budget family's schedule (`vitpool.budget`) and
-moves tokens between pooling layers: a move adds `step` tokens to one layer and takes from another as many
+a few unlabelled calibration images. It scores the budget family's schedule (`vitpool.budget`) with 1, 2
+and 3 pooling layers (or at the user's `layers`), starts from the best of them, and then moves tokens
+between its pooling layers: a move adds `step` tokens to one layer and takes from another as many
 as keeps the MACs (pooling layers included) within 1% of the budget. Every move of the current step is
 scored by the mean KL(unpooled || pooled) on the calibration images (ties: top-1 agreement); the best one
 is taken while it improves, then the step halves. Greedy, deterministic, and a few dozen forward passes.
@@ -15,16 +16,19 @@ from dataclasses import dataclass, field, replace
 
 from vitpool.adapter import apply_pooling, plan_for
 from vitpool.budget import TOLERANCE, MacModel, budget_target, solve
+from vitpool.config import default_layers
 from vitpool.errors import VitpoolError
 from vitpool.flops import total_macs
 from vitpool.sweep import ImageSet, score
 
 STEPS = (32, 16, 8, 4)
+PLACEMENT_COUNTS = (1, 2, 3)  # pooling layers tried, spread as `default_layers` spreads them
 MAX_EVALUATIONS = 80
 
 
 @dataclass(frozen=True)
 class Scored:
+    layers: tuple[int, ...]
     k: tuple[int, ...]
     kl: float
     agreement: float
@@ -38,7 +42,7 @@ class SearchResult:
     config: object  # PoolingConfig
     macs: int
     baseline_macs: int
-    start: Scored  # the family schedule
+    start: Scored  # the budget family's schedule (`--budget`), or the best placement where it cannot reach the budget
     best: Scored
     evaluations: int
     history: list[dict] = field(default_factory=list)
@@ -51,9 +55,14 @@ class SearchResult:
             "baseline_gmacs": self.baseline_macs / 1e9,
             "flags": f"--method {c.method} --k {','.join(map(str, c.k))} --layers {','.join(map(str, c.layers))}",
             "calibration": {"kl": self.best.kl, "agreement": self.best.agreement},
-            "family": {"k": list(self.start.k), "kl": self.start.kl, "agreement": self.start.agreement},
+            "family": {"k": list(self.start.k), "layers": list(self.start.layers), "kl": self.start.kl,
+                       "agreement": self.start.agreement},
             "evaluations": self.evaluations, "history": self.history,
         }
+
+
+def candidate_placements(depth: int) -> list[tuple[int, ...]]:
+    return list(dict.fromkeys(default_layers(min(count, depth - 1), depth) for count in PLACEMENT_COUNTS))
 
 
 def search(model, images: ImageSet, method: str, iters: int, budget: float | None = None,
@@ -62,17 +71,36 @@ def search(model, images: ImageSet, method: str, iters: int, budget: float | Non
     """Greedy search over per-layer K within the budget, scored on `images` against the unpooled logits."""
     macs = MacModel(model, method, iters, output, proportional)
     target = budget_target(macs, budget, target_gmacs)
-    start_config, _, _ = solve(model, method, iters, budget, target_gmacs, output=output, proportional=proportional,
-                               layers=layers, macs=macs)
     note = on_step or (lambda text: None)
-    scores: dict[tuple[int, ...], Scored] = {}
+    scores: dict[tuple[tuple[int, ...], tuple[int, ...]], Scored] = {}
+
+    def evaluate_config(config) -> Scored:
+        key = (config.layers, config.k)
+        if key not in scores:
+            result = score(apply_pooling(model, config), images)
+            scores[key] = Scored(config.layers, config.k, result.kl, result.agreement)
+            note(f"{len(scores)} schedules scored, K {','.join(map(str, config.k))} after {','.join(map(str, config.layers))}: "
+                 f"KL {result.kl:.4f}")
+        return scores[key]
+
+    family_layers = tuple(layers) if layers else default_layers(min(3, macs.depth - 1), macs.depth)
+    starts, family, problem = [], None, None  # the family schedule at each candidate placement of the pooling layers
+    for placement in [family_layers] if layers else candidate_placements(macs.depth):
+        try:
+            config = solve(model, method, iters, budget, target_gmacs, output=output, proportional=proportional,
+                           layers=placement, macs=macs)[0]
+        except VitpoolError as error:  # this placement cannot reach the budget
+            problem = error
+            continue
+        starts.append((evaluate_config(config), config))
+        if placement == family_layers:
+            family = starts[-1][0]
+    if not starts:
+        raise problem
+    start, start_config = min(starts, key=lambda pair: (pair[0].kl, -pair[0].agreement))
 
     def evaluate(k: tuple[int, ...]) -> Scored:
-        if k not in scores:
-            result = score(apply_pooling(model, replace(start_config, k=k)), images)
-            scores[k] = Scored(k, result.kl, result.agreement)
-            note(f"{len(scores)} schedules scored, K {','.join(map(str, k))}: KL {result.kl:.4f}")
-        return scores[k]
+        return evaluate_config(replace(start_config, k=k))
 
     def valid(k: tuple[int, ...]) -> bool:
         try:
@@ -102,8 +130,9 @@ def search(model, images: ImageSet, method: str, iters: int, budget: float | Non
             return None
         return best[0]
 
-    current = evaluate(tuple(start_config.k))
-    start, history = current, [{"k": list(current.k), "kl": current.kl, "agreement": current.agreement}]
+    current = start
+    history = [{"k": list(c.k), "layers": list(c.layers), "kl": scored.kl, "agreement": scored.agreement}
+               for scored, c in starts]
     for step in STEPS:
         while len(scores) < MAX_EVALUATIONS:
             moves = []
@@ -123,9 +152,10 @@ def search(model, images: ImageSet, method: str, iters: int, budget: float | Non
             if best is None or not best.better_than(current):
                 break
             current = best
-            history.append({"k": list(current.k), "kl": current.kl, "agreement": current.agreement, "step": step})
+            history.append({"k": list(current.k), "layers": list(start_config.layers), "kl": current.kl,
+                            "agreement": current.agreement, "step": step})
     config = replace(start_config, k=current.k)
     reached = total_macs(apply_pooling(model, config))
     if abs(reached - target) > TOLERANCE * target:  # the parts model is exact to 0.1%; this guards it
         raise VitpoolError(f"the searched schedule counts {reached / 1e9:.3f} GMACs, not within 1% of {target / 1e9:.3f}")
-    return SearchResult(config, reached, macs.baseline, start, current, len(scores), history)
+    return SearchResult(config, reached, macs.baseline, family or start, current, len(scores), history)
