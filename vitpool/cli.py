@@ -385,11 +385,12 @@ def schedule(
         return
     table = Table(title=f"{loaded.name}, {document['method']} at {document['mac_ratio']:.3f} of the MACs, "
                         f"on {document['calibration_images']} calibration images")
-    for column in ("schedule", "K", "KL (nats)", "agreement (%)"):
-        table.add_column(column, justify="left" if column in ("schedule", "K") else "right")
+    for column in ("schedule", "K after blocks", "KL (nats)", "agreement (%)"):
+        table.add_column(column, justify="left" if column in ("schedule", "K after blocks") else "right")
     family = document["family"]
-    table.add_row("budget family", ",".join(map(str, family["k"])), f"{family['kl']:.4f}", f"{family['agreement']:.1f}")
-    table.add_row("searched", ",".join(map(str, document["k"])), f"{document['calibration']['kl']:.4f}",
+    after = lambda k, layers: f"{','.join(map(str, k))} after {','.join(map(str, layers))}"  # noqa: E731
+    table.add_row("--budget", after(family["k"], family["layers"]), f"{family['kl']:.4f}", f"{family['agreement']:.1f}")
+    table.add_row("searched", after(document["k"], document["layers"]), f"{document['calibration']['kl']:.4f}",
                   f"{document['calibration']['agreement']:.1f}")
     out.print(table)
     out.print(f"{document['flags']}  ({document['gmacs']:.3f} GMACs; {document['evaluations']} schedules scored); wrote {out_file}",
