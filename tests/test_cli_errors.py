@@ -251,6 +251,10 @@ def runs(tmp_path_factory):
     (work / "v.png").write_bytes(b"keep")
     runs.start("visualize_existing_out", ["visualize", converted, root / "nope.jpg", "--out", work / "v.png"],
                ["already exists", "--force"], work)
+    work = runs.workdir("visualize_parent_is_file")
+    (work / "afile").write_text("not a folder\n")
+    runs.start("visualize_parent_is_file", ["visualize", converted, root / "nope.jpg", "--out", work / "afile" / "v.png"],
+               ["cannot write", "afile"], work)
     work = runs.workdir("visualize_unpooled")
     (work / "photo.png").write_bytes((ckpt / "tiny.pth").read_bytes()[:10])
     runs.start("visualize_unpooled", ["visualize", "deit_tiny", "--no-pretrained", work / "photo.png", "--out", work / "v.png"],
@@ -329,7 +333,7 @@ def test_existing_out_with_force_is_replaced(runs):
 
 
 @pytest.mark.parametrize("name", ["sweep_bad_budgets", "sweep_other_settings", "visualize_missing_image",
-                                  "visualize_existing_out", "visualize_unpooled"])
+                                  "visualize_existing_out", "visualize_parent_is_file", "visualize_unpooled"])
 def test_sweep_and_visualize_refusals_write_nothing(runs, name):
     assert_user_error(runs.result(name), runs.cases[name].expect)
     assert snapshot(runs.cases[name].work) == runs.snapshots[name]

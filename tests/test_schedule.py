@@ -76,7 +76,7 @@ def test_split_is_disjoint_and_spread(model, folder):
 
 
 def test_schedule_command_saves_flags_that_other_commands_accept(folder, tmp_path):
-    out = tmp_path / "schedule.json"
+    out = tmp_path / "not" / "yet" / "schedule.json"  # folders are created, as for every output
     done = subprocess.run([str(VITPOOL), "schedule", "deit_tiny", "--no-pretrained", "--data", str(folder), "--budget", "0.75",
                            "--iters", "1", "--limit", "4", "--workers", "0", "--out", str(out), "--json"],
                           capture_output=True, text=True, timeout=300)

@@ -16,7 +16,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from vitpool.errors import VitpoolError, refuse_existing_output
+from vitpool.errors import VitpoolError, refuse_existing_output, writable_parent
 
 app = typer.Typer(
     help="Token Pooling for timm Vision Transformers: convert, count MACs, evaluate, export to ONNX, benchmark, schedule, sweep, visualize.",
@@ -362,6 +362,7 @@ def schedule(
     from vitpool.sweep import load_images, write_atomically
 
     refuse_existing_output(out_file, force)
+    writable_parent(out_file)
     if budget is None and target_gmacs is None:
         raise VitpoolError("schedule needs --budget (a fraction of the unpooled MACs, e.g. 0.6) or --target-gmacs")
     if method is not None and method not in METHODS:
@@ -485,6 +486,7 @@ def visualize(
     refuse_existing_output(out_file, force)
     if out_file.suffix.lower() != ".png":
         raise VitpoolError(f"--out {out_file}: visualize writes a PNG; give a path ending in .png")
+    writable_parent(out_file)
     shown = parse_int_list(layers, "--layers") if k is None else ()
     loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers if k is not None else None, iters,
                            budget, target_gmacs, output, proportional)

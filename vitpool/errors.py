@@ -9,3 +9,17 @@ def refuse_existing_output(path, force: bool) -> None:
     """Outputs are never overwritten silently: an existing path needs --force."""
     if not force and path.exists():
         raise VitpoolError(f"output {path} already exists; choose another path or pass --force to replace it")
+
+
+def writable_parent(path) -> None:
+    """Create the folder an output goes in; one clear line if that or writing there is impossible."""
+    import os
+    from pathlib import Path
+
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise VitpoolError(f"cannot write {path}: {error.strerror or error} ({error.filename or parent})") from None
+    if not os.access(parent, os.W_OK):
+        raise VitpoolError(f"cannot write {path}: no permission to write in {parent}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from vitpool.config import PoolingConfig
-from vitpool.errors import VitpoolError, refuse_existing_output
+from vitpool.errors import VitpoolError, refuse_existing_output, writable_parent
 
 ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
@@ -181,12 +181,7 @@ def save(model, directory: str | Path, force: bool = False) -> Path:
     if directory.exists() and not directory.is_dir():
         raise VitpoolError(f"output {directory} exists and is not a directory")
     parent = directory.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise VitpoolError(f"cannot write {directory}: {error.strerror or error} ({error.filename or parent})") from None
-    if not os.access(parent, os.W_OK):
-        raise VitpoolError(f"cannot write {directory}: no permission to write in {parent}")
+    writable_parent(directory)
     config = pooling_config(model) or PoolingConfig(k=(), layers=())
     description = {
         "format": FORMAT,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vitpool import data
 from vitpool.config import METHODS
-from vitpool.errors import VitpoolError
+from vitpool.errors import VitpoolError, writable_parent
 from vitpool.evaluate import Tally
 
 MAX_IMAGE_BYTES = 4 * 2**30  # the decoded images a sweep keeps in memory
@@ -131,7 +131,7 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        writable_parent(self.path)
         document = {"settings": self.settings, "reference": self.reference, "points": self.rows}
         write_atomically(self.path, json.dumps(document, indent=2) + "\n")
         buffer = io.StringIO()
@@ -144,12 +144,19 @@ class Results:
 
 
 def write_atomically(path: Path, text: str | bytes) -> None:
+    """Write a temporary sibling, then rename it into place: a reader never sees half a file."""
+    path = Path(path)
+    writable_parent(path)
     temporary = path.with_name(f".{path.name}.partial")
-    if isinstance(text, bytes):
-        temporary.write_bytes(text)
-    else:
-        temporary.write_text(text)
-    temporary.replace(path)
+    try:
+        if isinstance(text, bytes):
+            temporary.write_bytes(text)
+        else:
+            temporary.write_text(text)
+        temporary.replace(path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise VitpoolError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def metrics_row(result) -> dict:
