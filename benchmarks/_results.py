@@ -10,10 +10,10 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def write_json(path: Path, document) -> None:
-    """Write through a temporary file and rename, so an interrupted run leaves the old results intact."""
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(document, indent=2) + "\n")
-    staging.replace(path)
+    """Written atomically, so an interrupted run leaves the old results intact."""
+    from vitpool.sweep import write_atomically
+
+    write_atomically(path, json.dumps(document, indent=2) + "\n")
     print(f"wrote {path}")
 
 

@@ -17,7 +17,7 @@ from _results import RESULTS, SHARED_DATA
 
 from vitpool.config import METHODS
 from vitpool.models import create_model
-from vitpool.sweep import parse_budgets, parse_methods, sweep
+from vitpool.sweep import parse_budgets, parse_methods, sweep, sweep_settings
 
 WEIGHTS = SHARED_DATA / "weights" / "deit_tiny_patch16_224.pth"
 
@@ -32,9 +32,7 @@ def main() -> None:
     model = create_model("deit_tiny", checkpoint=WEIGHTS).eval()
     data = SHARED_DATA / "imagenet-sample"
     name = "reproduction_deit_tiny" + ("" if args.output == "medoid" else f"_{args.output}")
-    settings = {"model": "deit_tiny_patch16_224", "checkpoint": str(WEIGHTS.resolve()), "pretrained": False,
-                "data": str(data.resolve()), "limit": None, "iters": 5, "output": args.output, "proportional": True,
-                "calibration": args.calibration}
+    settings = sweep_settings("deit_tiny_patch16_224", WEIGHTS, False, data, None, 5, args.output, True, args.calibration)
     started = time.perf_counter()
     results = sweep(model, settings, RESULTS / name, parse_methods(args.methods), parse_budgets(args.budgets), 5,
                     args.output, True, None, calibration=args.calibration,

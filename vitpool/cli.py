@@ -98,6 +98,12 @@ def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters, b
     return loaded, pooled
 
 
+def refuse_saved_model(model: str, command: str) -> None:
+    """Commands that convert take the original model, not a directory written by `vitpool convert`."""
+    if Path(model).is_dir():
+        raise VitpoolError(f"{model} is a saved model; {command} takes a timm model name (with --checkpoint for local weights)")
+
+
 def emit_json(document) -> None:
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
@@ -130,8 +136,7 @@ def convert(
     if k is None and budget is None and target_gmacs is None:
         raise VitpoolError("convert needs --k (the patch tokens to keep, e.g. --k 160,128,96) or --budget (e.g. 0.6)")
     refuse_existing_output(out_dir, force)
-    if Path(model).is_dir():
-        raise VitpoolError(f"{model} is a saved model; convert takes a timm model name (with --checkpoint for local weights)")
+    refuse_saved_model(model, "convert")
     loaded, pooled = build(model, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
     path = save(pooled, out_dir, force=force)
     summary = {"out": str(path), "base_model": loaded.name, "pooling": pooled.vitpool_config.to_dict()}
@@ -357,7 +362,7 @@ def schedule(
     as_json: JsonOpt = False,
 ):
     """Search the per-layer K that keeps the model closest to the unpooled one (KL, agreement) within a MAC budget."""
-    from vitpool.config import DEFAULT_ITERS, DEFAULT_METHOD, METHODS, OUTPUTS, parse_int_list
+    from vitpool.config import DEFAULT_ITERS, DEFAULT_METHOD, check_method_and_output, parse_int_list
     from vitpool.schedule import search
     from vitpool.sweep import load_images, write_atomically
 
@@ -365,12 +370,8 @@ def schedule(
     writable_parent(out_file)
     if budget is None and target_gmacs is None:
         raise VitpoolError("schedule needs --budget (a fraction of the unpooled MACs, e.g. 0.6) or --target-gmacs")
-    if method is not None and method not in METHODS:
-        raise VitpoolError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
-    if output is not None and output not in OUTPUTS:
-        raise VitpoolError(f"--output must be one of {', '.join(OUTPUTS)}; got {output!r}")
-    if Path(model).is_dir():
-        raise VitpoolError(f"{model} is a saved model; schedule takes the unpooled timm model (with --checkpoint for local weights)")
+    check_method_and_output(method or DEFAULT_METHOD, output or "medoid")
+    refuse_saved_model(model, "schedule")
     loaded, _ = build(model, checkpoint, pretrained, None, None, None, None)
     with err.status("reading the calibration images", spinner="dots") as status:
         images = load_images(loaded.model, data_dir, limit, workers=workers)
@@ -420,19 +421,14 @@ def sweep(
     """Every method at every MAC budget on your images: top-1, agreement, KL against GMACs, and a plot."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vitpool.config import DEFAULT_ITERS, OUTPUTS
-    from vitpool.sweep import parse_budgets, parse_methods, sweep as run_sweep
+    from vitpool.config import DEFAULT_METHOD, check_method_and_output
+    from vitpool.sweep import parse_budgets, parse_methods, sweep as run_sweep, sweep_settings
 
     method_list, budget_list = parse_methods(methods), parse_budgets(budgets)
-    if output is not None and output not in OUTPUTS:
-        raise VitpoolError(f"--output must be one of {', '.join(OUTPUTS)}; got {output!r}")
-    if Path(model).is_dir():
-        raise VitpoolError(f"{model} is a saved model; sweep takes the unpooled timm model (with --checkpoint for local weights)")
+    check_method_and_output(DEFAULT_METHOD, output or "medoid")
+    refuse_saved_model(model, "sweep")
     loaded, _ = build(model, checkpoint, pretrained, None, None, None, None)
-    settings = {"model": loaded.name, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-                "pretrained": pretrained if checkpoint is None else False, "data": str(Path(data_dir).resolve()),
-                "limit": limit, "iters": DEFAULT_ITERS if iters is None else iters, "output": output or "medoid",
-                "proportional": True if proportional is None else proportional, "calibration": calibration}
+    settings = sweep_settings(loaded.name, checkpoint, pretrained, data_dir, limit, iters, output, proportional, calibration)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("sweep", total=None)

@@ -115,12 +115,17 @@ def grid_shape(k: int, grid: tuple[int, int]) -> tuple[int, int]:
     return min(shapes, key=lambda s: (round(abs(math.log(s[0] / s[1]) - aspect), 9), s))
 
 
+def check_method_and_output(method: str, output: str) -> None:
+    """The method exists and the output kind is one it has (commands check this before any slow work)."""
+    if method not in METHODS:
+        raise VitpoolError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if output not in OUTPUTS:
+        raise VitpoolError(f"unknown --output {output!r}: choose medoid or mean")
+
+
 def plan_stages(config: PoolingConfig, depth: int, num_patches: int, grid: tuple[int, int]) -> list[PoolingStage]:
     """Check `config` against a model with `depth` blocks and `num_patches` patch tokens; return its stages."""
-    if config.method not in METHODS:
-        raise VitpoolError(f"unknown method {config.method!r}: choose one of {', '.join(METHODS)}")
-    if config.output not in OUTPUTS:
-        raise VitpoolError(f"unknown --output {config.output!r}: choose medoid or mean")
+    check_method_and_output(config.method, config.output)
     if config.output == "mean" and config.method not in MEDOID_METHODS:
         raise VitpoolError(f"--output mean applies to {' and '.join(MEDOID_METHODS)}; {config.method} has one kind of output")
     if config.iters < 0:

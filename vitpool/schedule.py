@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from vitpool.adapter import apply_pooling, plan_for
-from vitpool.budget import TOLERANCE, MacModel, budget_target, solve
+from vitpool.budget import TOLERANCE, MacModel, budget_target, family_layers, solve
 from vitpool.config import default_layers
 from vitpool.errors import VitpoolError
 from vitpool.flops import total_macs
@@ -83,9 +83,9 @@ def search(model, images: ImageSet, method: str, iters: int, budget: float | Non
                  f"KL {result.kl:.4f}")
         return scores[key]
 
-    family_layers = tuple(layers) if layers else default_layers(min(3, macs.depth - 1), macs.depth)
+    family_placement = tuple(layers) if layers else family_layers(macs.depth)
     starts, family, problem = [], None, None  # the family schedule at each candidate placement of the pooling layers
-    for placement in [family_layers] if layers else candidate_placements(macs.depth):
+    for placement in [family_placement] if layers else candidate_placements(macs.depth):
         try:
             config = solve(model, method, iters, budget, target_gmacs, output=output, proportional=proportional,
                            layers=placement, macs=macs)[0]
@@ -93,7 +93,7 @@ def search(model, images: ImageSet, method: str, iters: int, budget: float | Non
             problem = error
             continue
         starts.append((evaluate_config(config), config))
-        if placement == family_layers:
+        if placement == family_placement:
             family = starts[-1][0]
     if not starts:
         raise problem

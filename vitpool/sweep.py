@@ -81,6 +81,17 @@ def score(model, images: ImageSet, batch_size: int = 50):
     return tally.result(images.mapping)
 
 
+def sweep_settings(model_name: str, checkpoint, pretrained: bool, data_dir, limit: int | None, iters: int | None,
+                   output: str | None, proportional: bool | None, calibration: int | None) -> dict:
+    """What a sweep's results depend on: a rerun with the same settings resumes it, other settings are refused."""
+    from vitpool.config import DEFAULT_ITERS
+
+    return {"model": model_name, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+            "pretrained": pretrained if checkpoint is None else False, "data": str(Path(data_dir).resolve()),
+            "limit": limit, "iters": DEFAULT_ITERS if iters is None else iters, "output": output or "medoid",
+            "proportional": True if proportional is None else proportional, "calibration": calibration}
+
+
 def parse_methods(text: str | None) -> list[str]:
     if text is None:
         return list(METHODS)
