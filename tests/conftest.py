@@ -28,3 +28,28 @@ def real_deit_tiny(deit_tiny_weights):
     from vitpool.models import create_model
 
     return create_model("deit_tiny", checkpoint=deit_tiny_weights)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """DeiT-Tiny with seeded random weights, for tests about mechanics rather than accuracy (never modified)."""
+    import torch
+
+    from vitpool.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("deit_tiny", pretrained=False).eval()
+
+
+def noise_folder(root: Path, classes: tuple[str, ...], per_class: int, size: tuple[int, int], seed: int) -> Path:
+    """An image folder root/<class>/<i>.png of seeded noise photos, `size` = (height, width)."""
+    import torch
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    for name in classes:
+        (root / name).mkdir()
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (*size, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root

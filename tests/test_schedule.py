@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
+from conftest import noise_folder
 
 from vitpool.adapter import apply_pooling
 from vitpool.flops import total_macs
-from vitpool.models import create_model
 from vitpool.schedule import search
 from vitpool.sweep import load_images, split
 
@@ -21,29 +19,16 @@ VITPOOL = Path(sys.executable).with_name("vitpool")
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return create_model("deit_tiny", pretrained=False).eval()
-
-
-@pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("calibration")
-    generator = torch.Generator().manual_seed(2)
-    for name in ("a", "b"):
-        (root / name).mkdir()
-        for i in range(4):
-            pixels = torch.randint(0, 256, (230, 230, 3), generator=generator, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
+    return noise_folder(tmp_path_factory.mktemp("calibration"), ("a", "b"), 4, (230, 230), seed=2)
 
 
-def test_search_stays_in_budget_improves_and_is_deterministic(model, folder):
-    images = load_images(model, folder, None, workers=0)
-    first = search(model, images, "wkmedoids", iters=1, budget=0.6)
-    baseline = total_macs(model)
-    assert abs(total_macs(apply_pooling(model, first.config)) / baseline - 0.6) <= 0.006
-    assert first.macs == total_macs(apply_pooling(model, first.config))
+def test_search_stays_in_budget_improves_and_is_deterministic(tiny_model, folder):
+    images = load_images(tiny_model, folder, None, workers=0)
+    first = search(tiny_model, images, "wkmedoids", iters=1, budget=0.6)
+    baseline = total_macs(tiny_model)
+    assert abs(total_macs(apply_pooling(tiny_model, first.config)) / baseline - 0.6) <= 0.006
+    assert first.macs == total_macs(apply_pooling(tiny_model, first.config))
     assert [tuple(h["layers"]) for h in first.history[:3]] == [(5,), (3, 7), (2, 5, 8)], "1, 2 and 3 pooling layers"
     assert first.start.layers == (2, 5, 8) and list(first.start.k) == first.history[2]["k"]  # the --budget schedule
     moves = [step["kl"] for step in first.history[3:]]
@@ -53,13 +38,13 @@ def test_search_stays_in_budget_improves_and_is_deterministic(model, folder):
     assert first.config.layers == first.best.layers and first.config.layers in {(5,), (3, 7), (2, 5, 8)}
     assert all(a >= b for a, b in zip(first.config.k, first.config.k[1:])), "K must not grow"
     assert list(first.config.k) == [h for h in first.history if tuple(h["layers"]) == first.config.layers][-1]["k"]
-    again = search(model, images, "wkmedoids", iters=1, budget=0.6)
+    again = search(tiny_model, images, "wkmedoids", iters=1, budget=0.6)
     assert again.config == first.config and again.best == first.best
 
 
-def test_search_keeps_tome_constraints_and_custom_layers(model, folder):
-    images = load_images(model, folder, None, workers=0)
-    found = search(model, images, "tome", iters=1, budget=0.7, layers=(3, 7))
+def test_search_keeps_tome_constraints_and_custom_layers(tiny_model, folder):
+    images = load_images(tiny_model, folder, None, workers=0)
+    found = search(tiny_model, images, "tome", iters=1, budget=0.7, layers=(3, 7))
     assert found.config.layers == (3, 7)
     tokens = 196
     for k in found.config.k:
@@ -67,8 +52,8 @@ def test_search_keeps_tome_constraints_and_custom_layers(model, folder):
         tokens = k
 
 
-def test_split_is_disjoint_and_spread(model, folder):
-    images = load_images(model, folder, None, workers=0)
+def test_split_is_disjoint_and_spread(tiny_model, folder):
+    images = load_images(tiny_model, folder, None, workers=0)
     calibration, rest = split(images, 3)
     assert len(calibration.labels) == 3 and len(rest.labels) == 5
     pairs = {tuple(t.flatten()[:8].tolist()) for t in calibration.images}

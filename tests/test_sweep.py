@@ -6,34 +6,20 @@ import csv
 import json
 
 import pytest
-import torch
+from conftest import noise_folder
 from PIL import Image
 
 import vitpool.sweep as sweep_module
 from vitpool.errors import VitpoolError
 from vitpool.evaluate import evaluate
 from vitpool.flops import total_macs
-from vitpool.models import create_model
 from vitpool.sweep import load_images, parse_budgets, parse_methods, score, sweep
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return create_model("deit_tiny", pretrained=False).eval()
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """Six noise photos in two class folders (not WordNet ids: sorted class mapping)."""
-    root = tmp_path_factory.mktemp("images")
-    generator = torch.Generator().manual_seed(1)
-    for c, name in enumerate(("cat", "dog")):
-        (root / name).mkdir()
-        for i in range(3):
-            pixels = torch.randint(0, 256, (240, 260, 3), generator=generator, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
+    return noise_folder(tmp_path_factory.mktemp("images"), ("cat", "dog"), 3, (240, 260), seed=1)
 
 
 def settings_for(folder, **changes):
@@ -41,19 +27,19 @@ def settings_for(folder, **changes):
             "limit": None, "iters": 2, "output": "medoid", "proportional": True, "calibration": None, **changes}
 
 
-def run(model, folder, out, methods, budgets, **kwargs):
+def run(tiny_model, folder, out, methods, budgets, **kwargs):
     settings = settings_for(folder, **kwargs.pop("settings", {}))
-    return sweep(model, settings, out, methods, budgets, settings["iters"], "medoid", True, None, workers=0, **kwargs)
+    return sweep(tiny_model, settings, out, methods, budgets, settings["iters"], "medoid", True, None, workers=0, **kwargs)
 
 
-def test_sweep_writes_every_point_and_resumes_without_recomputing(model, folder, tmp_path, monkeypatch):
+def test_sweep_writes_every_point_and_resumes_without_recomputing(tiny_model, folder, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
-    first = run(model, folder, out, ["importance", "tome"], [0.6, 0.9])
+    first = run(tiny_model, folder, out, ["importance", "tome"], [0.6, 0.9])
     assert [(r["method"], r["budget"], r["schedule"]) for r in first.rows] == [
         ("importance", 0.6, "family"), ("importance", 0.9, "family"), ("tome", 0.6, "family"), ("tome", 0.9, "family"),
         ("tome", 0.6, "every-block"), ("tome", 0.9, "every-block")]
     assert first.rows[4]["layers"] == list(range(11)) and first.rows[2]["layers"] == [2, 5, 8]
-    baseline = total_macs(model)
+    baseline = total_macs(tiny_model)
     for row in first.rows:
         assert abs(row["mac_ratio"] - row["budget"]) <= 0.01 * row["budget"], row
         assert row["gmacs"] == pytest.approx(row["mac_ratio"] * baseline / 1e9)
@@ -69,7 +55,7 @@ def test_sweep_writes_every_point_and_resumes_without_recomputing(model, folder,
     calls = []
     real_run_point = sweep_module.run_point
     monkeypatch.setattr(sweep_module, "run_point", lambda *a, **k: calls.append(a[1:3]) or real_run_point(*a, **k))
-    second = run(model, folder, out, ["importance", "tome", "random"], [0.6, 0.9])
+    second = run(tiny_model, folder, out, ["importance", "tome", "random"], [0.6, 0.9])
     assert calls == [("random", 0.6), ("random", 0.9)], "finished points were computed again"
     assert second.rows[:6] == first.rows
     with Image.open(out / "tradeoff.png") as image:
@@ -78,30 +64,30 @@ def test_sweep_writes_every_point_and_resumes_without_recomputing(model, folder,
         assert colours is not None and len(colours) > 20, "the plot is blank"
 
 
-def test_sweep_refuses_an_out_dir_with_other_settings(model, folder, tmp_path):
+def test_sweep_refuses_an_out_dir_with_other_settings(tiny_model, folder, tmp_path):
     out = tmp_path / "sweep"
-    run(model, folder, out, ["grid"], [0.9])
+    run(tiny_model, folder, out, ["grid"], [0.9])
     before = (out / "results.json").read_bytes()
     with pytest.raises(VitpoolError, match="other settings.*iters"):
-        run(model, folder, out, ["grid"], [0.9], settings={"iters": 3})
+        run(tiny_model, folder, out, ["grid"], [0.9], settings={"iters": 3})
     assert (out / "results.json").read_bytes() == before
-    again = run(model, folder, out, ["grid"], [0.9], settings={"iters": 3}, force=True)
+    again = run(tiny_model, folder, out, ["grid"], [0.9], settings={"iters": 3}, force=True)
     assert len(again.rows) == 1 and json.loads((out / "results.json").read_text())["settings"]["iters"] == 3
 
 
-def test_unreachable_budget_is_recorded_not_fatal(model, folder, tmp_path):
-    result = run(model, folder, tmp_path / "sweep", ["tome"], [0.1])
+def test_unreachable_budget_is_recorded_not_fatal(tiny_model, folder, tmp_path):
+    result = run(tiny_model, folder, tmp_path / "sweep", ["tome"], [0.1])
     assert "error" in result.rows[0] and "1%" in result.rows[0]["error"]
     assert (tmp_path / "sweep" / "tradeoff.png").is_file()
 
 
-def test_cached_scoring_matches_streaming_evaluation(model, folder):
+def test_cached_scoring_matches_streaming_evaluation(tiny_model, folder):
     import vitpool
 
-    pooled = vitpool.convert(model, method="wkmedoids", k=[100, 50], layers=[3, 7], iters=2)
-    images = load_images(model, folder, None, workers=0)
+    pooled = vitpool.convert(tiny_model, method="wkmedoids", k=[100, 50], layers=[3, 7], iters=2)
+    images = load_images(tiny_model, folder, None, workers=0)
     cached = score(pooled, images)
-    streamed = evaluate(pooled, folder, baseline=model, workers=0)
+    streamed = evaluate(pooled, folder, baseline=tiny_model, workers=0)
     assert (cached.top1, cached.top5, cached.agreement) == (streamed.top1, streamed.top5, streamed.agreement)
     assert cached.kl == pytest.approx(streamed.kl, rel=1e-5)
 
@@ -117,8 +103,8 @@ def test_parsing_methods_and_budgets():
             parse_budgets(bad)
 
 
-def test_searched_points_are_scored_on_images_the_search_never_saw(model, folder, tmp_path):
-    result = run(model, folder, tmp_path / "sweep", ["wkmedoids"], [0.7], settings={"calibration": 2}, calibration=2)
+def test_searched_points_are_scored_on_images_the_search_never_saw(tiny_model, folder, tmp_path):
+    result = run(tiny_model, folder, tmp_path / "sweep", ["wkmedoids"], [0.7], settings={"calibration": 2}, calibration=2)
     family, searched = result.rows
     assert (family["schedule"], searched["schedule"]) == ("family", "searched")
     assert family["n"] == searched["n"] == 4 and result.reference["n"] == 4

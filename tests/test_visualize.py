@@ -9,14 +9,7 @@ from PIL import Image
 import vitpool
 from vitpool.adapter import pooled_layers
 from vitpool.errors import VitpoolError
-from vitpool.models import create_model
 from vitpool.visualize import DROPPED, MARGIN, TITLE_HEIGHT, colour, patch_tokens, read_image, visualize
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    return create_model("deit_tiny", pretrained=False).eval()
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +35,8 @@ def assignments(model, image):
 
 
 @pytest.mark.parametrize("method", ["wkmedoids", "tome", "importance", "grid"])
-def test_patches_follow_the_assignments_through_the_layers(base, photo, method):
-    model = vitpool.convert(base, method=method, k=[120, 64], layers=[2, 6], iters=2)
+def test_patches_follow_the_assignments_through_the_layers(tiny_model, photo, method):
+    model = vitpool.convert(tiny_model, method=method, k=[120, 64], layers=[2, 6], iters=2)
     image, _ = read_image(photo, model)
     maps = patch_tokens(model, image)
     steps = assignments(model, image)
@@ -60,8 +53,8 @@ def test_patches_follow_the_assignments_through_the_layers(base, photo, method):
         assert bool((second >= 0).all())
 
 
-def test_every_patch_is_coloured_and_the_png_has_the_expected_size(base, photo, tmp_path):
-    model = vitpool.convert(base, method="tome", k=[120, 64], layers=[2, 6])
+def test_every_patch_is_coloured_and_the_png_has_the_expected_size(tiny_model, photo, tmp_path):
+    model = vitpool.convert(tiny_model, method="tome", k=[120, 64], layers=[2, 6])
     out = tmp_path / "clusters.png"
     summary = visualize(model, photo, out, scale=2)
     side = 224 * 2
@@ -85,8 +78,8 @@ def test_every_patch_is_coloured_and_the_png_has_the_expected_size(base, photo, 
     assert summary["tokens"] == {2: int(maps[2].unique().numel()), 6: int(maps[6].unique().numel())}
 
 
-def test_layer_selection_and_bad_inputs(base, photo, tmp_path):
-    model = vitpool.convert(base, k=[120, 64], layers=[2, 6], iters=1)
+def test_layer_selection_and_bad_inputs(tiny_model, photo, tmp_path):
+    model = vitpool.convert(tiny_model, k=[120, 64], layers=[2, 6], iters=1)
     summary = visualize(model, photo, tmp_path / "one.png", layers=[6], scale=1)
     assert summary["layers"] == [6] and summary["size"] == [2 * (224 + MARGIN) + MARGIN, 224 + TITLE_HEIGHT + MARGIN]
     with pytest.raises(VitpoolError, match="pools after blocks 2,6 only"):
@@ -96,5 +89,5 @@ def test_layer_selection_and_bad_inputs(base, photo, tmp_path):
     with pytest.raises(VitpoolError, match="cannot read image"):
         visualize(model, not_an_image, tmp_path / "x.png")
     with pytest.raises(VitpoolError, match="no pooling layers"):
-        visualize(base, photo, tmp_path / "y.png")
+        visualize(tiny_model, photo, tmp_path / "y.png")
     assert not (tmp_path / "bad.png").exists() and not (tmp_path / "x.png").exists()
