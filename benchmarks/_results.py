@@ -11,7 +11,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def write_json(path: Path, document) -> None:
     """Written atomically, so an interrupted run leaves the old results intact."""
-    from vitpool.sweep import write_atomically
+    from vitpool.errors import write_atomically
 
     write_atomically(path, json.dumps(document, indent=2) + "\n")
     print(f"wrote {path}")

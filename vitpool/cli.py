@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,7 +20,7 @@ from rich.table import Table
 from vitpool.errors import VitpoolError, refuse_existing_output, writable_parent
 
 app = typer.Typer(
-    help="Token Pooling for timm Vision Transformers: convert, count MACs, evaluate, export to ONNX, benchmark, schedule, sweep, visualize.",
+    help="Token Pooling for timm Vision Transformers: convert, count MACs, evaluate, export to ONNX, benchmark, schedule, sweep, visualize, fine-tune.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -49,7 +50,8 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except VitpoolError as error:
-            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets the same error; one says it
+                err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -364,7 +366,8 @@ def schedule(
     """Search the per-layer K that keeps the model closest to the unpooled one (KL, agreement) within a MAC budget."""
     from vitpool.config import DEFAULT_ITERS, DEFAULT_METHOD, check_method_and_output, parse_int_list
     from vitpool.schedule import search
-    from vitpool.sweep import load_images, write_atomically
+    from vitpool.errors import write_atomically
+    from vitpool.sweep import load_images
 
     refuse_existing_output(out_file, force)
     writable_parent(out_file)
@@ -494,6 +497,129 @@ def visualize(
         return
     counts = ", ".join(f"{n} tokens after block {layer}" for layer, n in summary["tokens"].items())
     out.print(f"wrote {out_file} ({summary['size'][0]}x{summary['size'][1]}): {counts}", highlight=False)
+
+
+Hyper = functools.partial(typer.Option, rich_help_panel="Training (timm train.py names)")
+Augment = functools.partial(typer.Option, rich_help_panel="Augmentation (timm)")
+Distill = functools.partial(typer.Option, rich_help_panel="Distillation from the unpooled model")
+
+
+@app.command()
+@user_errors
+def finetune(
+    model_or_dir: ModelArg,
+    data_dir: Annotated[Path, typer.Option("--data", help="Training images: DIR/<class>/<image> (WordNet-id folders map to ImageNet-1k); with --distill-only any images under DIR.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder: the fine-tuned converted model, checkpoint.pt, finetune.json, log.jsonl.")],
+    val_dir: Annotated[Optional[Path], typer.Option("--val", help="Labelled image folder to validate on before training and after every epoch.")] = None,
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = True,
+    method: MethodOpt = None,
+    k: KOpt = None,
+    layers: LayersOpt = None,
+    iters: ItersOpt = None,
+    output: OutputOpt = None,
+    proportional: ProportionalOpt = None,
+    budget: BudgetOpt = None,
+    target_gmacs: TargetOpt = None,
+    epochs: Annotated[int, Hyper("--epochs")] = 5,
+    batch_size: Annotated[int, Hyper("--batch-size", "-b", help="Images per step and process.")] = 32,
+    lr: Annotated[float, Hyper("--lr", help="Peak learning rate (AdamW).")] = 5e-5,
+    weight_decay: Annotated[float, Hyper("--weight-decay")] = 0.05,
+    warmup_epochs: Annotated[int, Hyper("--warmup-epochs", help="Linear warm-up from --warmup-lr, then cosine to --min-lr (per update).")] = 1,
+    warmup_lr: Annotated[float, Hyper("--warmup-lr")] = 1e-6,
+    min_lr: Annotated[float, Hyper("--min-lr")] = 1e-6,
+    grad_accum_steps: Annotated[int, Hyper("--grad-accum-steps", help="Steps whose gradients add up to one update.")] = 1,
+    clip_grad: Annotated[Optional[float], Hyper("--clip-grad", help="Clip gradients to this norm (or value, see --clip-mode).")] = None,
+    clip_mode: Annotated[str, Hyper("--clip-mode", help="norm, value or agc.")] = "norm",
+    amp: Annotated[bool, Hyper("--amp", help="Mixed precision (autocast) with --amp-dtype.")] = False,
+    amp_dtype: Annotated[str, Hyper("--amp-dtype", help="bfloat16 (CPU or CUDA) or float16 (CUDA, with a gradient scaler).")] = "bfloat16",
+    seed: Annotated[int, Hyper("--seed")] = 42,
+    model_ema: Annotated[bool, Hyper("--model-ema", help="Keep an exponential moving average of the weights; it is what gets validated and written.")] = False,
+    model_ema_decay: Annotated[float, Hyper("--model-ema-decay")] = 0.9998,
+    distill: Annotated[bool, Distill("--distill/--no-distill", help="Add KL divergence from the unpooled model's logits to the label loss.")] = True,
+    distill_only: Annotated[bool, Distill("--distill-only", help="Train on the teacher's outputs alone: unlabelled images are enough.")] = False,
+    distill_loss_weight: Annotated[float, Distill("--distill-loss-weight")] = 1.0,
+    task_loss_weight: Annotated[float, Distill("--task-loss-weight", help="Weight of the label loss (0 with --distill-only).")] = 1.0,
+    kd_temperature: Annotated[float, Distill("--kd-temperature", help="Softmax temperature of the distillation loss.")] = 1.0,
+    smoothing: Annotated[float, Augment("--smoothing", help="Label smoothing.")] = 0.1,
+    mixup: Annotated[float, Augment("--mixup", help="Mixup alpha (0: off).")] = 0.0,
+    cutmix: Annotated[float, Augment("--cutmix", help="CutMix alpha (0: off).")] = 0.0,
+    aa: Annotated[Optional[str], Augment("--aa", help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1.")] = None,
+    reprob: Annotated[float, Augment("--reprob", help="Random erasing probability.")] = 0.0,
+    hflip: Annotated[float, Augment("--hflip")] = 0.5,
+    color_jitter: Annotated[float, Augment("--color-jitter")] = 0.4,
+    scale: Annotated[str, Augment("--scale", help="Random-resized-crop area range MIN,MAX.")] = "0.08,1.0",
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when present).")] = None,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Data-loading processes.")] = 2,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last finished epoch (same settings).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start anew in an existing --out (its earlier run's files are removed).")] = False,
+    as_json: JsonOpt = False,
+):
+    """Fine-tune a converted model, distilled from its unpooled original; runs unchanged under torchrun."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from vitpool.finetune import TrainSettings, finetune as run_finetune
+
+    try:
+        scale_range = tuple(float(v) for v in scale.split(","))
+    except ValueError:
+        scale_range = ()
+    if len(scale_range) != 2:
+        raise VitpoolError(f"--scale takes MIN,MAX crop-area fractions, e.g. 0.08,1.0; got {scale!r}")
+    if resume and force:
+        raise VitpoolError("--resume continues the run in --out and --force starts it anew: give one of them")
+    settings = TrainSettings(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+        warmup_lr=warmup_lr, min_lr=min_lr, grad_accum_steps=grad_accum_steps, clip_grad=clip_grad, clip_mode=clip_mode,
+        amp=amp, amp_dtype=amp_dtype, seed=seed, distill=distill, distill_only=distill_only,
+        distill_loss_weight=distill_loss_weight, task_loss_weight=task_loss_weight, kd_temperature=kd_temperature,
+        smoothing=smoothing, mixup=mixup, cutmix=cutmix, model_ema=model_ema, model_ema_decay=model_ema_decay, aa=aa,
+        reprob=reprob, hflip=hflip, color_jitter=color_jitter, scale=scale_range,
+    )
+    settings.check()
+    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
+    if pooled is None:
+        raise VitpoolError("finetune trains a converted model: pass a directory from `vitpool convert`, or --k or --budget")
+    source = {"model": str(Path(model_or_dir).resolve()) if Path(model_or_dir).is_dir() else model_or_dir,
+              "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+              "pretrained": pretrained and checkpoint is None, "pooling": pooled.vitpool_config.to_dict()}
+    main_process = os.environ.get("RANK", "0") == "0"
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[speed]:.1f} img/s"))
+    with Progress(*columns, console=err, transient=True, disable=not (main_process and err.is_terminal)) as progress:
+        bars: dict[int, object] = {}
+
+        def on_step(epoch, step, steps, stats):
+            if epoch not in bars:
+                bars[epoch] = progress.add_task(f"epoch {epoch}/{epochs}", total=steps, loss=0.0, lr=0.0, speed=0.0)
+            progress.update(bars[epoch], completed=step, loss=stats["loss"], lr=stats["lr"], speed=stats["images_per_s"])
+
+        def on_epoch(record):
+            val = record.get("val")
+            line = f"epoch {record['epoch']}/{epochs}"
+            if "train_loss" in record:
+                line += f": loss {record['train_loss']:.4f}, {record['images_per_s']:.1f} img/s, {record['seconds']:.0f} s"
+            if val:
+                line += f"; val top-1 {val['top1']:.2f}%, agreement {val['agreement']:.2f}%, KL {val['kl']:.4f}"
+            progress.console.print(line, highlight=False)
+
+        result = run_finetune(pooled, loaded.model, data_dir, out_dir, settings, source, val_dir=val_dir, resume=resume,
+                              force=force, device=device, workers=workers, on_step=on_step, on_epoch=on_epoch)
+    if not main_process:
+        return
+    if as_json:
+        emit_json({"out": str(out_dir), "model": loaded.name, "pooling": pooling_json(pooled), "history": result.history})
+        return
+    table = Table(title=f"fine-tuned {loaded.name}, {pooled.vitpool_config.describe()} -> {out_dir}")
+    for column in ("epoch", "train loss", "lr", "images/s", "val top-1", "val top-5", "agreement", "KL"):
+        table.add_column(column, justify="right")
+    for record in result.history:
+        val = record.get("val") or {}
+        cells = [f"{record['train_loss']:.4f}", f"{record['lr']:.2e}", f"{record['images_per_s']:.1f}"] if "train_loss" in record else ["", "", ""]
+        cells += [f"{val[key]:.2f}" if val else "" for key in ("top1", "top5", "agreement")]
+        cells.append(f"{val['kl']:.4f}" if val else "")
+        table.add_row(str(record["epoch"]), *cells)
+    out.print(table)
 
 
 def _onnxruntime_has_cuda() -> bool:

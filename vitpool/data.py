@@ -58,6 +58,17 @@ def scan(root: str | Path, num_classes: int) -> ImageFolder:
     return ImageFolder(samples, classes, mapping)
 
 
+def scan_unlabelled(root: str | Path) -> list[tuple[Path, int]]:
+    """Every image under `root`, at any depth, with label 0: distillation from a teacher needs no labels."""
+    root = Path(root)
+    if not root.is_dir():
+        raise VitpoolError(f"data folder {root} does not exist or is not a folder")
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not images:
+        raise VitpoolError(f"no images found under {root} (extensions {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return [(path, 0) for path in images]
+
+
 def spread(samples: list, limit: int | None) -> list:
     """`limit` samples spread evenly over the list (folders are sorted by class, so the first N would be few classes)."""
     if limit is None or limit >= len(samples):
@@ -99,13 +110,21 @@ def collate(batch):
     return torch.stack([item[0] for item in good]), torch.tensor([item[1] for item in good]), skipped
 
 
-def transform_for(model):
-    """The evaluation transform from the model's timm pretrained config (resize, crop, interpolation, mean, std)."""
+def data_config(model) -> dict:
+    """timm's data config for `model` (interpolation, crop, mean, std) at the image size it was built for."""
     from vitpool.models import import_timm
 
     timm = import_timm()
-    config = timm.data.resolve_data_config({}, model=model)
-    return timm.data.create_transform(**config), config
+    size = tuple(int(v) for v in model.patch_embed.img_size)
+    return timm.data.resolve_data_config({"input_size": (3, *size)}, model=model)
+
+
+def transform_for(model):
+    """The evaluation transform from the model's timm data config (resize, crop, interpolation, mean, std)."""
+    from vitpool.models import import_timm
+
+    config = data_config(model)
+    return import_timm().data.create_transform(**config), config
 
 
 def loader(samples, model, batch_size: int, workers: int):

@@ -1,4 +1,8 @@
-"""The one exception type the CLI turns into a one-line message and exit code 2."""
+"""The one exception type the CLI turns into a one-line message and exit code 2, and the checks and writes
+every output goes through (never overwritten silently, never half-written)."""
+
+import os
+from pathlib import Path
 
 
 class VitpoolError(Exception):
@@ -13,9 +17,6 @@ def refuse_existing_output(path, force: bool) -> None:
 
 def writable_parent(path) -> None:
     """Create the folder an output goes in; one clear line if that or writing there is impossible."""
-    import os
-    from pathlib import Path
-
     parent = Path(path).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -23,3 +24,19 @@ def writable_parent(path) -> None:
         raise VitpoolError(f"cannot write {path}: {error.strerror or error} ({error.filename or parent})") from None
     if not os.access(parent, os.W_OK):
         raise VitpoolError(f"cannot write {path}: no permission to write in {parent}")
+
+
+def write_atomically(path: Path, text: str | bytes) -> None:
+    """Write a temporary sibling, then rename it into place: a reader never sees half a file."""
+    path = Path(path)
+    writable_parent(path)
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        if isinstance(text, bytes):
+            temporary.write_bytes(text)
+        else:
+            temporary.write_text(text)
+        temporary.replace(path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise VitpoolError(f"cannot write {path}: {error.strerror or error}") from None

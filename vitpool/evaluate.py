@@ -48,7 +48,7 @@ class Tally:
     def add(self, logits, labels, reference=None) -> None:
         """Count one batch: `logits` of the evaluated model, `reference` the unpooled model's on the same images."""
         logits = logits.float()
-        top = logits.topk(5, dim=-1).indices
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # top-5 of a head with fewer classes is all of them
         self.top1 += int((top[:, 0] == labels).sum())
         self.top5 += int((top == labels.unsqueeze(1)).any(1).sum())
         self.n += len(labels)

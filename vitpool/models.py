@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from vitpool.config import PoolingConfig
-from vitpool.errors import VitpoolError, refuse_existing_output, writable_parent
+from vitpool.errors import VitpoolError, refuse_existing_output, writable_parent, write_atomically
 
 ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
@@ -169,35 +169,45 @@ def _constructor_kwargs(model) -> dict:
     return {"num_classes": int(model.num_classes), "img_size": [int(v) for v in model.patch_embed.img_size]}
 
 
-def save(model, directory: str | Path, force: bool = False) -> Path:
-    """Write a (converted or plain) timm model as a self-describing directory, atomically."""
-    from safetensors.torch import save_file
-
+def describe(model) -> dict:
+    """The `vitpool.json` of a (converted or plain) timm model."""
     from vitpool import __version__
     from vitpool.adapter import pooling_config
 
-    directory = Path(directory)
-    refuse_existing_output(directory, force)
-    if directory.exists() and not directory.is_dir():
-        raise VitpoolError(f"output {directory} exists and is not a directory")
-    parent = directory.parent
-    writable_parent(directory)
     config = pooling_config(model) or PoolingConfig(k=(), layers=())
-    description = {
+    return {
         "format": FORMAT,
         "vitpool_version": __version__,
         "base_model": architecture(model),
         "model_kwargs": _constructor_kwargs(model),
         "pooling": config.to_dict(),
     }
+
+
+def write_into(model, directory: str | Path) -> None:
+    """Write a model's two files into an existing folder, each atomically (fine-tuning rewrites them every epoch)."""
+    from safetensors.torch import save as safetensors_bytes
+
+    directory = Path(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_atomically(directory / WEIGHTS_FILE, safetensors_bytes(state, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_FILE, json.dumps(describe(model), indent=2) + "\n")
+
+
+def save(model, directory: str | Path, force: bool = False) -> Path:
+    """Write a (converted or plain) timm model as a self-describing directory, atomically."""
+    directory = Path(directory)
+    refuse_existing_output(directory, force)
+    if directory.exists() and not directory.is_dir():
+        raise VitpoolError(f"output {directory} exists and is not a directory")
+    parent = directory.parent
+    writable_parent(directory)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
     except OSError as error:
         raise VitpoolError(f"cannot write {directory}: {error.strerror or error}") from None
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        (staging / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
+        write_into(model, staging)
         if directory.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=parent))
             os.replace(directory, retired / "x")

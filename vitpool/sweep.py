@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vitpool import data
 from vitpool.config import METHODS
-from vitpool.errors import VitpoolError, writable_parent
+from vitpool.errors import VitpoolError, writable_parent, write_atomically
 from vitpool.evaluate import Tally
 
 MAX_IMAGE_BYTES = 4 * 2**30  # the decoded images a sweep keeps in memory
@@ -152,22 +152,6 @@ class Results:
         for row in rows:
             writer.writerow({**row, "k": " ".join(map(str, row.get("k") or [])), "layers": " ".join(map(str, row.get("layers") or []))})
         write_atomically(self.out_dir / "results.csv", buffer.getvalue())
-
-
-def write_atomically(path: Path, text: str | bytes) -> None:
-    """Write a temporary sibling, then rename it into place: a reader never sees half a file."""
-    path = Path(path)
-    writable_parent(path)
-    temporary = path.with_name(f".{path.name}.partial")
-    try:
-        if isinstance(text, bytes):
-            temporary.write_bytes(text)
-        else:
-            temporary.write_text(text)
-        temporary.replace(path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise VitpoolError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def metrics_row(result) -> dict:

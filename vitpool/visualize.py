@@ -115,7 +115,7 @@ def visualize(model, image_path: Path, out: Path, layers: list[int] | None = Non
     from PIL import Image, ImageDraw
 
     from vitpool.adapter import token_grid
-    from vitpool.sweep import write_atomically
+    from vitpool.errors import write_atomically
 
     tensor, config = read_image(image_path, model)
     maps = patch_tokens(model, tensor)

@@ -1,0 +1,461 @@
+"""Fine-tuning a converted model with timm's training pieces, distilled from its unpooled original.
+
+The loss is timm's task (`LogitDistillationTask`, or `ClassificationTask` without a teacher); transforms,
+mixup, optimizer, scheduler and EMA are timm's factories. One process, or many under torchrun
+(DistributedDataParallel; NCCL on GPUs, gloo on CPU), where only rank 0 writes and reports.
+
+The output folder is always a converted model every command loads (the latest epoch's weights), next to
+`checkpoint.pt` (all `--resume` needs), `finetune.json` (the run's settings) and `log.jsonl` (one line per
+epoch). Every epoch takes its randomness (shuffle, augmentation, mixup, loader workers) from (seed, epoch,
+rank) alone, instead of carrying generator states across epochs: so a run resumed after epoch e trains
+epoch e+1 exactly as an uninterrupted run does, for any number of processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from vitpool import data, models
+from vitpool.errors import VitpoolError, write_atomically
+
+SETTINGS_FILE = "finetune.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+AMP_DTYPES = ("bfloat16", "float16")
+CLIP_MODES = ("norm", "value", "agc")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides the trained weights; names follow timm's train.py where it has one."""
+
+    epochs: int = 5
+    batch_size: int = 32  # per process
+    lr: float = 5e-5
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    grad_accum_steps: int = 1
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    amp: bool = False
+    amp_dtype: str = "bfloat16"
+    seed: int = 42
+    distill: bool = True
+    distill_only: bool = False
+    distill_loss_weight: float = 1.0
+    task_loss_weight: float = 1.0
+    kd_temperature: float = 1.0
+    smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    aa: str | None = None
+    reprob: float = 0.0
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    scale: tuple[float, float] = (0.08, 1.0)
+
+    def check(self) -> None:
+        """One clear line for each kind of impossible setting."""
+        positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--grad-accum-steps": self.grad_accum_steps,
+                    "--lr": self.lr, "--kd-temperature": self.kd_temperature}
+        for flag, value in positive.items():
+            if not value > 0:
+                raise VitpoolError(f"{flag} must be positive; got {value}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise VitpoolError(f"--warmup-epochs must be between 0 and --epochs ({self.epochs}); got {self.warmup_epochs}")
+        if self.distill_only and not self.distill:
+            raise VitpoolError("--distill-only trains on the teacher's outputs alone; it cannot go with --no-distill")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise VitpoolError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}; got {self.amp_dtype!r}")
+        if self.clip_mode not in CLIP_MODES:
+            raise VitpoolError(f"--clip-mode must be one of {', '.join(CLIP_MODES)}; got {self.clip_mode!r}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise VitpoolError(f"--clip-grad must be positive; got {self.clip_grad}")
+        if not 0 <= self.smoothing < 1 or not 0 <= self.reprob <= 1 or not 0 <= self.hflip <= 1:
+            raise VitpoolError("--smoothing must be in [0, 1), --reprob and --hflip in [0, 1]")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise VitpoolError("--mixup and --cutmix are Beta-distribution alphas: 0 (off) or positive")
+        if (self.mixup or self.cutmix) and self.batch_size % 2:
+            raise VitpoolError(f"--mixup/--cutmix mix pairs of images: --batch-size must be even; got {self.batch_size}")
+        if not 0 < self.model_ema_decay < 1:
+            raise VitpoolError(f"--model-ema-decay must be in (0, 1); got {self.model_ema_decay}")
+        low, high = self.scale
+        if not 0 < low <= high <= 1:
+            raise VitpoolError(f"--scale takes two crop-area fractions 0 < MIN <= MAX <= 1, e.g. 0.08,1; got {low},{high}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "scale": list(self.scale)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainSettings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "scale" else v) for k, v in values.items() if k in known})
+
+
+@dataclass
+class Process:
+    """Where this process trains: its rank among `world_size` and its device."""
+
+    rank: int
+    world_size: int
+    device: object  # torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_process(device: str | None) -> Process:
+    """The device (cuda when present unless told), and the process group when torchrun started several processes."""
+    import torch
+    import torch.distributed as dist
+
+    if device not in (None, "cpu", "cuda"):
+        raise VitpoolError(f"--device must be cpu or cuda; got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise VitpoolError("--device cuda was asked for but PyTorch sees no CUDA GPU here; use --device cpu")
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if kind == "cuda":
+        torch.cuda.set_device(local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo")
+    return Process(rank, world_size, torch.device(kind, local_rank) if kind == "cuda" else torch.device("cpu"))
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> int:
+    """Seed Python, NumPy and torch for one epoch of one process; returns the seed for the loader's generator."""
+    import numpy
+    import torch
+
+    value = (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
+    random.seed(value)
+    numpy.random.seed(value)
+    torch.manual_seed(value)
+    return value
+
+
+@dataclass
+class Run:
+    """What identifies a run: the model it starts from, the data and the training settings."""
+
+    source: dict  # model spec, checkpoint, pooling configuration
+    train_dir: str
+    val_dir: str | None
+    settings: TrainSettings
+    world_size: int
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "data": self.train_dir, "val": self.val_dir,
+                "settings": self.settings.to_dict(), "world_size": self.world_size}
+
+    def differences(self, saved: dict) -> list[str]:
+        """`key: saved -> now` for each setting that differs from a saved run."""
+        now = self.to_dict()
+        flat_now = {**{k: v for k, v in now.items() if k != "settings"}, **now["settings"]}
+        flat_saved = {**{k: v for k, v in saved.items() if k != "settings"}, **saved.get("settings", {})}
+        return [f"{key}: {flat_saved.get(key)!r} -> {value!r}" for key, value in flat_now.items() if flat_saved.get(key) != value]
+
+
+@dataclass
+class FinetuneResult:
+    model: object  # the trained converted model (EMA weights with --model-ema), unwrapped, on its device
+    history: list[dict]
+
+
+def prepare_output(out_dir: Path, run: Run, resume: bool, force: bool) -> dict | None:
+    """Check the output folder for a new or resumed run; returns the saved checkpoint to resume from, if any."""
+    import torch
+
+    settings_path = out_dir / SETTINGS_FILE
+    if resume:
+        if not settings_path.is_file():
+            raise VitpoolError(f"--resume: {out_dir} holds no {SETTINGS_FILE}, so no run to resume; start one without --resume")
+        try:
+            saved = json.loads(settings_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise VitpoolError(f"--resume: {settings_path} could not be read: {error}") from None
+        changed = run.differences(saved)
+        if changed:
+            raise VitpoolError(f"--resume with other settings than the run in {out_dir} ({'; '.join(changed)}); "
+                               f"resume with the same ones, or start anew with --force")
+        checkpoint = out_dir / CHECKPOINT_FILE
+        if not checkpoint.is_file():
+            return None
+        try:
+            return torch.load(str(checkpoint), map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for damaged files
+            raise VitpoolError(f"--resume: {checkpoint} could not be read ({' '.join(str(error).split())[:160]}); "
+                               f"start anew with --force") from None
+    if out_dir.exists():
+        if not force:
+            raise VitpoolError(f"output {out_dir} already exists; pass --resume to continue its run, --force to start anew, or choose another --out")
+        if not out_dir.is_dir():
+            raise VitpoolError(f"output {out_dir} exists and is not a folder")
+    return None
+
+
+def clear_output(out_dir: Path) -> None:
+    """Remove what an earlier run wrote (only vitpool's own files: --force never empties a user's folder)."""
+    for name in (SETTINGS_FILE, CHECKPOINT_FILE, LOG_FILE, models.CONFIG_FILE, models.WEIGHTS_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def training_transform(model, settings: TrainSettings):
+    """timm's training transform (random resized crop, flip, colour jitter, auto-augment, erasing) for `model`."""
+    config = data.data_config(model)
+    return models.import_timm().data.create_transform(
+        input_size=config["input_size"], is_training=True, scale=settings.scale, hflip=settings.hflip,
+        color_jitter=settings.color_jitter, auto_augment=settings.aa, re_prob=settings.reprob,
+        interpolation=config["interpolation"], mean=config["mean"], std=config["std"],
+    )
+
+
+def make_task(student, teacher, settings: TrainSettings, device):
+    """timm's training task: logit distillation from the unpooled teacher, or plain classification."""
+    from timm.task import ClassificationTask, LogitDistillationTask
+
+    soft = bool(settings.mixup or settings.cutmix)
+    criterion = {"soft_targets": True} if soft else {"smoothing": settings.smoothing}
+    if not settings.distill:
+        return ClassificationTask(student, criterion_kwargs=criterion, device=device, verbose=False)
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    # With --distill-only the labels are placeholders: their loss is computed by timm's task and weighted 0.
+    return LogitDistillationTask(
+        student, teacher, criterion_kwargs=criterion, distill_loss_weight=settings.distill_loss_weight,
+        task_loss_weight=0.0 if settings.distill_only else settings.task_loss_weight,
+        temperature=settings.kd_temperature, device=device, verbose=False,
+    )
+
+
+def validate(model, teacher, samples, process: Process, batch_size: int, workers: int) -> dict:
+    """Top-1, top-5, agreement with and KL from the teacher; each process scores a share, the counts are summed."""
+    import torch
+    import torch.distributed as dist
+
+    from vitpool.evaluate import Tally
+
+    tally = Tally()
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for images, labels, _ in data.loader(samples[process.rank :: process.world_size], model, batch_size, workers):
+            if images is None:
+                continue
+            images, labels = images.to(process.device), labels.to(process.device)
+            tally.add(model(images), labels, teacher(images) if teacher is not None else None)
+    model.train(was_training)
+    counts = torch.tensor([tally.n, tally.top1, tally.top5, tally.agree, tally.baseline_top1, tally.kl_sum],
+                          dtype=torch.float64, device=process.device)
+    if process.world_size > 1:
+        dist.all_reduce(counts)
+    n, top1, top5, agree, baseline_top1, kl_sum = counts.tolist()
+    if n == 0:
+        raise VitpoolError("none of the validation images could be read")
+    total = Tally(int(n), int(top1), int(top5), int(agree), int(baseline_top1), kl_sum, compared=teacher is not None)
+    result = total.result()
+    return {"n": result.n, "top1": result.top1, "top5": result.top5, "agreement": result.agreement, "kl": result.kl,
+            "teacher_top1": result.baseline_top1}
+
+
+def write_outputs(out_dir: Path, model, history: list[dict]) -> None:
+    models.write_into(model, out_dir)
+    write_atomically(out_dir / LOG_FILE, "".join(json.dumps(record) + "\n" for record in history))
+
+
+def finetune(
+    student,
+    teacher,
+    train_dir: str | Path,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    source: dict,
+    val_dir: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    device: str | None = None,
+    workers: int = 2,
+    on_step: Callable[[int, int, int, dict], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FinetuneResult:
+    """Train the converted `student` (pooling fixed) from its current weights; `teacher` is its unpooled original.
+
+    `on_step(epoch, step, steps, stats)` and `on_epoch(record)` are called on rank 0 only.
+    """
+    import torch
+    import torch.distributed as dist
+    from timm.data import Mixup
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import dispatch_clip_grad, unwrap_model
+
+    settings.check()
+    process = start_process(device)
+    out_dir = Path(out_dir)
+    if settings.amp and settings.amp_dtype == "float16" and process.device.type != "cuda":
+        raise VitpoolError("--amp-dtype float16 needs a CUDA GPU; on CPU use --amp-dtype bfloat16")
+    run = Run(source, str(Path(train_dir).resolve()), str(Path(val_dir).resolve()) if val_dir else None,
+              settings, process.world_size)
+    checkpoint = prepare_output(out_dir, run, resume, force)
+    if settings.distill_only:
+        train_samples = data.scan_unlabelled(train_dir)
+    else:
+        train_samples = data.scan(train_dir, student.num_classes).samples
+    val_samples = data.scan(val_dir, student.num_classes).samples if val_dir else None
+    steps = len(train_samples) // process.world_size // settings.batch_size
+    if steps == 0:
+        raise VitpoolError(f"{train_dir} has {len(train_samples)} images, fewer than one batch of {settings.batch_size} "
+                           f"for each of {process.world_size} processes; lower --batch-size")
+    if process.world_size > 1:
+        dist.barrier()  # every process has checked the output before rank 0 writes to it
+    if process.main and checkpoint is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            clear_output(out_dir)
+        write_atomically(out_dir / SETTINGS_FILE, json.dumps(run.to_dict(), indent=2) + "\n")
+
+    student.to(process.device).train()
+    teacher = teacher.to(process.device).eval() if teacher is not None else None
+    task = make_task(student, teacher if settings.distill else None, settings, process.device)
+    ema = task.setup_ema(decay=settings.model_ema_decay) if settings.model_ema else None
+    optimizer = create_optimizer_v2(student, opt="adamw", lr=settings.lr, weight_decay=settings.weight_decay)
+    updates_per_epoch = math.ceil(steps / settings.grad_accum_steps)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=settings.epochs, warmup_epochs=settings.warmup_epochs,
+        warmup_lr=settings.warmup_lr, min_lr=settings.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
+    )
+    half = settings.amp and settings.amp_dtype == "float16"
+    scaler = torch.amp.GradScaler(process.device.type) if half else None
+    history: list[dict] = []
+    first_epoch = 1
+    if checkpoint is not None:
+        student.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(checkpoint["model_ema"])
+        history = list(checkpoint["history"])
+        first_epoch = int(checkpoint["epoch"]) + 1
+    if process.world_size > 1:
+        task.prepare_distributed(device_ids=[process.device.index] if process.device.type == "cuda" else None)
+    final = ema.module if ema is not None else student  # the weights the run hands on
+
+    if val_samples is not None and first_epoch == 1 and not history:
+        record = {"epoch": 0, "val": validate(final, teacher, val_samples, process, settings.batch_size, workers)}
+        history.append(record)
+        if process.main and on_epoch:
+            on_epoch(record)
+    if process.main and checkpoint is None:
+        write_outputs(out_dir, final, history)
+
+    mixup = None
+    if settings.mixup or settings.cutmix:
+        mixup = Mixup(mixup_alpha=settings.mixup, cutmix_alpha=settings.cutmix, label_smoothing=settings.smoothing,
+                      num_classes=student.num_classes)
+    autocast = (lambda: torch.autocast(process.device.type, dtype=getattr(torch, settings.amp_dtype))) if settings.amp else nullcontext
+    dataset = data.ImageDataset(train_samples, training_transform(student, settings))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=process.world_size, rank=process.rank,
+                                                  shuffle=True, seed=settings.seed, drop_last=True)
+    updates = (first_epoch - 1) * updates_per_epoch
+    for epoch in range(first_epoch, settings.epochs + 1):
+        loader_seed = seed_epoch(settings.seed, epoch, process.rank)
+        sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=settings.batch_size, sampler=sampler, num_workers=workers, collate_fn=data.collate,
+            drop_last=True, generator=torch.Generator().manual_seed(loader_seed), persistent_workers=False,
+        )
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, task loss, distillation loss, images
+        skipped = 0
+        started = time.perf_counter()
+        for step, (images, labels, bad) in enumerate(loader, start=1):
+            skipped += len(bad)
+            last_of_update = step % settings.grad_accum_steps == 0 or step == steps
+            if images is not None:
+                if mixup is not None and len(images) % 2:
+                    images, labels = images[:-1], labels[:-1]  # an unreadable image left an odd batch
+                images, labels = images.to(process.device), labels.to(process.device)
+                targets = labels
+                if mixup is not None:
+                    images, targets = mixup(images, labels)
+                with nullcontext() if last_of_update else task.no_sync():
+                    with autocast():
+                        out = task(images, targets)
+                    loss = out["loss"] / settings.grad_accum_steps
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                losses = [float(out[key].detach()) if key in out else 0.0 for key in ("loss", "task_loss", "kd_loss")]
+                if not math.isfinite(losses[0]):
+                    raise VitpoolError(f"the loss became {losses[0]} at epoch {epoch}, step {step}; lower --lr or set --clip-grad")
+                sums += torch.tensor([*losses, len(images)], dtype=torch.float64)
+            if last_of_update:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if settings.clip_grad is not None:
+                    dispatch_clip_grad(task.get_clip_parameters(), settings.clip_grad, mode=settings.clip_mode)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                updates += 1
+                scheduler.step_update(num_updates=updates)
+                task.update_ema(step=updates)
+            if process.main and on_step:
+                elapsed = time.perf_counter() - started
+                on_step(epoch, step, steps, {"loss": float(sums[0] / max(step, 1)), "lr": optimizer.param_groups[0]["lr"],
+                                             "images_per_s": float(sums[3]) * process.world_size / max(elapsed, 1e-9)})
+        seconds = time.perf_counter() - started
+        if process.world_size > 1:
+            dist.all_reduce(sums)
+        batches = steps * process.world_size
+        record = {
+            "epoch": epoch,
+            "train_loss": float(sums[0]) / batches,
+            "task_loss": float(sums[1]) / batches if settings.distill else float(sums[0]) / batches,
+            "kd_loss": float(sums[2]) / batches if settings.distill else None,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images": int(sums[3]),
+            "images_per_s": float(sums[3]) / seconds,
+            "seconds": seconds,
+            "skipped": skipped,
+        }
+        if val_samples is not None:
+            record["val"] = validate(final, teacher, val_samples, process, settings.batch_size, workers)
+        history.append(record)
+        if process.main:
+            state = {"epoch": epoch, "model": unwrap_model(student).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "history": history, "run": run.to_dict()}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            if ema is not None:
+                state["model_ema"] = ema.module.state_dict()
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            write_atomically(out_dir / CHECKPOINT_FILE, buffer.getvalue())
+            write_outputs(out_dir, final, history)
+            if on_epoch:
+                on_epoch(record)
+    if process.main and checkpoint is not None and first_epoch > settings.epochs:
+        write_outputs(out_dir, final, history)  # a finished run resumed: its model files are rewritten
+    if process.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return FinetuneResult(final.eval(), history)
