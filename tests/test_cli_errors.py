@@ -412,7 +412,7 @@ def test_convert_write_failure_is_a_user_error(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save", disk_full)
     result = CliRunner().invoke(app, ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists() and hidden_entries(tmp_path) == []
     assert result.exit_code == 2, f"exit {result.exit_code}, exception {result.exception!r}"

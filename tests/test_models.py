@@ -326,7 +326,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path, converted, monkeypatch, exi
     def broken_save_file(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
+    monkeypatch.setattr(safetensors.torch, "save", broken_save_file)
     with pytest.raises((OSError, VitpoolError)):
         vitpool.save(converted, target, force=existing)
     assert hidden_entries(tmp_path) == []

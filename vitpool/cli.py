@@ -601,7 +601,7 @@ def finetune(
                 line += f": loss {record['train_loss']:.4f}, {record['images_per_s']:.1f} img/s, {record['seconds']:.0f} s"
             if val:
                 line += f"; val top-1 {val['top1']:.2f}%, agreement {val['agreement']:.2f}%, KL {val['kl']:.4f}"
-            progress.console.print(line, highlight=False)
+            progress.console.print(line, highlight=False, soft_wrap=True)
 
         result = run_finetune(pooled, loaded.model, data_dir, out_dir, settings, source, val_dir=val_dir, resume=resume,
                               force=force, device=device, workers=workers, on_step=on_step, on_epoch=on_epoch)
@@ -615,7 +615,7 @@ def finetune(
         table.add_column(column, justify="right")
     for record in result.history:
         val = record.get("val") or {}
-        cells = [f"{record['train_loss']:.4f}", f"{record['lr']:.2e}", f"{record['images_per_s']:.1f}"] if "train_loss" in record else ["", "", ""]
+        cells = [f"{record['train_loss']:.4f}", f"{record['lr']:.1e}", f"{record['images_per_s']:.1f}"] if "train_loss" in record else ["", "", ""]
         cells += [f"{val[key]:.2f}" if val else "" for key in ("top1", "top5", "agreement")]
         cells.append(f"{val['kl']:.4f}" if val else "")
         table.add_row(str(record["epoch"]), *cells)

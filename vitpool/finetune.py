@@ -13,6 +13,7 @@ epoch e+1 exactly as an uninterrupted run does, for any number of processes.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import math
@@ -456,6 +457,9 @@ def finetune(
     if process.main and checkpoint is not None and first_epoch > settings.epochs:
         write_outputs(out_dir, final, history)  # a finished run resumed: its model files are rewritten
     if process.world_size > 1:
+        # DDP's reducer holds the process group: free it while every peer is still there, then say goodbye.
+        task.trainable_module = student
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return FinetuneResult(final.eval(), history)

@@ -1,0 +1,226 @@
+"""`vitpool finetune`: a loadable model, log and checkpoint; resume after kill -9 equals an uninterrupted run;
+distillation without labels; two processes under torchrun keep identical weights; bad input refused.
+
+Mechanics only: a random DeiT-Tiny at 64x64 pixels (16 patches, pooled to 8 then 4) on seeded noise images,
+so an epoch takes about a second. The accuracy figures are in benchmarks/finetune_deit_tiny.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import noise_folder
+
+BIN = Path(sys.executable).parent
+ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1",
+       "TERM": "dumb", "OMP_NUM_THREADS": "1"}
+TRAIN = ["--epochs", "3", "-b", "4", "--lr", "1e-4", "--warmup-epochs", "1", "--workers", "1", "--seed", "7"]
+
+
+def vitpool(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "vitpool"), *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def epochs_without_timing(log: Path) -> list[dict]:
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A saved converted random DeiT-Tiny for 64x64 images, and labelled noise images (4 classes x 12)."""
+    import torch
+
+    import vitpool
+    from vitpool.models import create_model
+
+    root = tmp_path_factory.mktemp("finetune")
+    torch.manual_seed(0)
+    base = create_model("deit_tiny", pretrained=False, img_size=64)
+    model_dir = vitpool.save(vitpool.convert(base, k=[8, 4], layers=[3, 7]), root / "converted")
+    (root / "images").mkdir()
+    images = noise_folder(root / "images", ("n01440764", "n01443537", "n01484850", "n01491361"), 12, (72, 80), seed=3)
+    return model_dir, images, root
+
+
+def test_finetune_writes_a_model_every_command_loads(small, tmp_path):
+    import torch
+
+    from vitpool import models
+
+    model_dir, images, _ = small
+    out = tmp_path / "tuned"
+    done = vitpool("finetune", model_dir, "--data", images, "--val", images, "--out", out, "--json", *TRAIN)
+    assert done.returncode == 0, done.stderr
+    history = json.loads(done.stdout)["history"]
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    assert all(r["val"]["n"] == 48 for r in history)
+    assert all(r["images"] == 48 for r in history[1:])  # 48 images, batches of 4: every image once per epoch
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    assert history[1]["lr"] > history[3]["lr"]  # cosine decay after the warm-up epoch
+
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 3 and {"model", "optimizer", "scheduler", "history"} <= state.keys()
+    tuned, original = models.load(out), models.load(model_dir)
+    assert tuned.vitpool_config == original.vitpool_config
+    assert same_tensors(tensors(out / "model.safetensors"), {k: v.contiguous() for k, v in state["model"].items()})
+    assert not same_tensors(tensors(out / "model.safetensors"), tensors(model_dir / "model.safetensors"))
+
+    evaluated = vitpool("eval", out, "--data", images, "--json", "--workers", "0")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert result["n"] == 48 and result["top1"] == pytest.approx(history[-1]["val"]["top1"])
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(small, tmp_path):
+    model_dir, images, _ = small
+    args = ["finetune", model_dir, "--data", images, "--out"]
+    extra = [*TRAIN, "--mixup", "0.8", "--cutmix", "1.0", "--model-ema", "--model-ema-decay", "0.9"]
+    whole = vitpool(*args, tmp_path / "whole", *extra)
+    assert whole.returncode == 0, whole.stderr
+
+    cut = tmp_path / "cut"
+    process = subprocess.Popen([str(BIN / "vitpool"), *map(str, args), str(cut), *extra], env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = cut / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.is_file() and '"epoch": 1' in log.read_text():
+            time.sleep(0.3)  # into epoch 2
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+    import torch
+
+    interrupted_at = torch.load(cut / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"]
+    assert interrupted_at < 3
+
+    resumed = vitpool(*args, cut, *extra, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_tensors(tensors(cut / "model.safetensors"), tensors(tmp_path / "whole" / "model.safetensors"))
+    assert epochs_without_timing(cut / "log.jsonl") == epochs_without_timing(tmp_path / "whole" / "log.jsonl")
+
+
+def test_distill_only_learns_from_the_teacher_on_unlabelled_images(small, tmp_path):
+    import torch
+
+    from vitpool import models
+    from vitpool.finetune import TrainSettings, finetune
+
+    model_dir, images, _ = small
+    flat = tmp_path / "unlabelled"
+    flat.mkdir()
+    for i, path in enumerate(sorted(images.rglob("*.png"))[:16]):
+        shutil.copy(path, flat / f"{i}.png")
+    loaded = models.read_saved(model_dir)
+    student = models.load(model_dir)
+    settings = TrainSettings(epochs=2, batch_size=4, lr=1e-4, distill_only=True, seed=1)
+    result = finetune(student, loaded.model, flat, tmp_path / "out", settings, {"model": str(model_dir)}, workers=0)
+    for record in result.history:
+        assert record["train_loss"] == pytest.approx(record["kd_loss"])  # the label loss has weight 0
+    with torch.inference_mode():
+        assert torch.isfinite(result.model(torch.randn(2, 3, 64, 64))).all()
+
+
+TORCHRUN_SCRIPT = """
+import os, sys
+from safetensors.torch import save_file
+from vitpool import models
+from vitpool.finetune import TrainSettings, finetune
+model_dir, images, out, mine = sys.argv[1:5]
+loaded = models.read_saved(model_dir)
+result = finetune(models.load(model_dir), loaded.model, images, out, TrainSettings(epochs=2, batch_size=4, lr=1e-4, seed=3),
+                  {"model": model_dir}, val_dir=images, workers=0)
+rank = int(os.environ["RANK"])
+save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, f"{mine}{rank}.safetensors")
+"""
+
+
+def test_torchrun_two_processes_train_identical_weights(small, tmp_path):
+    model_dir, images, _ = small
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    out = tmp_path / "out"
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script), str(model_dir), str(images),
+               str(out), str(tmp_path / "rank")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks, so nothing outlives the test
+        output, _ = process.communicate()
+        ranks = sorted(p.name for p in tmp_path.glob("rank*"))
+        pytest.fail(f"torchrun did not finish in 180 s (rank files written: {ranks}):\n{output[-3000:]}")
+    assert process.returncode == 0, output[-3000:]
+    rank0, rank1 = tensors(tmp_path / "rank0.safetensors"), tensors(tmp_path / "rank1.safetensors")
+    assert same_tensors(rank0, rank1)
+    assert not same_tensors(rank0, tensors(model_dir / "model.safetensors"))
+    assert same_tensors(rank0, tensors(out / "model.safetensors"))  # rank 0 wrote the output
+    history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert all(r["images"] == 48 for r in history[1:])  # each process took half of the 48 images
+    assert all(r["val"]["n"] == 48 for r in history)  # validation shares summed over both processes
+
+
+def refusals(model_dir: Path, images: Path, root: Path) -> dict[str, tuple[list, list[str]]]:
+    done_run = root / "done"
+    return {
+        "existing_out": (["--out", images], ["already exists", "--resume", "--force"]),
+        "resume_nothing": (["--out", root / "nothing", "--resume"], ["no run to resume"]),
+        "resume_other_settings": (["--out", done_run, "--resume", "--lr", "0.001"], ["other settings", "lr: 0.0001 -> 0.001"]),
+        "resume_and_force": (["--out", root / "x", "--resume", "--force"], ["give one of them"]),
+        "distill_only_without_teacher": (["--out", root / "x", "--distill-only", "--no-distill"], ["--distill-only", "--no-distill"]),
+        "fp16_on_cpu": (["--out", root / "x", "--device", "cpu", "--amp", "--amp-dtype", "float16"], ["float16 needs a CUDA GPU"]),
+        "cuda_missing": (["--out", root / "x", "--device", "cuda"], ["no CUDA GPU"]),
+        "batch_too_large": (["--out", root / "x", "-b", "1000"], ["fewer than one batch", "--batch-size"]),
+        "bad_scale": (["--out", root / "x", "--scale", "0.5"], ["--scale"]),
+        "bad_epochs": (["--out", root / "x", "--epochs", "0"], ["--epochs must be positive"]),
+    }
+
+
+def test_bad_input_is_one_line_and_writes_nothing(small, tmp_path):
+    import torch
+
+    model_dir, images, _ = small
+    done_run = tmp_path / "done"
+    first = vitpool("finetune", model_dir, "--data", images, "--out", done_run, *TRAIN)
+    assert first.returncode == 0, first.stderr
+    cases = refusals(model_dir, images, tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    cuda = torch.cuda.is_available()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(vitpool, "finetune", model_dir, "--data", images, *TRAIN, *args)
+                   for name, (args, _) in cases.items() if not (name == "cuda_missing" and cuda)}
+        unconverted = pool.submit(vitpool, "finetune", "deit_tiny", "--no-pretrained", "--data", images, "--out", tmp_path / "x", *TRAIN)
+    for name, future in [*futures.items(), ("unconverted", unconverted)]:
+        done = future.result()
+        expect = cases[name][1] if name in cases else ["trains a converted model", "--k"]
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and done.stdout == "" and len(lines) == 1, f"{name}: {done.stderr}"
+        assert lines[0].startswith("error:") and all(f in lines[0] for f in expect), f"{name}: {lines[0]}"
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
