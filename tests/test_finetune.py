@@ -200,6 +200,7 @@ def refusals(model_dir: Path, images: Path, root: Path) -> dict[str, tuple[list,
         "batch_too_large": (["--out", root / "x", "-b", "1000"], ["fewer than one batch", "--batch-size"]),
         "bad_scale": (["--out", root / "x", "--scale", "0.5"], ["--scale"]),
         "bad_epochs": (["--out", root / "x", "--epochs", "0"], ["--epochs must be positive"]),
+        "parent_is_file": (["--out", root / "afile" / "out"], ["cannot write", "afile"]),
     }
 
 
@@ -210,6 +211,7 @@ def test_bad_input_is_one_line_and_writes_nothing(small, tmp_path):
     done_run = tmp_path / "done"
     first = vitpool("finetune", model_dir, "--data", images, "--out", done_run, *TRAIN)
     assert first.returncode == 0, first.stderr
+    (tmp_path / "afile").write_text("not a folder\n")
     cases = refusals(model_dir, images, tmp_path)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     cuda = torch.cuda.is_available()

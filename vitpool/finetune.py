@@ -22,11 +22,11 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vitpool import data, models
-from vitpool.errors import VitpoolError, write_atomically
+from vitpool.errors import VitpoolError, writable_parent, write_atomically
 
 SETTINGS_FILE = "finetune.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -99,11 +99,6 @@ class TrainSettings:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "scale": list(self.scale)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainSettings":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "scale" else v) for k, v in values.items() if k in known})
 
 
 @dataclass
@@ -326,7 +321,7 @@ def finetune(
     if process.world_size > 1:
         dist.barrier()  # every process has checked the output before rank 0 writes to it
     if process.main and checkpoint is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        writable_parent(out_dir / SETTINGS_FILE)
         if not resume:
             clear_output(out_dir)
         write_atomically(out_dir / SETTINGS_FILE, json.dumps(run.to_dict(), indent=2) + "\n")
