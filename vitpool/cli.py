@@ -42,6 +42,11 @@ TargetOpt = Annotated[Optional[float], typer.Option("--target-gmacs", help="Inst
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only a JSON document on stdout.")]
 
 
+def main_process() -> bool:
+    """False in the other processes torchrun starts (RANK > 0): they neither report nor print results."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def user_errors(command):
     """Turn a VitpoolError into one line on stderr and exit code 2."""
 
@@ -50,7 +55,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except VitpoolError as error:
-            if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets the same error; one says it
+            if main_process():  # under torchrun every process meets the same error; one says it
                 err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -583,10 +588,9 @@ def finetune(
     source = {"model": str(Path(model_or_dir).resolve()) if Path(model_or_dir).is_dir() else model_or_dir,
               "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
               "pretrained": pretrained and checkpoint is None, "pooling": pooled.vitpool_config.to_dict()}
-    main_process = os.environ.get("RANK", "0") == "0"
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[speed]:.1f} img/s"))
-    with Progress(*columns, console=err, transient=True, disable=not (main_process and err.is_terminal)) as progress:
+    with Progress(*columns, console=err, transient=True, disable=not (main_process() and err.is_terminal)) as progress:
         bars: dict[int, object] = {}
 
         def on_step(epoch, step, steps, stats):
@@ -605,7 +609,7 @@ def finetune(
 
         result = run_finetune(pooled, loaded.model, data_dir, out_dir, settings, source, val_dir=val_dir, resume=resume,
                               force=force, device=device, workers=workers, on_step=on_step, on_epoch=on_epoch)
-    if not main_process:
+    if not main_process():
         return
     if as_json:
         emit_json({"out": str(out_dir), "model": loaded.name, "pooling": pooling_json(pooled), "history": result.history})

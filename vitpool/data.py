@@ -29,14 +29,24 @@ def imagenet_wnids() -> list[str]:
     return list(ImageNetInfo("imagenet-1k").label_names())
 
 
-def scan(root: str | Path, num_classes: int) -> ImageFolder:
-    """Find the images under `root`; WordNet-id folders map to ImageNet-1k indices, others to sorted order."""
+def existing_folder(root: str | Path) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise VitpoolError(f"data folder {root} does not exist or is not a folder")
+    return root
+
+
+def images_under(folder: Path) -> list[Path]:
+    """Image files at any depth under `folder`, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def scan(root: str | Path, num_classes: int) -> ImageFolder:
+    """Find the images under `root`; WordNet-id folders map to ImageNet-1k indices, others to sorted order."""
+    root = existing_folder(root)
     per_class = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        images = images_under(folder)
         if images:
             per_class[folder.name] = images
     if not per_class:
@@ -60,10 +70,8 @@ def scan(root: str | Path, num_classes: int) -> ImageFolder:
 
 def scan_unlabelled(root: str | Path) -> list[tuple[Path, int]]:
     """Every image under `root`, at any depth, with label 0: distillation from a teacher needs no labels."""
-    root = Path(root)
-    if not root.is_dir():
-        raise VitpoolError(f"data folder {root} does not exist or is not a folder")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    root = existing_folder(root)
+    images = images_under(root)
     if not images:
         raise VitpoolError(f"no images found under {root} (extensions {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return [(path, 0) for path in images]

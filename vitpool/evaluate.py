@@ -70,6 +70,25 @@ class Tally:
         return result
 
 
+def count(model, baseline, batches, device=None, on_batch: Callable[[int], None] | None = None) -> tuple[Tally, list[str]]:
+    """Tally `model` (in eval mode) over loader batches, against `baseline` when given; unreadable images are listed."""
+    import torch
+
+    tally = Tally()
+    skipped: list[str] = []
+    model.eval()
+    with torch.inference_mode():
+        for images, labels, bad in batches:
+            skipped += bad
+            if images is not None:
+                if device is not None:
+                    images, labels = images.to(device), labels.to(device)
+                tally.add(model(images), labels, baseline(images) if baseline is not None else None)
+            if on_batch:
+                on_batch(tally.n + len(skipped))
+    return tally, skipped
+
+
 def evaluate(
     model,
     data_dir,
@@ -83,21 +102,11 @@ def evaluate(
 
     `on_batch(done, total)` reports progress; unreadable images are skipped and listed in the result.
     """
-    import torch
-
     folder = data.scan(data_dir, model.num_classes)
     samples = data.spread(folder.samples, limit)
     batches = data.loader(samples, baseline if baseline is not None else model, batch_size, workers)
-    tally = Tally()
-    skipped: list[str] = []
-    model.eval()
-    with torch.inference_mode():
-        for images, labels, bad in batches:
-            skipped += bad
-            if images is not None:
-                tally.add(model(images), labels, baseline(images) if baseline is not None else None)
-            if on_batch:
-                on_batch(tally.n + len(skipped), len(samples))
+    progress = (lambda done: on_batch(done, len(samples))) if on_batch else None
+    tally, skipped = count(model, baseline, batches, on_batch=progress)
     if tally.n == 0:
         raise VitpoolError(f"none of the {len(samples)} images in {data_dir} could be read: {'; '.join(skipped[:3])}")
     return tally.result(folder.mapping, skipped)

@@ -245,17 +245,11 @@ def validate(model, teacher, samples, process: Process, batch_size: int, workers
     import torch
     import torch.distributed as dist
 
-    from vitpool.evaluate import Tally
+    from vitpool.evaluate import Tally, count
 
-    tally = Tally()
     was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for images, labels, _ in data.loader(samples[process.rank :: process.world_size], model, batch_size, workers):
-            if images is None:
-                continue
-            images, labels = images.to(process.device), labels.to(process.device)
-            tally.add(model(images), labels, teacher(images) if teacher is not None else None)
+    batches = data.loader(samples[process.rank :: process.world_size], model, batch_size, workers)
+    tally, _ = count(model, teacher, batches, device=process.device)
     model.train(was_training)
     counts = torch.tensor([tally.n, tally.top1, tally.top5, tally.agree, tally.baseline_top1, tally.kl_sum],
                           dtype=torch.float64, device=process.device)
@@ -354,7 +348,7 @@ def finetune(
         task.prepare_distributed(device_ids=[process.device.index] if process.device.type == "cuda" else None)
     final = ema.module if ema is not None else student  # the weights the run hands on
 
-    if val_samples is not None and first_epoch == 1 and not history:
+    if val_samples is not None and checkpoint is None:
         record = {"epoch": 0, "val": validate(final, teacher, val_samples, process, settings.batch_size, workers)}
         history.append(record)
         if process.main and on_epoch:
@@ -396,7 +390,8 @@ def finetune(
                         out = task(images, targets)
                     loss = out["loss"] / settings.grad_accum_steps
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                losses = [float(out[key].detach()) if key in out else 0.0 for key in ("loss", "task_loss", "kd_loss")]
+                parts = (out["loss"], out.get("task_loss", out["loss"]), out.get("kd_loss"))  # without a teacher all is label loss
+                losses = [float(part.detach()) if part is not None else 0.0 for part in parts]
                 if not math.isfinite(losses[0]):
                     raise VitpoolError(f"the loss became {losses[0]} at epoch {epoch}, step {step}; lower --lr or set --clip-grad")
                 sums += torch.tensor([*losses, len(images)], dtype=torch.float64)
@@ -425,7 +420,7 @@ def finetune(
         record = {
             "epoch": epoch,
             "train_loss": float(sums[0]) / batches,
-            "task_loss": float(sums[1]) / batches if settings.distill else float(sums[0]) / batches,
+            "task_loss": float(sums[1]) / batches,
             "kd_loss": float(sums[2]) / batches if settings.distill else None,
             "lr": optimizer.param_groups[0]["lr"],
             "images": int(sums[3]),
