@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 VITPOOL = Path(sys.executable).parent / "vitpool"
 SMALL = ["deit_tiny", "--no-pretrained", "--k", "100,50", "--layers", "3,6"]
 
@@ -26,14 +28,14 @@ def test_bench_json_rows():
     for row in rows:
         assert row["device"] == "cpu" and row["precision"] == "fp32"
         assert 0 < row["p50_ms"] <= row["p90_ms"]
-        assert row["images_per_s"] == __import__("pytest").approx(1e3 * row["batch_size"] / row["p50_ms"])
+        assert row["images_per_s"] == pytest.approx(1e3 * row["batch_size"] / row["p50_ms"])
         assert row["peak_mem_mb"] is None or row["peak_mem_mb"] >= 0
         assert {"torch", "timm", "onnxruntime", "device_name", "threads"} <= set(row["env"])
     baseline, pooled = rows[0], rows[1]
     assert pooled["gmacs"] < 0.75 * baseline["gmacs"] and baseline["speedup"] is None
-    assert pooled["mac_speedup"] == __import__("pytest").approx(baseline["gmacs"] / pooled["gmacs"])
-    assert pooled["speedup"] == __import__("pytest").approx(baseline["p50_ms"] / pooled["p50_ms"])
-    assert pooled["efficiency"] == __import__("pytest").approx(pooled["speedup"] / pooled["mac_speedup"])
+    assert pooled["mac_speedup"] == pytest.approx(baseline["gmacs"] / pooled["gmacs"])
+    assert pooled["speedup"] == pytest.approx(baseline["p50_ms"] / pooled["p50_ms"])
+    assert pooled["efficiency"] == pytest.approx(pooled["speedup"] / pooled["mac_speedup"])
 
 
 def _assert_one_line_error(run: subprocess.CompletedProcess, *words: str) -> None:
@@ -50,3 +52,21 @@ def test_bench_refusals():
     _assert_one_line_error(_vitpool("bench", "deit_tiny", "--no-pretrained"), "converted model")
     _assert_one_line_error(_vitpool("bench", *SMALL, "--amp", "bf16"), "--amp bf16 is for CUDA")
     _assert_one_line_error(_vitpool("bench", *SMALL, "--batch-size", "0"), "--batch-size")
+
+
+def test_sessions_timed_in_turns_do_not_spin(tmp_path):
+    # Spinning idle workers of one session would steal the 2 cores from the other's timed run.
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vitpool.export import session
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "identity.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    key = "session.intra_op.allow_spinning"
+    assert session(path, spinning=False).get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spinning
+        session(path).get_session_options().get_session_config_entry(key)

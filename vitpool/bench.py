@@ -2,9 +2,11 @@
 
 Per runtime and batch size: warm-up calls for both models, then rounds that time one call of each, the
 order alternating every round so that drift (frequency, cache, other load) falls on both alike. CPU calls
-are timed with perf_counter; CUDA calls with CUDA events after a synchronise. Peak memory is measured in a
-separate untimed pass: on CUDA the allocator's peak; on Linux CPU the process's peak resident set over
-that pass (the kernel's high-water mark is reset first through /proc/self/clear_refs).
+are timed with perf_counter; CUDA calls with CUDA events after a synchronise. ONNX Runtime sessions run
+with spinning off, so neither model is timed against the other session's busy-waiting worker threads.
+Peak memory is measured in a separate untimed pass: on CUDA the allocator's peak; on Linux CPU the
+process's peak resident set over that pass (the kernel's high-water mark is reset first through
+/proc/self/clear_refs).
 
 The efficiency of the converted model is its speed-up divided by its MAC speed-up (baseline MACs over
 converted MACs, pooling layers included): 1.0 means every MAC saved turned into time saved.
@@ -145,7 +147,7 @@ def onnx_runner(model, images, device: str, threads: int, workdir: str) -> Calla
 
     path = Path(workdir) / f"{id(model)}.onnx"
     to_onnx(model.cpu(), path)
-    runtime = session(path, device, threads)
+    runtime = session(path, device, threads, spinning=False)  # the two models' sessions run in turns
     feed = {INPUT_NAME: images.cpu().numpy()}
     return lambda: runtime.run(None, feed)
 
