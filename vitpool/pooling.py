@@ -111,6 +111,7 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
     w = torch.ones_like(xf[..., 0]) if weight is None else weight.float()
     distance = pairwise_squared_distances(xf)
     batch, n = w.shape
+    # gather_tokens(distance, index), with its reshape and offsets made once rather than in every iteration
     flat, offset = distance.reshape(batch * n, n), batch_offsets(batch, n, x.device)
     # More than any cluster's cost (the sum of all weights times the largest distance), with room for rounding.
     above_any_cost = (2 * distance.amax(dim=(1, 2)) * w.sum(-1) + 1).view(batch, 1, 1)
