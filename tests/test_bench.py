@@ -70,3 +70,12 @@ def test_sessions_timed_in_turns_do_not_spin(tmp_path):
     assert session(path, spinning=False).get_session_options().get_session_config_entry(key) == "0"
     with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spinning
         session(path).get_session_options().get_session_config_entry(key)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_cpu_peak_memory_sees_a_real_allocation_and_never_goes_negative():
+    from vitpool.bench import peak_memory_mb
+
+    size = 200 * 2**20
+    assert peak_memory_mb(lambda: b"\x01" * size, "cpu", repeats=1) >= 150
+    assert all(peak_memory_mb(lambda: None, "cpu") >= 0 for _ in range(20))
