@@ -29,7 +29,7 @@ def settings_for(folder, **changes):
 
 def run(tiny_model, folder, out, methods, budgets, **kwargs):
     settings = settings_for(folder, **kwargs.pop("settings", {}))
-    return sweep(tiny_model, settings, out, methods, budgets, settings["iters"], "medoid", True, None, workers=0, **kwargs)
+    return sweep(tiny_model, settings, out, methods, budgets, settings["iters"], settings["output"], True, None, workers=0, **kwargs)
 
 
 def test_sweep_writes_every_point_and_resumes_without_recomputing(tiny_model, folder, tmp_path, monkeypatch):
@@ -111,3 +111,11 @@ def test_searched_points_are_scored_on_images_the_search_never_saw(tiny_model, f
     assert searched["search"]["family_k"] == family["k"]
     assert searched["search"]["calibration_kl"] <= searched["search"]["family_calibration_kl"]
     assert abs(searched["mac_ratio"] - 0.7) <= 0.007
+
+
+def test_output_mean_applies_to_the_k_medoids_methods_and_leaves_the_others_alone(tiny_model, folder, tmp_path):
+    means = run(tiny_model, folder, tmp_path / "mean", ["importance", "wkmedoids"], [0.6], settings={"output": "mean"})
+    medoids = run(tiny_model, folder, tmp_path / "medoid", ["importance", "wkmedoids"], [0.6])
+    assert all("error" not in row for row in means.rows), means.rows
+    assert means.rows[0]["kl"] == medoids.rows[0]["kl"]  # importance: the same model either way
+    assert means.rows[1]["kl"] != medoids.rows[1]["kl"]  # wkmedoids: cluster means, not medoids

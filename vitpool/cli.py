@@ -6,9 +6,11 @@ torch and timm are imported inside the commands, so `vitpool --help` answers at 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,6 +44,56 @@ TargetOpt = Annotated[Optional[float], typer.Option("--target-gmacs", help="Inst
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only a JSON document on stdout.")]
 
 
+@dataclass(frozen=True)
+class ModelFlags:
+    """The model and pooling options of a command, as parsed (None: not given)."""
+
+    checkpoint: Path | None = None
+    pretrained: bool = True
+    method: str | None = None
+    k: str | None = None
+    layers: str | None = None
+    iters: int | None = None
+    output: str | None = None
+    proportional: bool | None = None
+    budget: float | None = None
+    target_gmacs: float | None = None
+
+    def unpooled(self) -> ModelFlags:
+        """The same weights with no pooling asked for."""
+        return ModelFlags(self.checkpoint, self.pretrained)
+
+
+MODEL_OPTIONS = {"checkpoint": CheckpointOpt, "pretrained": PretrainedOpt, "method": MethodOpt, "k": KOpt,
+                 "layers": LayersOpt, "iters": ItersOpt, "output": OutputOpt, "proportional": ProportionalOpt,
+                 "budget": BudgetOpt, "target_gmacs": TargetOpt}
+
+
+def model_options(pretrained: bool = True, omit: tuple[str, ...] = (), **replaced):
+    """Give a command the shared model and pooling options (typer has no option groups) in place of its
+    `flags: ModelFlags` parameter; `replaced` swaps an option's annotation, `omit` leaves options out."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)  # the module postpones annotations; typer needs them
+        options = {name: replaced.get(name, annotation) for name, annotation in MODEL_OPTIONS.items() if name not in omit}
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                   default=pretrained if name == "pretrained" else None)
+                 for name, annotation in options.items()]
+        parameters = []
+        for parameter in signature.parameters.values():
+            parameters += added if parameter.name == "flags" else [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            flags = ModelFlags(**{name: kwargs.pop(name) for name in options})
+            return command(flags=flags, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        return wrapper
+
+    return decorate
+
+
 def main_process() -> bool:
     """False in the other processes torchrun starts (RANK > 0): they neither report nor print results."""
     return os.environ.get("RANK", "0") == "0"
@@ -62,13 +114,14 @@ def user_errors(command):
     return wrapper
 
 
-def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters, budget=None, target_gmacs=None,
-          output=None, proportional=None):
+def build(model_or_dir: str, flags: ModelFlags):
     """(unpooled model, converted model or None) from MODEL_OR_DIR and the model and pooling flags."""
     from vitpool.adapter import apply_pooling
     from vitpool.config import DEFAULT_ITERS, DEFAULT_METHOD, make_config, parse_int_list
     from vitpool.models import load_model_or_dir
 
+    method, k, layers, iters, budget, target_gmacs = flags.method, flags.k, flags.layers, flags.iters, flags.budget, flags.target_gmacs
+    output, proportional = flags.output, flags.proportional
     if (budget is not None or target_gmacs is not None) and (k is not None or layers is not None):
         raise VitpoolError("give either --budget/--target-gmacs or --k/--layers, not both")
     pooling_flags = {"--method": method, "--k": k, "--layers": layers, "--iters": iters, "--budget": budget,
@@ -76,7 +129,7 @@ def build(model_or_dir: str, checkpoint, pretrained, method, k, layers, iters, b
     variant = {"output": output or "medoid", "proportional": True if proportional is None else proportional}
     given = [flag for flag, value in pooling_flags.items() if value is not None]
     k_values, layer_values = parse_int_list(k, "--k"), parse_int_list(layers, "--layers")
-    loaded = load_model_or_dir(model_or_dir, str(checkpoint) if checkpoint else None, pretrained)
+    loaded = load_model_or_dir(model_or_dir, str(flags.checkpoint) if flags.checkpoint else None, flags.pretrained)
     if loaded.config is not None and given:
         raise VitpoolError(
             f"{model_or_dir} is already converted ({loaded.config.describe()}); to try {', '.join(given)} pass "
@@ -121,30 +174,22 @@ def pooling_json(pooled) -> dict | None:
 
 @app.command()
 @user_errors
+@model_options(pretrained=True)
 def convert(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write (refused if it exists, unless --force).")],
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = True,
-    method: MethodOpt = None,
-    k: KOpt = None,
-    layers: LayersOpt = None,
-    iters: ItersOpt = None,
-    output: OutputOpt = None,
-    proportional: ProportionalOpt = None,
-    budget: BudgetOpt = None,
-    target_gmacs: TargetOpt = None,
+    flags: ModelFlags,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     as_json: JsonOpt = False,
 ):
     """Convert a pretrained ViT with Token Pooling and save it as a self-describing directory."""
     from vitpool.models import save
 
-    if k is None and budget is None and target_gmacs is None:
+    if flags.k is None and flags.budget is None and flags.target_gmacs is None:
         raise VitpoolError("convert needs --k (the patch tokens to keep, e.g. --k 160,128,96) or --budget (e.g. 0.6)")
     refuse_existing_output(out_dir, force)
     refuse_saved_model(model, "convert")
-    loaded, pooled = build(model, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
+    loaded, pooled = build(model, flags)
     path = save(pooled, out_dir, force=force)
     summary = {"out": str(path), "base_model": loaded.name, "pooling": pooled.vitpool_config.to_dict()}
     if as_json:
@@ -155,24 +200,16 @@ def convert(
 
 @app.command()
 @user_errors
+@model_options(pretrained=False)
 def flops(
     model_or_dir: ModelArg,
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = False,
-    method: MethodOpt = None,
-    k: KOpt = None,
-    layers: LayersOpt = None,
-    iters: ItersOpt = None,
-    output: OutputOpt = None,
-    proportional: ProportionalOpt = None,
-    budget: BudgetOpt = None,
-    target_gmacs: TargetOpt = None,
+    flags: ModelFlags,
     as_json: JsonOpt = False,
 ):
     """Count multiply-accumulates (MACs) per block, pooling layers included, against the unpooled model."""
     from vitpool.flops import count_macs
 
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
+    loaded, pooled = build(model_or_dir, flags)
     report = count_macs(pooled, baseline=loaded.model) if pooled is not None else count_macs(loaded.model)
     document = {"model": loaded.name, "pooling": pooling_json(pooled), **report.to_json()}
     if as_json:
@@ -195,19 +232,11 @@ def flops(
 
 @app.command("eval")
 @user_errors
+@model_options()
 def eval_command(
     model_or_dir: ModelArg,
     data_dir: Annotated[Path, typer.Option("--data", help="Image folder DIR/<class>/<image>; WordNet-id folders map to ImageNet-1k classes.")],
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = True,
-    method: MethodOpt = None,
-    k: KOpt = None,
-    layers: LayersOpt = None,
-    iters: ItersOpt = None,
-    output: OutputOpt = None,
-    proportional: ProportionalOpt = None,
-    budget: BudgetOpt = None,
-    target_gmacs: TargetOpt = None,
+    flags: ModelFlags,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate N images spread evenly over the folder.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
@@ -218,7 +247,7 @@ def eval_command(
 
     from vitpool.evaluate import evaluate
 
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
+    loaded, pooled = build(model_or_dir, flags)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("evaluating", total=None)
@@ -250,19 +279,11 @@ def eval_command(
 
 @app.command()
 @user_errors
+@model_options(pretrained=True)
 def export(
     model_or_dir: ModelArg,
     out_file: Annotated[Path, typer.Option("--out", help="ONNX file to write (refused if it exists, unless --force).")],
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = True,
-    method: MethodOpt = None,
-    k: KOpt = None,
-    layers: LayersOpt = None,
-    iters: ItersOpt = None,
-    output: OutputOpt = None,
-    proportional: ProportionalOpt = None,
-    budget: BudgetOpt = None,
-    target_gmacs: TargetOpt = None,
+    flags: ModelFlags,
     opset: Annotated[int, typer.Option("--opset", min=17, help="ONNX opset.")] = 18,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Example batch to trace with (at least 2 is used; the exported batch axis is dynamic).")] = 2,
     run_check: Annotated[bool, typer.Option("--check/--no-check", help="Compare ONNX Runtime with PyTorch before writing.")] = True,
@@ -276,7 +297,7 @@ def export(
     from vitpool.export import LOGIT_ATOL, export as export_model
 
     refuse_existing_output(out_file, force)
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
+    loaded, pooled = build(model_or_dir, flags)
     with err.status("exporting to ONNX and checking it in ONNX Runtime", spinner="dots"):
         result = export_model(pooled if pooled is not None else loaded.model, out_file, opset, batch_size, run_check,
                               data_dir, limit, min_agreement, force)
@@ -294,18 +315,10 @@ def export(
 
 @app.command()
 @user_errors
+@model_options(pretrained=False)
 def bench(
     model_or_dir: ModelArg,
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = False,
-    method: MethodOpt = None,
-    k: KOpt = None,
-    layers: LayersOpt = None,
-    iters: ItersOpt = None,
-    output: OutputOpt = None,
-    proportional: ProportionalOpt = None,
-    budget: BudgetOpt = None,
-    target_gmacs: TargetOpt = None,
+    flags: ModelFlags,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     runtime: Annotated[Optional[str], typer.Option("--runtime", help="Comma list of torch, torch-compile, onnxruntime. Default: torch,onnxruntime (onnxruntime on CUDA only where onnxruntime-gpu is installed).")] = None,
     batch_size: Annotated[str, typer.Option("--batch-size", help="Comma list of batch sizes.")] = "1,32",
@@ -325,7 +338,7 @@ def bench(
     if runtime is None:
         runtime = "torch,onnxruntime" if device != "cuda" or _onnxruntime_has_cuda() else "torch"
     runtimes = [r.strip() for r in runtime.split(",") if r.strip()]
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
+    loaded, pooled = build(model_or_dir, flags)
     if pooled is None:
         raise VitpoolError("bench compares a converted model with its original: pass a converted directory, --k or --budget")
     with err.status("benchmarking", spinner="dots") as status:
@@ -350,19 +363,12 @@ def bench(
 
 @app.command()
 @user_errors
+@model_options(omit=("k",), layers=Annotated[Optional[str], typer.Option("--layers", help="Comma list of the blocks to pool after (default: the budget family's, 2,5,8 on 12 blocks).")])
 def schedule(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
     data_dir: Annotated[Path, typer.Option("--data", help="Calibration images (labels are not used): an image folder DIR/<class>/<image>.")],
     out_file: Annotated[Path, typer.Option("--out", help="JSON file for the schedule (refused if it exists, unless --force).")],
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = True,
-    method: MethodOpt = None,
-    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma list of the blocks to pool after (default: the budget family's, 2,5,8 on 12 blocks).")] = None,
-    iters: ItersOpt = None,
-    output: OutputOpt = None,
-    proportional: ProportionalOpt = None,
-    budget: BudgetOpt = None,
-    target_gmacs: TargetOpt = None,
+    flags: ModelFlags,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Calibration images, spread evenly over the folder.")] = 100,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
@@ -376,18 +382,19 @@ def schedule(
 
     refuse_existing_output(out_file, force)
     writable_parent(out_file)
-    if budget is None and target_gmacs is None:
+    if flags.budget is None and flags.target_gmacs is None:
         raise VitpoolError("schedule needs --budget (a fraction of the unpooled MACs, e.g. 0.6) or --target-gmacs")
-    check_method_and_output(method or DEFAULT_METHOD, output or "medoid")
+    method, output = flags.method or DEFAULT_METHOD, flags.output or "medoid"
+    check_method_and_output(method, output)
     refuse_saved_model(model, "schedule")
-    loaded, _ = build(model, checkpoint, pretrained, None, None, None, None)
+    loaded, _ = build(model, flags.unpooled())
     with err.status("reading the calibration images", spinner="dots") as status:
         images = load_images(loaded.model, data_dir, limit, workers=workers)
         status.update("searching")
-        result = search(loaded.model, images, method or DEFAULT_METHOD, DEFAULT_ITERS if iters is None else iters, budget,
-                        target_gmacs, output or "medoid", True if proportional is None else proportional,
-                        parse_int_list(layers, "--layers") or None, on_step=lambda text: status.update(f"searching: {text}"))
-    document = {"model": loaded.name, "budget": budget, "target_gmacs": target_gmacs, "calibration_images": len(images.labels),
+        result = search(loaded.model, images, method, DEFAULT_ITERS if flags.iters is None else flags.iters, flags.budget,
+                        flags.target_gmacs, output, True if flags.proportional is None else flags.proportional,
+                        parse_int_list(flags.layers, "--layers") or None, on_step=lambda text: status.update(f"searching: {text}"))
+    document = {"model": loaded.name, "budget": flags.budget, "target_gmacs": flags.target_gmacs, "calibration_images": len(images.labels),
                 "data": str(data_dir), **result.to_json()}
     write_atomically(out_file, json.dumps(document, indent=2) + "\n")
     if as_json:
@@ -409,17 +416,14 @@ def schedule(
 
 @app.command()
 @user_errors
+@model_options(omit=("method", "k", "layers", "budget", "target_gmacs"))
 def sweep(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
     data_dir: Annotated[Path, typer.Option("--data", help="Image folder DIR/<class>/<image>; WordNet-id folders map to ImageNet-1k classes.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for results.json, results.csv and tradeoff.png; a rerun resumes it.")],
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = True,
+    flags: ModelFlags,
     methods: Annotated[Optional[str], typer.Option("--methods", help="Comma list of methods (default: all of them, tome included).")] = None,
     budgets: Annotated[str, typer.Option("--budgets", help="Comma list of MAC budgets (fractions of the unpooled MACs).")] = "0.5,0.6,0.75,0.9",
-    iters: ItersOpt = None,
-    output: OutputOpt = None,
-    proportional: ProportionalOpt = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use N images spread evenly over the folder.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
     calibration: Annotated[Optional[int], typer.Option("--search", min=1, metavar="N", help="Also search each point's schedule (as `vitpool schedule`) on N of the images, and score every point on the others.")] = None,
@@ -433,10 +437,11 @@ def sweep(
     from vitpool.sweep import parse_budgets, parse_methods, sweep as run_sweep, sweep_settings
 
     method_list, budget_list = parse_methods(methods), parse_budgets(budgets)
-    check_method_and_output(DEFAULT_METHOD, output or "medoid")
+    check_method_and_output(DEFAULT_METHOD, flags.output or "medoid")
     refuse_saved_model(model, "sweep")
-    loaded, _ = build(model, checkpoint, pretrained, None, None, None, None)
-    settings = sweep_settings(loaded.name, checkpoint, pretrained, data_dir, limit, iters, output, proportional, calibration)
+    loaded, _ = build(model, flags.unpooled())
+    settings = sweep_settings(loaded.name, flags.checkpoint, flags.pretrained, data_dir, limit, flags.iters, flags.output,
+                              flags.proportional, calibration)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("sweep", total=None)
@@ -465,20 +470,12 @@ def sweep(
 
 @app.command()
 @user_errors
+@model_options(layers=Annotated[Optional[str], typer.Option("--layers", help="Comma list of blocks: with --k, where to pool (all drawn); for a converted model or --budget, which of its pooling layers to draw. Default: all.")])
 def visualize(
     model_or_dir: ModelArg,
     image: Annotated[Path, typer.Argument(metavar="IMAGE", help="An image file (JPEG, PNG, ...).")],
     out_file: Annotated[Path, typer.Option("--out", help="PNG file to write (refused if it exists, unless --force).")],
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = True,
-    method: MethodOpt = None,
-    k: KOpt = None,
-    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma list of blocks: with --k, where to pool (all drawn); for a converted model or --budget, which of its pooling layers to draw. Default: all.")] = None,
-    iters: ItersOpt = None,
-    output: OutputOpt = None,
-    proportional: ProportionalOpt = None,
-    budget: BudgetOpt = None,
-    target_gmacs: TargetOpt = None,
+    flags: ModelFlags,
     scale: Annotated[int, typer.Option("--scale", min=1, max=8, help="Upscale the model's input picture by this factor.")] = 2,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
     as_json: JsonOpt = False,
@@ -491,9 +488,8 @@ def visualize(
     if out_file.suffix.lower() != ".png":
         raise VitpoolError(f"--out {out_file}: visualize writes a PNG; give a path ending in .png")
     writable_parent(out_file)
-    shown = parse_int_list(layers, "--layers") if k is None else ()
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers if k is not None else None, iters,
-                           budget, target_gmacs, output, proportional)
+    shown = parse_int_list(flags.layers, "--layers") if flags.k is None else ()
+    loaded, pooled = build(model_or_dir, flags if flags.k is not None else replace(flags, layers=None))
     if pooled is None:
         raise VitpoolError("visualize shows a converted model's clusters: pass a converted directory, --k or --budget")
     summary = draw(pooled, image, out_file, list(shown) or None, scale)
@@ -511,21 +507,14 @@ Distill = functools.partial(typer.Option, rich_help_panel="Distillation from the
 
 @app.command()
 @user_errors
+@model_options(pretrained=True)
 def finetune(
     model_or_dir: ModelArg,
     data_dir: Annotated[Path, typer.Option("--data", help="Training images: DIR/<class>/<image> (WordNet-id folders map to ImageNet-1k); with --distill-only any images under DIR.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder: the fine-tuned converted model, checkpoint.pt, finetune.json, log.jsonl.")],
     val_dir: Annotated[Optional[Path], typer.Option("--val", help="Labelled image folder to validate on before training and after every epoch.")] = None,
-    checkpoint: CheckpointOpt = None,
-    pretrained: PretrainedOpt = True,
-    method: MethodOpt = None,
-    k: KOpt = None,
-    layers: LayersOpt = None,
-    iters: ItersOpt = None,
-    output: OutputOpt = None,
-    proportional: ProportionalOpt = None,
-    budget: BudgetOpt = None,
-    target_gmacs: TargetOpt = None,
+    *,
+    flags: ModelFlags,
     epochs: Annotated[int, Hyper("--epochs")] = 5,
     batch_size: Annotated[int, Hyper("--batch-size", "-b", help="Images per step and process.")] = 32,
     lr: Annotated[float, Hyper("--lr", help="Peak learning rate (AdamW).")] = 5e-5,
@@ -582,12 +571,12 @@ def finetune(
         reprob=reprob, hflip=hflip, color_jitter=color_jitter, scale=scale_range,
     )
     settings.check()
-    loaded, pooled = build(model_or_dir, checkpoint, pretrained, method, k, layers, iters, budget, target_gmacs, output, proportional)
+    loaded, pooled = build(model_or_dir, flags)
     if pooled is None:
         raise VitpoolError("finetune trains a converted model: pass a directory from `vitpool convert`, or --k or --budget")
     source = {"model": str(Path(model_or_dir).resolve()) if Path(model_or_dir).is_dir() else model_or_dir,
-              "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-              "pretrained": pretrained and checkpoint is None, "pooling": pooled.vitpool_config.to_dict()}
+              "checkpoint": str(Path(flags.checkpoint).resolve()) if flags.checkpoint else None,
+              "pretrained": flags.pretrained and flags.checkpoint is None, "pooling": pooled.vitpool_config.to_dict()}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[speed]:.1f} img/s"))
     with Progress(*columns, console=err, transient=True, disable=not (main_process() and err.is_terminal)) as progress:

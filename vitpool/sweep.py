@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitpool import data
-from vitpool.config import METHODS
+from vitpool.config import MEDOID_METHODS, METHODS
 from vitpool.errors import VitpoolError, writable_parent, write_atomically
 from vitpool.evaluate import Tally
 
@@ -161,13 +161,15 @@ def metrics_row(result) -> dict:
 def run_point(model, method: str, budget: float, images: ImageSet, iters: int, output: str, proportional: bool,
               baseline_macs: int, schedule: str = "family", calibration: ImageSet | None = None) -> dict:
     """One row of the sweep: the family schedule for `budget` (or the one `vitpool schedule` finds on the
-    calibration images), converted, its MACs counted and scored on `images`."""
+    calibration images), converted, its MACs counted and scored on `images`. `output` concerns the K-Medoids
+    methods; the others have one kind of output."""
     from vitpool.adapter import apply_pooling
     from vitpool.budget import solve
     from vitpool.schedule import search
 
     started = time.perf_counter()
     row = {"method": method, "budget": budget, "schedule": schedule}
+    output = output if method in MEDOID_METHODS else "medoid"
     try:
         if schedule == "searched":
             found = search(model, calibration, method, iters, budget, output=output, proportional=proportional)

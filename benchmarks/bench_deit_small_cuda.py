@@ -1,0 +1,73 @@
+"""DeiT-S latency on a CUDA GPU: the CPU benchmark's three schedules, fp32 and bf16 autocast, batch 1 and
+256, eager PyTorch (and ONNX Runtime's CUDA execution provider where onnxruntime-gpu is installed), baseline
+and pooled interleaved in one run (vitpool.bench, CUDA events).
+
+The pooling layers' cost is measured as the latency they add, at both batch sizes: the pooled model against
+a copy whose pooling layers keep the first K patch tokens (bench_deit_small_cpu.free_pooling). Hooks with a
+host clock, as the CPU benchmark uses for eager PyTorch, would time kernel launches, not kernels.
+Random weights: latency does not depend on them. Writes benchmarks/results/bench_deit_small_cuda.json.
+
+    python benchmarks/bench_deit_small_cuda.py [--repeats 50] [--runtimes torch,onnxruntime]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from _results import RESULTS, write_json
+from bench_deit_small_cpu import LAYERS, SCHEDULES, free_pooling
+
+import vitpool
+from vitpool.bench import bench, environment, rows_to_json
+from vitpool.models import create_model
+
+BATCHES = [1, 256]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=50, help="timed rounds per model, runtime and batch")
+    parser.add_argument("--iters", type=int, default=5, help="K-Medoids iterations")
+    parser.add_argument("--runtimes", default=None, help="comma list (default: torch, and onnxruntime where it has CUDA)")
+    parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list of " + ", ".join(SCHEDULES))
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_deit_small_cuda.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU; bench_deit_small_cpu.py measures the CPU")
+    if args.runtimes is None:
+        import onnxruntime
+
+        has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        args.runtimes = "torch,onnxruntime" if has_cuda else "torch"
+    runtimes = args.runtimes.split(",")
+    torch.manual_seed(0)
+    base = create_model("deit_small", pretrained=False).cuda()
+    results = []
+    start = time.perf_counter()
+    for name in args.schedules.split(","):
+        pooled = vitpool.convert(base, k=SCHEDULES[name], layers=LAYERS, iters=args.iters)
+        for precision in ("fp32", "bf16"):
+            # autocast applies to the torch runtimes only: ONNX Runtime runs the fp32 graph, once
+            chosen = runtimes if precision == "fp32" else [r for r in runtimes if r != "onnxruntime"]
+            rows, env = bench(base, pooled, chosen, BATCHES, "cuda", precision, warmup=10, iters=args.repeats)
+            free_rows, _ = bench(free_pooling(pooled), pooled, ["torch"], BATCHES, "cuda", precision, warmup=10,
+                                 iters=args.repeats)
+            added = {f"batch{r.batch_size}": 1 - r.speedup for r in free_rows if r.model == "pooled"}
+            results.append({"schedule": name, "k": SCHEDULES[name], "layers": LAYERS, "method": "wkmedoids",
+                            "iters": args.iters, "precision": precision, "rows": rows_to_json(rows, env),
+                            "pooling_added_latency_torch": added})
+            print(json.dumps({"schedule": name, "precision": precision, "added": added,
+                              "efficiency": {f"{r.runtime}_b{r.batch_size}": round(r.efficiency, 3)
+                                             for r in rows if r.model == "pooled"}}), flush=True)
+    document = {"model": "deit_small_patch16_224 (random weights)", "device": "cuda",
+                "env": {**environment("cuda", torch.get_num_threads()), "vitpool": vitpool.__version__},
+                "seconds": round(time.perf_counter() - start), "results": results}
+    write_json(args.out, document)
+
+
+if __name__ == "__main__":
+    main()
