@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -45,11 +46,13 @@ def one_hot(assign: Tensor, k: int, dtype: torch.dtype) -> Tensor:
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x[b, index[b, j]] for every b, j, read as whole rows of the flattened batch: a gather with an expanded
-    [B, K, C] index exports as an Expand and a GatherElements, 13% of a K-Medoids layer's time in ONNX
-    Runtime at batch 32."""
+    """x[b, index[b, j]] for every b, j ([B, N, C] -> [B, K, C]), read as whole rows of the flattened batch.
+
+    A gather with an expanded [B, K, C] index exports as an Expand and a GatherElements, 13% of a K-Medoids
+    layer's time in ONNX Runtime at batch 32. `embedding` is a row lookup: one ONNX Gather, where indexing
+    exports as an Unsqueeze and a GatherND, and 2-5% faster than indexing in eager PyTorch."""
     batch, n = x.shape[:2]
-    return x.reshape(batch * n, *x.shape[2:])[index + batch_offsets(batch, n, x.device)]
+    return F.embedding(index + batch_offsets(batch, n, x.device), x.reshape(batch * n, x.shape[2]))
 
 
 def batch_offsets(batch: int, n: int, device: torch.device) -> Tensor:
@@ -117,11 +120,11 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
     above_any_cost = (2 * distance.amax(dim=(1, 2)) * w.sum(-1) + 1).view(batch, 1, 1)
     weight_row = w.unsqueeze(1)
     index = top_k_indices(init_scores, k)
-    rows = flat[index + offset]  # [B, K, N]: each medoid's distances, a row of D as D is symmetric
+    rows = F.embedding(index + offset, flat)  # [B, K, N]: each medoid's distances, a row of D as D is symmetric
     assign = first_argmin(rows, 1, keepdim=True)  # [B, 1, N]
     for _ in range(iters):
         index = _update_medoids(distance, weight_row, assign, rows, above_any_cost)
-        rows = flat[index + offset]
+        rows = F.embedding(index + offset, flat)
         assign = first_argmin(rows, 1, keepdim=True)
     assign = assign.squeeze(1)
     if means:  # the clusters found by K-Medoids, represented by their weighted means (N*K*C more MACs)
