@@ -8,6 +8,11 @@ host clock, as the CPU benchmark uses for eager PyTorch, would time kernel launc
 Random weights: latency does not depend on them. Writes benchmarks/results/bench_deit_small_cuda.json.
 
     python benchmarks/bench_deit_small_cuda.py [--repeats 50] [--runtimes torch,onnxruntime]
+
+On a lent GPU machine whose image lacks fvcore (pure-Python wheels carried from here):
+    pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl yacs==0.1.8 termcolor==3.3.0
+    pip wheel --no-deps -w .whl fvcore==0.1.5.post20221221 iopath==0.1.10
+and there: pip install --no-index --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site:$PWD.
 """
 
 from __future__ import annotations
