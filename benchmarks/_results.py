@@ -17,11 +17,11 @@ def write_json(path: Path, document) -> None:
     print(f"wrote {path}")
 
 
-def cpu_environment() -> dict:
-    """vitpool.bench's environment record on the CPU, plus vitpool's version."""
+def run_environment(device: str = "cpu") -> dict:
+    """vitpool.bench's environment record for `device`, plus vitpool's version."""
     import torch
 
     import vitpool
     from vitpool.bench import environment
 
-    return {**environment("cpu", torch.get_num_threads()), "vitpool": vitpool.__version__}
+    return {**environment(device, torch.get_num_threads()), "vitpool": vitpool.__version__}

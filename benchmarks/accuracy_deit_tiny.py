@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from _results import RESULTS, SHARED_DATA, cpu_environment, write_json
+from _results import RESULTS, SHARED_DATA, run_environment, write_json
 
 import vitpool
 from vitpool.config import METHODS
@@ -52,7 +52,7 @@ def main() -> None:
         "data": "../shared/data/imagenet-sample (500 photos, one per even ImageNet class)",
         "fine_tuned": False,
         "iters": 5,
-        "env": cpu_environment(),
+        "env": run_environment(),
         "seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
     }

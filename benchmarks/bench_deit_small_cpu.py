@@ -81,11 +81,13 @@ def _keep_first_tokens(pool, x, size, seen=None):
     return x[:, : pool.num_prefix_tokens + pool.k], kept, torch.zeros_like(kept, dtype=torch.long)
 
 
-def added_latency(pooled, rounds: int) -> dict[str, float]:
-    """1 - p50(free pooling) / p50(pooled) at batch 1, per runtime, interleaved. Not at batch 32: there the
-    profile is accurate, and a difference of a few percent is below the run-to-run noise of 10 rounds."""
-    rows, _ = bench(free_pooling(pooled), pooled, ["torch", "onnxruntime"], [1], warmup=3, iters=rounds)
-    return {f"{row.runtime}_batch1": 1 - row.speedup for row in rows if row.model == "pooled"}  # (pooled - free) / pooled
+def added_latency(pooled, rounds: int, runtimes=("torch", "onnxruntime"), batches=(1,), device: str = "cpu",
+                  precision: str = "fp32", warmup: int = 3) -> dict[str, float]:
+    """1 - p50(free pooling) / p50(pooled) per runtime and batch, interleaved. On the CPU only at batch 1: at
+    batch 32 the profile is accurate, and a difference of a few percent is below the noise of 10 rounds."""
+    rows, _ = bench(free_pooling(pooled), pooled, list(runtimes), list(batches), device, precision, warmup, rounds)
+    # (pooled - free) / pooled
+    return {f"{row.runtime}_batch{row.batch_size}": 1 - row.speedup for row in rows if row.model == "pooled"}
 
 
 def onnx_pool_share(model, images, workdir: str, calls: int = 5) -> float:

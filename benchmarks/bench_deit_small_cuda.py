@@ -3,7 +3,7 @@
 and pooled interleaved in one run (vitpool.bench, CUDA events).
 
 The pooling layers' cost is measured as the latency they add, at both batch sizes: the pooled model against
-a copy whose pooling layers keep the first K patch tokens (bench_deit_small_cpu.free_pooling). Hooks with a
+a copy whose pooling layers keep the first K patch tokens (bench_deit_small_cpu.added_latency). Hooks with a
 host clock, as the CPU benchmark uses for eager PyTorch, would time kernel launches, not kernels.
 Random weights: latency does not depend on them. Writes benchmarks/results/bench_deit_small_cuda.json.
 
@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-from _results import RESULTS, write_json
-from bench_deit_small_cpu import LAYERS, SCHEDULES, free_pooling
+from _results import RESULTS, run_environment, write_json
+from bench_deit_small_cpu import LAYERS, SCHEDULES, added_latency
 
 import vitpool
-from vitpool.bench import bench, environment, rows_to_json
+from vitpool.bench import bench, rows_to_json
 from vitpool.models import create_model
 
 BATCHES = [1, 256]
@@ -59,17 +59,15 @@ def main() -> None:
             # autocast applies to the torch runtimes only: ONNX Runtime runs the fp32 graph, once
             chosen = runtimes if precision == "fp32" else [r for r in runtimes if r != "onnxruntime"]
             rows, env = bench(base, pooled, chosen, BATCHES, "cuda", precision, warmup=10, iters=args.repeats)
-            free_rows, _ = bench(free_pooling(pooled), pooled, ["torch"], BATCHES, "cuda", precision, warmup=10,
-                                 iters=args.repeats)
-            added = {f"batch{r.batch_size}": 1 - r.speedup for r in free_rows if r.model == "pooled"}
+            added = added_latency(pooled, args.repeats, ["torch"], BATCHES, "cuda", precision, warmup=10)
             results.append({"schedule": name, "k": SCHEDULES[name], "layers": LAYERS, "method": "wkmedoids",
                             "iters": args.iters, "precision": precision, "rows": rows_to_json(rows, env),
-                            "pooling_added_latency_torch": added})
+                            "pooling_added_latency": added})
             print(json.dumps({"schedule": name, "precision": precision, "added": added,
                               "efficiency": {f"{r.runtime}_b{r.batch_size}": round(r.efficiency, 3)
                                              for r in rows if r.model == "pooled"}}), flush=True)
     document = {"model": "deit_small_patch16_224 (random weights)", "device": "cuda",
-                "env": {**environment("cuda", torch.get_num_threads()), "vitpool": vitpool.__version__},
+                "env": run_environment("cuda"),
                 "seconds": round(time.perf_counter() - start), "results": results}
     write_json(args.out, document)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from _results import RESULTS, SHARED_DATA, cpu_environment, write_json
+from _results import RESULTS, SHARED_DATA, run_environment, write_json
 
 from vitpool.adapter import apply_pooling
 from vitpool.budget import solve
@@ -68,7 +68,7 @@ def main() -> None:
                  "agreement": result.agreement, "kl": result.kl, "n": result.n})
     print(json.dumps(rows[-1]), flush=True)
     write_json(RESULTS / "budget60_deit_tiny.json", {"model": "deit_tiny_patch16_224 (../shared/data/weights)",
-               "budget": BUDGET, "unpooled_top1": reference_top1, "env": cpu_environment(), "rows": rows})
+               "budget": BUDGET, "unpooled_top1": reference_top1, "env": run_environment(), "rows": rows})
 
 
 if __name__ == "__main__":

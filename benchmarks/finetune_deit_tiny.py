@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import RESULTS, SHARED_DATA, cpu_environment, write_json
+from _results import RESULTS, SHARED_DATA, run_environment, write_json
 
 WEIGHTS = SHARED_DATA / "weights" / "deit_tiny_patch16_224.pth"
 PHOTOS = SHARED_DATA / "imagenet-sample"
@@ -75,7 +75,7 @@ def main() -> None:
         "training_seconds": training,
         "wall_seconds": seconds,
         "history": history,
-        "env": cpu_environment(),
+        "env": run_environment(),
     })
     print(f"agreement {before['agreement']:.1f} -> {after['agreement']:.1f}%, top-1 {before['top1']:.1f} -> "
           f"{after['top1']:.1f}% (unpooled {before['teacher_top1']:.1f}%), {training / 60:.1f} min of training, "

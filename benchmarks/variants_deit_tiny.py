@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from _results import RESULTS, SHARED_DATA, cpu_environment, write_json
+from _results import RESULTS, SHARED_DATA, run_environment, write_json
 
 from vitpool.adapter import apply_pooling
 from vitpool.config import make_config
@@ -37,4 +37,4 @@ for method, output, proportional in VARIANTS:
                  "top1": result.top1, "agreement": result.agreement, "kl": result.kl, "n": result.n})
     print(json.dumps(rows[-1]), flush=True)
 write_json(args.out, {"model": "deit_tiny_patch16_224 (../shared/data/weights)", "k": [128, 88, 56], "layers": [2, 5, 8],
-                      "env": cpu_environment(), "rows": rows})
+                      "env": run_environment(), "rows": rows})

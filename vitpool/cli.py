@@ -174,7 +174,7 @@ def pooling_json(pooled) -> dict | None:
 
 @app.command()
 @user_errors
-@model_options(pretrained=True)
+@model_options()
 def convert(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write (refused if it exists, unless --force).")],
@@ -279,7 +279,7 @@ def eval_command(
 
 @app.command()
 @user_errors
-@model_options(pretrained=True)
+@model_options()
 def export(
     model_or_dir: ModelArg,
     out_file: Annotated[Path, typer.Option("--out", help="ONNX file to write (refused if it exists, unless --force).")],
@@ -507,7 +507,7 @@ Distill = functools.partial(typer.Option, rich_help_panel="Distillation from the
 
 @app.command()
 @user_errors
-@model_options(pretrained=True)
+@model_options()
 def finetune(
     model_or_dir: ModelArg,
     data_dir: Annotated[Path, typer.Option("--data", help="Training images: DIR/<class>/<image> (WordNet-id folders map to ImageNet-1k); with --distill-only any images under DIR.")],
