@@ -103,7 +103,7 @@ def onnx_pool_share(model, images, workdir: str, calls: int = 5) -> float:
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(workdir) / "profile")
     options.intra_op_num_threads = torch.get_num_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as vitpool.bench times it
+    options.add_session_config_entry("session.force_spinning_stop", "1")  # as vitpool.bench times it
     runtime = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {INPUT_NAME: images.numpy()}
     for _ in range(calls):

@@ -2,8 +2,9 @@
 
 Per runtime and batch size: warm-up calls for both models, then rounds that time one call of each, the
 order alternating every round so that drift (frequency, cache, other load) falls on both alike. CPU calls
-are timed with perf_counter; CUDA calls with CUDA events after a synchronise. ONNX Runtime sessions run
-with spinning off, so neither model is timed against the other session's busy-waiting worker threads.
+are timed with perf_counter; CUDA calls with CUDA events after a synchronise. ONNX Runtime sessions stop
+their worker threads' spinning when a run returns, so neither model is timed against the other session's
+busy-waiting threads, while each run spins as a deployed session does.
 Peak memory is measured in a separate untimed pass: on CUDA the allocator's peak; on Linux CPU the
 process's peak resident set over that pass (the kernel's high-water mark is reset first through
 /proc/self/clear_refs).
@@ -149,7 +150,7 @@ def onnx_runner(model, images, device: str, threads: int, workdir: str) -> Calla
 
     path = Path(workdir) / f"{id(model)}.onnx"
     to_onnx(model.cpu(), path)
-    runtime = session(path, device, threads, spinning=False)  # the two models' sessions run in turns
+    runtime = session(path, device, threads, spin_after_run=False)  # the two models' sessions run in turns
     feed = {INPUT_NAME: images.cpu().numpy()}
     return lambda: runtime.run(None, feed)
 
