@@ -334,6 +334,36 @@ def test_duplicate_tokens_and_k_above_distinct_count(name, case):
         assert (err <= err0 * (1 + 1e-5) + 1e-6 * (x**2).sum((1, 2))).all()
 
 
+# ------------------------------------------------------------------------------- stopping at a fixed point
+
+
+@pytest.mark.parametrize("name", list(CLUSTERING))
+@settings(max_examples=25, **SETTINGS)
+@given(case=cases(modes=("separated", "arbitrary", "duplicates")), iters=st.integers(1, 8))
+def test_stopping_at_a_fixed_point_gives_the_outputs_of_every_iteration(name, case, iters):
+    x, sig, k = case
+    stopped = run_method(name, x, k, sig, iters)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(P, "at_fixed_point", lambda updated, previous: False)
+        every = run_method(name, x, k, sig, iters)
+    assert torch.equal(bits(stopped.tokens), bits(every.tokens))
+    assert torch.equal(stopped.assign, every.assign)
+
+
+@pytest.mark.parametrize("name", MEDOIDS)
+def test_eager_cpu_stops_at_the_fixed_point_and_traced_graphs_run_every_iteration(name, monkeypatch):
+    x, sig = make_tokens(3, 2, 24, 4, "separated"), make_significance(3, 2, 24)
+    updates = []
+    update = P._update_medoids
+    monkeypatch.setattr(P, "_update_medoids", lambda *args: updates.append(1) or update(*args))
+    run_method(name, x, 8, sig, iters=10)
+    assert 1 <= len(updates) < 10
+    updates.clear()
+    torch.jit.trace(lambda tokens, significance: run_method(name, tokens, 8, significance, iters=10).tokens, (x, sig),
+                    check_trace=False)
+    assert len(updates) == 10
+
+
 # -------------------------------------------------------------------------- determinism and batching
 
 
