@@ -8,10 +8,10 @@ Also measures the pooling layers' share of the pooled model's latency in two way
   patch tokens (the same blocks at the same token counts, pooling at almost no cost), interleaved by
   vitpool.bench. The profiler adds its own cost to every node, so for the many small pooling nodes of a
   batch-1 run its figure runs high.
-Random weights and random images: ONNX Runtime latency does not depend on them. Eager PyTorch's does a little,
-as clustering stops at a fixed point there (with random weights the first pooling layer takes 2 to 4 of its
-5 K-Medoids iterations, as with real weights on real photos: mostly 2 to 3). Writes
-benchmarks/results/bench_deit_small_cpu.json.
+Random weights and random images: ONNX Runtime latency does not depend on them. Eager PyTorch's does, as
+clustering stops at a fixed point there: with these inputs a layer runs 1.0 to 1.55 of its 5 K-Medoids
+iterations on average, the real DeiT-Tiny on real photos 1.5 to 2.7 (fixed_point_iterations.py), so the eager
+batch-1 pooling figures here are optimistic. Writes benchmarks/results/bench_deit_small_cpu.json.
 
     .venv/bin/python benchmarks/bench_deit_small_cpu.py [--repeats-1 60] [--repeats-32 10] [--repeats-added 100]
 """
