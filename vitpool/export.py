@@ -90,8 +90,8 @@ def session(path: str | Path, device: str = "cpu", threads: int | None = None, s
 
     `spin_after_run=False` stops the worker threads' busy-waiting when a run returns (they still spin within
     a run, as by default): two sessions timed in turns on a small CPU otherwise each run against the other's
-    spinning threads (+45% p50 on 2 cores). Turning spinning off altogether would instead slow every run
-    (DeiT-S batch 1: +7%, and more for the many small nodes of a pooled model), unlike a deployed session.
+    spinning threads (DeiT-S batch 1 on 2 cores: p50 +46-73%). Turning spinning off altogether would instead
+    slow every run (+3-9%, and +8-13% for a pooled model's many small nodes), unlike a deployed session.
     """
     import onnxruntime as ort
 

@@ -4,9 +4,10 @@ Every function takes patch tokens `x` of shape [B, N, C] (prefix tokens such as 
 and returns a `Pooled` pair: the output tokens [B, K, C] and `assign` [B, N], the output index each input
 token is represented by (-1 for a token that selection dropped). There is no Python loop over the batch or
 the clusters, iteration counts are fixed (eager CPU runs leave out the iterations after a fixed point, which
-would change nothing), nothing is random at call time, and only ops that ONNX expresses are used: matmul/einsum, argmin/argmax, topk/sort, gather, comparisons and `where`. Cluster sums are a
-matmul with the one-hot assignment (ONNX has no scatter-reduce mean). Work that is a multiply-accumulate is
-written as matmul or einsum so that the MAC counter sees it.
+would change nothing), nothing is random at call time, and only ops that ONNX expresses are used:
+matmul/einsum, argmin/argmax, topk/sort, gather, comparisons and `where`. Cluster sums are a matmul with the
+one-hot assignment (ONNX has no scatter-reduce mean). Work that is a multiply-accumulate is written as
+matmul or einsum so that the MAC counter sees it.
 
 Clustering runs in float32 whatever the input dtype (fp16/bf16 distances lose the argmin); medoid outputs
 are gathered from the original tokens, so they are bit-exact input tokens.
