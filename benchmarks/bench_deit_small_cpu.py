@@ -42,6 +42,7 @@ SCHEDULES = {  # K after blocks 2, 5, 8; MAC ratio measured with `vitpool flops`
     "minus50": [100, 64, 36],
 }
 LAYERS = [2, 5, 8]
+RUNTIMES = ("torch", "onnxruntime")
 
 
 def eager_pool_share(model, images, calls: int = 5) -> float:
@@ -85,7 +86,7 @@ def _keep_first_tokens(pool, x, size, seen=None):
     return x[:, : pool.num_prefix_tokens + pool.k], kept, torch.zeros_like(kept, dtype=torch.long)
 
 
-def added_latency(pooled, rounds: int, runtimes=("torch", "onnxruntime"), batches=(1,), device: str = "cpu",
+def added_latency(pooled, rounds: int, runtimes=RUNTIMES, batches=(1,), device: str = "cpu",
                   precision: str = "fp32", warmup: int = 3) -> dict[str, float]:
     """1 - p50(free pooling) / p50(pooled) per runtime and batch, interleaved. On the CPU only at batch 1: at
     batch 32 the profile is accurate, and a difference of a few percent is below the noise of 10 rounds."""
@@ -100,14 +101,14 @@ def median_block_rows(blocks: list[list[dict]]) -> list[dict]:
     This host has slower spells of some seconds (both models' batch-1 p50 up by about 30%, the pooled one's a
     little more); several short runs of bench, each interleaved, keep one spell from deciding the figure."""
     rows = []
-    for runtime in ("torch", "onnxruntime"):
+    for runtime in RUNTIMES:
         ranked = sorted(blocks, key=lambda block: _pooled(block, runtime)["efficiency"])
         rows += [row for row in ranked[len(ranked) // 2] if row["runtime"] == runtime]
     return rows
 
 
 def block_efficiencies(blocks: list[list[dict]]) -> dict[str, list[float]]:
-    return {runtime: [_pooled(block, runtime)["efficiency"] for block in blocks] for runtime in ("torch", "onnxruntime")}
+    return {runtime: [_pooled(block, runtime)["efficiency"] for block in blocks] for runtime in RUNTIMES}
 
 
 def _pooled(block: list[dict], runtime: str) -> dict:
@@ -160,10 +161,10 @@ def main() -> None:
     for name in args.schedules.split(","):
         k = SCHEDULES[name]
         pooled = vitpool.convert(base, k=k, layers=LAYERS, iters=args.iters)
-        blocks = [rows_to_json(*bench(base, pooled, ["torch", "onnxruntime"], [1], warmup=3, iters=args.repeats_1))
+        blocks = [rows_to_json(*bench(base, pooled, list(RUNTIMES), [1], warmup=3, iters=args.repeats_1))
                   for _ in range(args.blocks_1)]
         rows = median_block_rows(blocks)
-        rows += rows_to_json(*bench(base, pooled, ["torch", "onnxruntime"], [32], warmup=3, iters=args.repeats_32))
+        rows += rows_to_json(*bench(base, pooled, list(RUNTIMES), [32], warmup=3, iters=args.repeats_32))
         with tempfile.TemporaryDirectory() as workdir:
             shares = {}
             for batch in (1, 32):
@@ -172,7 +173,8 @@ def main() -> None:
                 shares[f"onnxruntime_batch{batch}"] = onnx_pool_share(pooled, images, workdir, calls=5 if batch == 1 else 2)
         added = added_latency(pooled, args.repeats_added)
         results.append({"schedule": name, "k": k, "layers": LAYERS, "method": "wkmedoids", "iters": args.iters,
-                        "rows": rows, "batch1_block_efficiency": block_efficiencies(blocks), "pooling_share_of_latency": shares, "pooling_added_latency": added})
+                        "rows": rows, "batch1_block_efficiency": block_efficiencies(blocks),
+                        "pooling_share_of_latency": shares, "pooling_added_latency": added})
         print(json.dumps({"schedule": name, "shares": shares, "added": added,
                           "efficiency": {f"{r['runtime']}_b{r['batch_size']}": round(r["efficiency"], 3) for r in rows if r["model"] == "pooled"}}),
               flush=True)

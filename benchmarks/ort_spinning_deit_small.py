@@ -15,9 +15,9 @@ weights. Writes benchmarks/results/ort_spinning_deit_small.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from _results import RESULTS, run_environment, write_json
 from bench_deit_small_cpu import LAYERS, SCHEDULES
 
 import vitpool
+from vitpool.bench import Timer, time_in_turns
 from vitpool.export import INPUT_NAME, to_onnx
 from vitpool.models import create_model
 
@@ -47,17 +48,12 @@ def open_session(path: Path, entries: dict[str, str]):
 
 
 def p50_ms(sessions: dict, feed: dict, rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median latency of each session, timed one call each per round, the order alternating."""
-    for run in sessions.values():
+    """Median latency of each session, timed in turns as vitpool.bench times models."""
+    calls = {name: functools.partial(session.run, None, feed) for name, session in sessions.items()}
+    for call in calls.values():
         for _ in range(warmup):
-            run.run(None, feed)
-    times = {name: [] for name in sessions}
-    for round_ in range(rounds):
-        for name in sessions if round_ % 2 == 0 else reversed(list(sessions)):
-            start = time.perf_counter()
-            sessions[name].run(None, feed)
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            call()
+    return {name: statistics.median(times) for name, times in time_in_turns(calls, rounds, Timer("cpu")).items()}
 
 
 def main() -> None:

@@ -130,6 +130,19 @@ class Timer:
         return (time.perf_counter() - begin) * 1e3
 
 
+def time_in_turns(calls: dict[str, Callable[[], object]], rounds: int, timer: Timer,
+                  on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """Milliseconds of each call per round; every round times each call once, the order alternating, so that
+    drift in the machine's speed falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(rounds):
+        if on_round:
+            on_round(round_ + 1)
+        for name in list(calls) if round_ % 2 == 0 else list(reversed(calls)):
+            times[name].append(timer(calls[name]))
+    return times
+
+
 def torch_runner(model, images, device: str, precision: str, compiled: bool) -> Callable[[], object]:
     import torch
 
@@ -213,13 +226,8 @@ def bench(
                     for _ in range(warmup):
                         call()
                 memory = {name: peak_memory_mb(call, device) for name, call in calls.items()}
-                times: dict[str, list[float]] = {name: [] for name in calls}
-                for round_ in range(iters):
-                    if on_step:
-                        on_step(f"{runtime}, batch {batch}: round {round_ + 1}/{iters}")
-                    order = list(calls) if round_ % 2 == 0 else list(reversed(calls))
-                    for name in order:
-                        times[name].append(timer(calls[name]))
+                progress = (lambda done: on_step(f"{runtime}, batch {batch}: round {done}/{iters}")) if on_step else None
+                times = time_in_turns(calls, iters, timer, progress)
                 summaries = {name: _summary(times[name], batch) for name in calls}
                 speedup = summaries["baseline"]["p50_ms"] / summaries["pooled"]["p50_ms"]
                 mac_speedup = macs["baseline"] / macs["pooled"]
