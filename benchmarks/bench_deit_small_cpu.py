@@ -3,11 +3,13 @@ eager PyTorch and ONNX Runtime, baseline and pooled interleaved in one run (vitp
 in three such runs, and the one with the median efficiency is reported (all three are kept).
 
 Also measures the pooling layers' share of the pooled model's latency in two ways:
-- their own time: in eager PyTorch by timing the TokenPool modules with hooks during extra calls, in ONNX
-  Runtime from its node profile (the nodes the exporter tagged with the TokenPool module, fused ones too);
-- at batch 1, the latency they add: the pooled model against a copy whose pooling layers keep the first K
-  patch tokens (the same blocks at the same token counts, pooling at almost no cost), interleaved by
-  vitpool.bench. The profiler adds its own cost to every node, so for the many small pooling nodes of a
+- their own time: in eager PyTorch by timing the TokenPool modules with hooks during extra calls, and their
+  `read` of the attention probabilities inside the block; in ONNX Runtime from its node profile (the nodes
+  the exporter tagged with the TokenPool module or with the `attn_drop` scope where the read runs, fused
+  ones too);
+- at batch 1, the latency they add: the pooled model against a copy whose pooling layers read nothing and
+  keep the first K patch tokens (the same blocks at the same token counts, pooling at almost no cost),
+  interleaved by vitpool.bench. The profiler adds its own cost to every node, so for the many small pooling nodes of a
   batch-1 run its figure runs high.
 Random weights and random images: ONNX Runtime latency does not depend on them. Eager PyTorch's does, as
 clustering stops at a fixed point there: with these inputs a layer runs 1.0 to 1.55 of its 5 K-Medoids
@@ -46,7 +48,7 @@ RUNTIMES = ("torch", "onnxruntime")
 
 
 def eager_pool_share(model, images, calls: int = 5) -> float:
-    """Fraction of eager forward time spent inside the TokenPool modules."""
+    """Fraction of eager forward time spent inside the TokenPool modules and their reads."""
     spent = [0.0]
     started = {}
 
@@ -56,9 +58,18 @@ def eager_pool_share(model, images, calls: int = 5) -> float:
     def after(module, _inputs, _output):
         spent[0] += time.perf_counter() - started.pop(module)
 
+    def timed(read):
+        def call(tapped):
+            begin = time.perf_counter()
+            kept = read(tapped)
+            spent[0] += time.perf_counter() - begin
+            return kept
+        return call
+
     handles = []
     for pool in pooled_layers(model).values():
         handles += [pool.register_forward_pre_hook(before), pool.register_forward_hook(after)]
+        pool.read = timed(pool.read)
     try:
         with torch.inference_mode():
             model(images)
@@ -70,15 +81,22 @@ def eager_pool_share(model, images, calls: int = 5) -> float:
     finally:
         for handle in handles:
             handle.remove()
+        for pool in pooled_layers(model).values():
+            del pool.read  # back to the class's method
     return spent[0] / total
 
 
 def free_pooling(model):
-    """A copy of `model` whose pooling layers keep the first K patch tokens: nearly free pooling."""
+    """A copy of `model` whose pooling layers read nothing and keep the first K patch tokens: nearly free pooling."""
     free = copy.deepcopy(model)
     for pool in pooled_layers(free).values():
+        pool.read = _read_nothing
         pool.forward = functools.partial(_keep_first_tokens, pool)
     return free
+
+
+def _read_nothing(_tapped):
+    return None
 
 
 def _keep_first_tokens(pool, x, size, seen=None):
@@ -123,7 +141,10 @@ def onnx_pool_share(model, images, workdir: str, calls: int = 5) -> float:
     path = Path(workdir) / "pooled.onnx"
     to_onnx(model, path)
     graph = onnx.load(str(path), load_external_data=False).graph
-    pool_nodes = {n.name for n in graph.node if any("TokenPool" in p.value for p in n.metadata_props)}
+    # In eval mode Dropout exports nothing, so the nodes in a pooled block's attn_drop scope are the pooling
+    # layer's read of the attention probabilities.
+    pool_nodes = {n.name for n in graph.node
+                  if any("TokenPool" in p.value or ".attn.attn_drop:" in p.value for p in n.metadata_props)}
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(workdir) / "profile")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -129,6 +131,19 @@ def test_significance_is_attention_received_from_explicit_softmax(name):
         pooled = converted.blocks[: layer + 1](converted.norm_pre(converted._pos_embed(converted.patch_embed(x))))
     torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(significance_from_attention(probabilities, prefix), significance)
+
+
+def test_attention_probabilities_are_freed_before_the_mlp_runs():
+    """The hook keeps only the significance; holding the N x N probabilities through the MLP raised the peak."""
+    model = _model("deit_tiny_patch16_224")
+    converted = vitpool.convert(model, k=[100], layers=[1])
+    block = converted.blocks[1]
+    probabilities, alive_in_mlp = [], []
+    block.attn.attn_drop.register_forward_hook(lambda _m, _i, out: probabilities.append(weakref.ref(out)))
+    block.mlp.register_forward_pre_hook(lambda _m, _i: alive_in_mlp.append(probabilities[-1]() is not None))
+    with torch.no_grad():
+        converted(_image(2, model))
+    assert alive_in_mlp == [False]
 
 
 def test_pooled_model_is_deterministic_and_batch_independent():

@@ -5,9 +5,12 @@ order alternating every round so that drift (frequency, cache, other load) falls
 are timed with perf_counter; CUDA calls with CUDA events after a synchronise. ONNX Runtime sessions stop
 their worker threads' spinning when a run returns, so neither model is timed against the other session's
 busy-waiting threads, while each run spins as a deployed session does.
-Peak memory is measured in a separate untimed pass: on CUDA the allocator's peak; on Linux CPU the
-process's peak resident set over that pass (the kernel's high-water mark is reset first through
-/proc/self/clear_refs).
+Peak memory is measured in a separate untimed pass of three calls. torch runtimes: the peak of the tensor
+memory torch's allocator holds beyond the weights and input (on CUDA its own statistics, on the CPU the
+profiler's allocation events). ONNX Runtime on the CPU: the rise of the process's peak resident set, on a
+fresh session (a warmed session's arena already holds its peak), after the C heap has handed its free
+pages back (glibc's malloc_trim) and the kernel's high-water mark has been reset through
+/proc/self/clear_refs. ONNX Runtime on CUDA allocates outside torch and is not measured.
 
 The efficiency of the converted model is its speed-up divided by its MAC speed-up (baseline MACs over
 converted MACs, pooling layers included): 1.0 means every MAC saved turned into time saved.
@@ -16,6 +19,7 @@ converted MACs, pooling layers included): 1.0 means every MAC saved turned into 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import platform
 import statistics
@@ -84,8 +88,12 @@ def _rss_mb(field: str) -> float:
     raise OSError(field)
 
 
-def peak_memory_mb(call: Callable[[], object], device: str, repeats: int = 3) -> float | None:
-    """Extra memory at the peak of `repeats` calls: CUDA allocator peak, or the CPU resident set's rise."""
+def tensor_peak_mb(call: Callable[[], object], device: str, repeats: int = 3) -> float:
+    """Peak of the tensor memory torch's allocator holds beyond what it held before, over `repeats` calls.
+
+    CUDA: the allocator's own peak. CPU: the same figure from the profiler's allocation events, as torch keeps
+    no CPU allocator statistics; the process's resident set would add the C heap's fragmentation, which
+    varied by tens of MB between identical DeiT-S batch-32 passes."""
     import torch
 
     if device == "cuda":
@@ -96,7 +104,34 @@ def peak_memory_mb(call: Callable[[], object], device: str, repeats: int = 3) ->
             call()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(repeats):
+            call()
+    changes = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+                     if event.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in changes:
+        held += nbytes
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing happens).
+
+    glibc keeps the memory that earlier calls freed, and a call that reuses it raises the resident set by
+    nothing: a warmed-up call that allocates 16 MB read as 0 MB."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def resident_peak_mb(call: Callable[[], object], repeats: int = 3) -> float | None:
+    """Rise of the process's peak resident set over `repeats` calls (Linux; None elsewhere): memory that
+    torch cannot see, such as ONNX Runtime's."""
     try:
+        release_free_heap()
         Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
         before = _rss_mb("VmRSS")
         for _ in range(repeats):
@@ -158,11 +193,10 @@ def torch_runner(model, images, device: str, precision: str, compiled: bool) -> 
     return call
 
 
-def onnx_runner(model, images, device: str, threads: int, workdir: str) -> Callable[[], object]:
-    from vitpool.export import INPUT_NAME, session, to_onnx
+def onnx_runner(path: Path, images, device: str, threads: int) -> Callable[[], object]:
+    """A new ONNX Runtime session on `path`, run on `images`."""
+    from vitpool.export import INPUT_NAME, session
 
-    path = Path(workdir) / f"{id(model)}.onnx"
-    to_onnx(model.cpu(), path)
     runtime = session(path, device, threads, spin_after_run=False)  # the two models' sessions run in turns
     feed = {INPUT_NAME: images.cpu().numpy()}
     return lambda: runtime.run(None, feed)
@@ -190,6 +224,7 @@ def bench(
     """Rows for both models at every runtime and batch size, and the environment they were measured in."""
     import torch
 
+    from vitpool.export import to_onnx
     from vitpool.flops import total_macs
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -211,6 +246,12 @@ def bench(
     timer = Timer(device)
     rows: list[BenchRow] = []
     with tempfile.TemporaryDirectory() as workdir:
+        onnx_paths = {name: Path(workdir) / f"{name}.onnx" for name in models}
+        if "onnxruntime" in runtimes:
+            if on_step:
+                on_step("onnxruntime: exporting")
+            for name, model in models.items():
+                to_onnx(model.cpu(), onnx_paths[name])  # one file per model: its batch axis is dynamic
         for runtime in runtimes:
             for batch in batch_sizes:
                 channels, height, width = baseline.patch_embed.proj.in_channels, *baseline.patch_embed.img_size
@@ -218,14 +259,20 @@ def bench(
                 if on_step:
                     on_step(f"{runtime}, batch {batch}: preparing")
                 calls = {
-                    name: onnx_runner(model, images, device, threads, workdir) if runtime == "onnxruntime"
+                    name: onnx_runner(onnx_paths[name], images, device, threads) if runtime == "onnxruntime"
                     else torch_runner(model, images, device, precision, compiled=runtime == "torch-compile")
                     for name, model in models.items()
                 }
                 for call in calls.values():
                     for _ in range(warmup):
                         call()
-                memory = {name: peak_memory_mb(call, device) for name, call in calls.items()}
+                if runtime != "onnxruntime":
+                    memory = {name: tensor_peak_mb(call, device) for name, call in calls.items()}
+                elif device == "cpu":  # a fresh session: the warmed one's arena already holds its peak
+                    memory = {name: resident_peak_mb(onnx_runner(onnx_paths[name], images, device, threads))
+                              for name in models}
+                else:
+                    memory = {name: None for name in models}
                 progress = (lambda done: on_step(f"{runtime}, batch {batch}: round {done}/{iters}")) if on_step else None
                 times = time_in_turns(calls, iters, timer, progress)
                 summaries = {name: _summary(times[name], batch) for name in calls}

@@ -124,7 +124,7 @@ class MacModel:
             seen = torch.rand(1, attn.num_heads, tokens, attn.head_dim)
         else:
             seen = None
-        inputs = (torch.rand(1, tokens, self.dim), torch.ones(1, stage.tokens_in)) + ((seen,) if seen is not None else ())
+        inputs = (torch.rand(1, tokens, self.dim), torch.ones(1, stage.tokens_in)) + ((layer.read(seen),) if seen is not None else ())
         return analyse(_LiveOutputs(layer, sizes_live), inputs)[0]
 
     def total(self, config: PoolingConfig) -> int:
