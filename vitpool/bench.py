@@ -23,9 +23,10 @@ import ctypes
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def tensor_peak_mb(call: Callable[[], object], device: str, repeats: int = 3) ->
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _c_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for _ in range(repeats):
             call()
     changes = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
@@ -116,6 +117,20 @@ def tensor_peak_mb(call: Callable[[], object], device: str, repeats: int = 3) ->
         held += nbytes
         peak = max(peak, held)
     return peak / 2**20
+
+
+@contextlib.contextmanager
+def _c_stderr_silenced() -> Iterator[None]:
+    """The profiler's Kineto writes two lines to the process's stderr for every pass, whatever its log level."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def release_free_heap() -> None:
