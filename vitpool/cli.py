@@ -357,7 +357,8 @@ def bench(
                       fmt(r.mac_speedup, ".2f"), fmt(r.efficiency, ".2f"))
     out.print(table)
     out.print(f"{env['device_name']}, {env['threads']} threads; torch {env['torch']}, timm {env['timm']}, "
-              f"onnxruntime {env['onnxruntime']}. Efficiency = speed-up / MAC speed-up (1.0: every MAC saved became time saved).",
+              f"onnxruntime {env['onnxruntime']}. Efficiency = speed-up / MAC speed-up (1.0: every MAC saved became time saved). "
+              "Peak MB: torch, the most tensor memory held at once; onnxruntime, the resident-set rise of a fresh session.",
               highlight=False)
 
 
