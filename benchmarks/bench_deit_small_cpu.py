@@ -9,8 +9,8 @@ Also measures the pooling layers' share of the pooled model's latency in two way
   ones too);
 - at batch 1, the latency they add: the pooled model against a copy whose pooling layers read nothing and
   keep the first K patch tokens (the same blocks at the same token counts, pooling at almost no cost),
-  interleaved by vitpool.bench, in three runs whose median is reported (all are kept). The profiler adds its own cost to every node, so for the many small pooling nodes of a
-  batch-1 run its figure runs high.
+  interleaved by vitpool.bench, in three runs whose median is reported (all are kept). The profiler adds
+  its own cost to every node, so for the many small pooling nodes of a batch-1 run its figure runs high.
 Random weights and random images: ONNX Runtime latency does not depend on them. Eager PyTorch's does, as
 clustering stops at a fixed point there: with these inputs a layer runs 1.0 to 1.55 of its 5 K-Medoids
 iterations on average, the real DeiT-Tiny on real photos 1.5 to 2.7 (fixed_point_iterations.py), so the eager
@@ -136,7 +136,7 @@ def _pooled(block: list[dict], runtime: str) -> dict:
 
 
 def onnx_pool_share(model, images, workdir: str, calls: int = 5) -> float:
-    """Fraction of ONNX Runtime node time spent in nodes exported from the TokenPool modules."""
+    """Fraction of ONNX Runtime node time spent in nodes exported from the TokenPool modules and their reads."""
     import onnx
     import onnxruntime as ort
 
