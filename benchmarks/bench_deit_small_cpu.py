@@ -11,10 +11,14 @@ Also measures the pooling layers' share of the pooled model's latency in two way
   keep the first K patch tokens (the same blocks at the same token counts, pooling at almost no cost),
   interleaved by vitpool.bench, in three runs whose median is reported (all are kept). The profiler adds
   its own cost to every node, so for the many small pooling nodes of a batch-1 run its figure runs high.
-Random weights and random images: ONNX Runtime latency does not depend on them. Eager PyTorch's does, as
-clustering stops at a fixed point there: with these inputs a layer runs 1.0 to 1.55 of its 5 K-Medoids
-iterations on average, the real DeiT-Tiny on real photos 1.5 to 2.7 (fixed_point_iterations.py), so the eager
-batch-1 pooling figures here are optimistic. Writes benchmarks/results/bench_deit_small_cpu.json.
+ONNX Runtime is measured twice: with the default graphs, which run every clustering iteration, and, under
+`onnxruntime_stopping_at_fixed_point`, with graphs exported with `stop_at_fixed_point` (If nodes skip the
+iterations after a fixed point).
+Random weights and random images: the default graphs' latency does not depend on them. Eager PyTorch's and
+the stopping graphs' do, as clustering stops at a fixed point there: with these inputs a layer runs 1.0 to
+1.55 of its 5 K-Medoids iterations on average, the real DeiT-Tiny on real photos 1.5 to 2.7
+(fixed_point_iterations.py), so their batch-1 pooling figures here are optimistic; onnx_stop_deit_tiny.py
+measures the stopping graphs on real weights and photos. Writes benchmarks/results/bench_deit_small_cpu.json.
 
     .venv/bin/python benchmarks/bench_deit_small_cpu.py [--blocks-1 3] [--repeats-1 60] [--repeats-32 10]
         [--repeats-added 100] [--blocks-added 3]
@@ -107,41 +111,45 @@ def _keep_first_tokens(pool, x, size, seen=None):
 
 
 def added_latency(pooled, rounds: int, runtimes=RUNTIMES, batches=(1,), device: str = "cpu",
-                  precision: str = "fp32", warmup: int = 3) -> dict[str, float]:
+                  precision: str = "fp32", warmup: int = 3, stop_at_fixed_point: bool = False) -> dict[str, float]:
     """1 - p50(free pooling) / p50(pooled) per runtime and batch, interleaved. On the CPU only at batch 1: at
     batch 32 the profile is accurate, and a difference of a few percent is below the noise of 10 rounds."""
-    rows, _ = bench(free_pooling(pooled), pooled, list(runtimes), list(batches), device, precision, warmup, rounds)
+    rows, _ = bench(free_pooling(pooled), pooled, list(runtimes), list(batches), device, precision, warmup, rounds,
+                    stop_at_fixed_point=stop_at_fixed_point)
     # (pooled - free) / pooled
     return {f"{row.runtime}_batch{row.batch_size}": 1 - row.speedup for row in rows if row.model == "pooled"}
 
 
-def median_block_rows(blocks: list[list[dict]]) -> list[dict]:
+def median_block_rows(blocks: list[list[dict]], runtimes=RUNTIMES) -> list[dict]:
     """Per runtime, the baseline and pooled rows of the block whose efficiency is the median.
 
     This host has slower spells of some seconds (both models' batch-1 p50 up by about 30%, the pooled one's a
     little more); several short runs of bench, each interleaved, keep one spell from deciding the figure."""
     rows = []
-    for runtime in RUNTIMES:
+    for runtime in runtimes:
         ranked = sorted(blocks, key=lambda block: _pooled(block, runtime)["efficiency"])
         rows += [row for row in ranked[len(ranked) // 2] if row["runtime"] == runtime]
     return rows
 
 
-def block_efficiencies(blocks: list[list[dict]]) -> dict[str, list[float]]:
-    return {runtime: [_pooled(block, runtime)["efficiency"] for block in blocks] for runtime in RUNTIMES}
+def block_efficiencies(blocks: list[list[dict]], runtimes=RUNTIMES) -> dict[str, list[float]]:
+    return {runtime: [_pooled(block, runtime)["efficiency"] for block in blocks] for runtime in runtimes}
 
 
 def _pooled(block: list[dict], runtime: str) -> dict:
     return next(row for row in block if row["runtime"] == runtime and row["model"] == "pooled")
 
 
-def onnx_pool_share(model, images, workdir: str, calls: int = 5) -> float:
-    """Fraction of ONNX Runtime node time spent in nodes exported from the TokenPool modules and their reads."""
+def onnx_pool_share(model, images, workdir: str, calls: int = 5, stop_at_fixed_point: bool = False) -> float:
+    """Fraction of ONNX Runtime node time spent in nodes exported from the TokenPool modules and their reads.
+
+    An If node's time includes the nodes of the branch it ran, which the profile also lists under their own
+    names; only the If, a node of the main graph, is counted."""
     import onnx
     import onnxruntime as ort
 
     path = Path(workdir) / "pooled.onnx"
-    to_onnx(model, path)
+    to_onnx(model, path, stop_at_fixed_point=stop_at_fixed_point)
     graph = onnx.load(str(path), load_external_data=False).graph
     # In eval mode Dropout exports nothing, so the nodes in a pooled block's attn_drop scope are the pooling
     # layer's read of the attention probabilities.
@@ -167,6 +175,32 @@ def onnx_pool_share(model, images, workdir: str, calls: int = 5) -> float:
     return sum(t for name, t in node_time.items() if name in pool_nodes) / total
 
 
+def measure(base, pooled, runtimes, args, stop_at_fixed_point: bool) -> dict:
+    """Rows (batch 1: the median of `args.blocks_1` runs), pooling shares and added latency for `runtimes`, with
+    the ONNX graphs exported as `stop_at_fixed_point` says."""
+    runtimes = list(runtimes)
+    blocks = [rows_to_json(*bench(base, pooled, runtimes, [1], warmup=3, iters=args.repeats_1,
+                                  stop_at_fixed_point=stop_at_fixed_point))
+              for _ in range(args.blocks_1)]
+    rows = median_block_rows(blocks, runtimes)
+    rows += rows_to_json(*bench(base, pooled, runtimes, [32], warmup=3, iters=args.repeats_32,
+                                stop_at_fixed_point=stop_at_fixed_point))
+    shares = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for batch in (1, 32):
+            images = torch.randn(batch, 3, 224, 224)
+            calls = 5 if batch == 1 else 2
+            if "torch" in runtimes:
+                shares[f"torch_batch{batch}"] = eager_pool_share(pooled, images, calls)
+            shares[f"onnxruntime_batch{batch}"] = onnx_pool_share(pooled, images, workdir, calls, stop_at_fixed_point)
+    added_blocks = [added_latency(pooled, args.repeats_added, runtimes, stop_at_fixed_point=stop_at_fixed_point)
+                    for _ in range(args.blocks_added)]
+    added = {key: statistics.median(block[key] for block in added_blocks) for key in added_blocks[0]}
+    return {"rows": rows, "batch1_block_efficiency": block_efficiencies(blocks, runtimes),
+            "pooling_share_of_latency": shares, "pooling_added_latency": added,
+            "pooling_added_latency_blocks": added_blocks}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats-1", type=int, default=60)
@@ -185,25 +219,16 @@ def main() -> None:
     for name in args.schedules.split(","):
         k = SCHEDULES[name]
         pooled = vitpool.convert(base, k=k, layers=LAYERS, iters=args.iters)
-        blocks = [rows_to_json(*bench(base, pooled, list(RUNTIMES), [1], warmup=3, iters=args.repeats_1))
-                  for _ in range(args.blocks_1)]
-        rows = median_block_rows(blocks)
-        rows += rows_to_json(*bench(base, pooled, list(RUNTIMES), [32], warmup=3, iters=args.repeats_32))
-        with tempfile.TemporaryDirectory() as workdir:
-            shares = {}
-            for batch in (1, 32):
-                images = torch.randn(batch, 3, 224, 224)
-                shares[f"torch_batch{batch}"] = eager_pool_share(pooled, images, calls=5 if batch == 1 else 2)
-                shares[f"onnxruntime_batch{batch}"] = onnx_pool_share(pooled, images, workdir, calls=5 if batch == 1 else 2)
-        added_blocks = [added_latency(pooled, args.repeats_added) for _ in range(args.blocks_added)]
-        added = {key: statistics.median(block[key] for block in added_blocks) for key in added_blocks[0]}
-        results.append({"schedule": name, "k": k, "layers": LAYERS, "method": "wkmedoids", "iters": args.iters,
-                        "rows": rows, "batch1_block_efficiency": block_efficiencies(blocks),
-                        "pooling_share_of_latency": shares, "pooling_added_latency": added,
-                        "pooling_added_latency_blocks": added_blocks})
-        print(json.dumps({"schedule": name, "shares": shares, "added": added,
-                          "efficiency": {f"{r['runtime']}_b{r['batch_size']}": round(r["efficiency"], 3) for r in rows if r["model"] == "pooled"}}),
-              flush=True)
+        result = {"schedule": name, "k": k, "layers": LAYERS, "method": "wkmedoids", "iters": args.iters,
+                  **measure(base, pooled, RUNTIMES, args, stop_at_fixed_point=False),
+                  "onnxruntime_stopping_at_fixed_point": measure(base, pooled, ("onnxruntime",), args, stop_at_fixed_point=True)}
+        results.append(result)
+        print(json.dumps({"schedule": name, **{
+            graph: {"shares": part["pooling_share_of_latency"], "added": part["pooling_added_latency"],
+                    "efficiency": {f"{r['runtime']}_b{r['batch_size']}": round(r["efficiency"], 3)
+                                   for r in part["rows"] if r["model"] == "pooled"}}
+            for graph, part in (("every_iteration", result), ("stopping", result["onnxruntime_stopping_at_fixed_point"]))}}),
+            flush=True)
     document = {"model": "deit_small_patch16_224 (random weights)", "device": "cpu", "env": environment("cpu", torch.get_num_threads()),
                 "seconds": round(time.perf_counter() - start), "results": results}
     write_json(args.out, document)

@@ -54,6 +54,8 @@ def test_bench_refusals():
     _assert_one_line_error(_vitpool("bench", "deit_tiny", "--no-pretrained"), "converted model")
     _assert_one_line_error(_vitpool("bench", *SMALL, "--amp", "bf16"), "--amp bf16 is for CUDA")
     _assert_one_line_error(_vitpool("bench", *SMALL, "--batch-size", "0"), "--batch-size")
+    _assert_one_line_error(_vitpool("bench", *SMALL, "--runtime", "torch", "--stop-at-fixed-point"),
+                           "--stop-at-fixed-point", "onnxruntime")
 
 
 def test_sessions_timed_in_turns_stop_spinning_between_runs_only(tmp_path):

@@ -45,6 +45,28 @@ def test_one_file_runs_any_batch_size(real_deit_tiny, tmp_path):
         np.testing.assert_allclose(logits, expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("method", ["wkmedoids", "wkmeans"])
+def test_graph_that_stops_at_the_fixed_point_gives_every_iterations_outputs(method, real_deit_tiny, imagenet_sample,
+                                                                            tmp_path):
+    from vitpool import data as image_data
+
+    pooled = vitpool.convert(real_deit_tiny, method=method, **SCHEDULE)
+    every = export_module.export(pooled, tmp_path / "every.onnx", run_check=False)
+    stops = export_module.export(pooled, tmp_path / "stops.onnx", run_check=False, stop_at_fixed_point=True)
+    assert stops.stops_at_fixed_point and not every.stops_at_fixed_point
+    top_level_ifs = [n for n in onnx.load(stops.path, load_external_data=False).graph.node if n.op_type == "If"]
+    assert len(top_level_ifs) == len(SCHEDULE["layers"])  # one chain of nested Ifs per pooling layer
+    assert not any(n.op_type == "If" for n in onnx.load(every.path, load_external_data=False).graph.node)
+    folder = image_data.scan(imagenet_sample, 1000)
+    batches = [images for images, _, _ in image_data.loader(image_data.spread(folder.samples, 7), pooled, 1, workers=0)]
+    # Real photos take 1 to 5 iterations per layer, so a condition that stops too early changes the logits.
+    images = torch.cat(batches).numpy()
+    sessions = export_module.session(every.path), export_module.session(stops.path)
+    for batch in (images[:1], images[1:4], images[4:]):
+        expected, actual = (s.run(None, {export_module.INPUT_NAME: batch})[0] for s in sessions)
+        np.testing.assert_array_equal(actual, expected)
+
+
 def test_distilled_model_exports_with_both_prefix_tokens(tmp_path):
     torch.manual_seed(0)
     model = create_model("deit_tiny_distilled_patch16_224", pretrained=False)

@@ -235,8 +235,11 @@ def bench(
     iters: int = 30,
     threads: int | None = None,
     on_step: Callable[[str], None] | None = None,
+    stop_at_fixed_point: bool = False,
 ) -> tuple[list[BenchRow], dict]:
-    """Rows for both models at every runtime and batch size, and the environment they were measured in."""
+    """Rows for both models at every runtime and batch size, and the environment they were measured in.
+
+    `stop_at_fixed_point` exports the ONNX Runtime models as `vitpool.export.to_onnx` does with it."""
     import torch
 
     from vitpool.export import to_onnx
@@ -249,6 +252,8 @@ def bench(
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise VitpoolError(f"unknown runtime {', '.join(unknown)}: choose from {', '.join(RUNTIMES)}")
+    if stop_at_fixed_point and "onnxruntime" not in runtimes:
+        raise VitpoolError("--stop-at-fixed-point shapes the ONNX graphs: add onnxruntime to --runtime, or drop it")
     if precision not in ("fp32", "bf16", "fp16"):
         raise VitpoolError(f"unknown precision {precision!r}: use bf16 or fp16 with --amp")
     if precision != "fp32" and device != "cuda":
@@ -266,7 +271,8 @@ def bench(
             if on_step:
                 on_step("onnxruntime: exporting")
             for name, model in models.items():
-                to_onnx(model.cpu(), onnx_paths[name])  # one file per model: its batch axis is dynamic
+                # one file per model: its batch axis is dynamic
+                to_onnx(model.cpu(), onnx_paths[name], stop_at_fixed_point=stop_at_fixed_point)
         for runtime in runtimes:
             for batch in batch_sizes:
                 channels, height, width = baseline.patch_embed.proj.in_channels, *baseline.patch_embed.img_size

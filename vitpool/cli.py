@@ -42,6 +42,7 @@ ProportionalOpt = Annotated[Optional[bool], typer.Option("--proportional/--no-pr
 BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Instead of --k/--layers: the fraction of the unpooled MACs to keep, e.g. 0.6 (pooling layers included; see README for the schedule family).")]
 TargetOpt = Annotated[Optional[float], typer.Option("--target-gmacs", help="Instead of --k/--layers: the GMACs to land on, within 1%.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only a JSON document on stdout.")]
+StopOpt = Annotated[bool, typer.Option("--stop-at-fixed-point", help="ONNX graphs skip the clustering iterations after a fixed point (If nodes): the same outputs, less pooling time in ONNX Runtime on the CPU; TensorRT and CUDA graphs refuse control flow.")]
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,7 @@ def export(
     limit: Annotated[int, typer.Option("--limit", min=1, help="Inputs to check on.")] = 32,
     min_agreement: Annotated[float, typer.Option("--min-agreement", min=0, max=100, help="Top-1 agreement (%) the check requires; K-Medoids near-ties may flip under other kernels.")] = 90.0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    stop_at_fixed_point: StopOpt = False,
     as_json: JsonOpt = False,
 ):
     """Export to ONNX with the pooling in the graph and a dynamic batch axis, checked in ONNX Runtime."""
@@ -300,12 +302,13 @@ def export(
     loaded, pooled = build(model_or_dir, flags)
     with err.status("exporting to ONNX and checking it in ONNX Runtime", spinner="dots"):
         result = export_model(pooled if pooled is not None else loaded.model, out_file, opset, batch_size, run_check,
-                              data_dir, limit, min_agreement, force)
+                              data_dir, limit, min_agreement, force, stop_at_fixed_point)
     if as_json:
         emit_json({"model": loaded.name, "pooling": pooling_json(pooled), **result.to_json()})
         return
     out.print(f"wrote {result.path} ({result.size_mb:.1f} MB, opset {result.opset}, input {result.input_name} "
-              f"{result.input_shape}, exported in {result.seconds:.1f} s)", highlight=False)
+              f"{result.input_shape}{', stops at fixed point' if result.stops_at_fixed_point else ''}, "
+              f"exported in {result.seconds:.1f} s)", highlight=False)
     if result.check is not None:
         c = result.check
         out.print(f"ONNX Runtime vs PyTorch on {c.n} {'random inputs' if c.source == 'random' else 'images from ' + c.source}: "
@@ -326,6 +329,7 @@ def bench(
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls per model first.")] = 5,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed calls per model, interleaved.")] = 30,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch and ONNX Runtime (default: torch's).")] = None,
+    stop_at_fixed_point: StopOpt = False,
     as_json: JsonOpt = False,
 ):
     """Time the unpooled and the converted model side by side: p50/p90 latency, images/s, peak memory, efficiency."""
@@ -343,7 +347,8 @@ def bench(
         raise VitpoolError("bench compares a converted model with its original: pass a converted directory, --k or --budget")
     with err.status("benchmarking", spinner="dots") as status:
         rows, env = run_bench(loaded.model, pooled, runtimes, list(batches), device, amp or "fp32", warmup, repeats,
-                              threads, on_step=lambda text: status.update(f"benchmarking: {text}"))
+                              threads, on_step=lambda text: status.update(f"benchmarking: {text}"),
+                              stop_at_fixed_point=stop_at_fixed_point)
     if as_json:
         emit_json(rows_to_json(rows, env))
         return

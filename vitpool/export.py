@@ -1,7 +1,9 @@
 """ONNX export of a (converted) model with its pooling in the graph, checked against PyTorch in ONNX Runtime.
 
-The pooling layers have fixed iteration counts and static shapes, so the graph has no data-dependent
-control flow; the batch axis is a named dynamic dimension. The dynamo exporter fixes the batch to 1 when
+The pooling layers have fixed iteration counts and static shapes, so by default the graph has no
+data-dependent control flow; the batch axis is a named dynamic dimension. `stop_at_fixed_point` instead
+puts each clustering iteration after the first into an ONNX If that skips it once an iteration has changed
+nothing (the same outputs; faster in ONNX Runtime on the CPU, refused by TensorRT and CUDA graphs). The dynamo exporter fixes the batch to 1 when
 it traces with a batch of 1, so the example batch is at least 2. K-Medoids' argmin may resolve a near-tie
 differently under ONNX Runtime's kernels, so the check is top-1 agreement against a stated threshold,
 not bit-equality; the file is only moved into place once the check has passed.
@@ -50,6 +52,7 @@ class ExportResult:
     size_mb: float
     seconds: float
     check: ExportCheck | None
+    stops_at_fixed_point: bool = False  # clustering iterations after a fixed point are skipped by If nodes
 
     def to_json(self) -> dict:
         document = asdict(self)
@@ -65,12 +68,16 @@ def _example_input(model, batch_size: int):
     return torch.randn(max(2, batch_size), channels, height, width, generator=torch.Generator().manual_seed(0))
 
 
-def to_onnx(model, path: str | Path, opset: int = DEFAULT_OPSET, batch_size: int = 2) -> None:
+def to_onnx(model, path: str | Path, opset: int = DEFAULT_OPSET, batch_size: int = 2,
+            stop_at_fixed_point: bool = False) -> None:
     """Write `model` to `path` as ONNX with a dynamic batch axis; the exporter's chatter goes to stderr."""
     import torch
 
+    from vitpool.pooling import graphs_stop_at_fixed_point
+
     example = _example_input(model, batch_size)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), torch.no_grad():
+    with (warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), torch.no_grad(),
+          graphs_stop_at_fixed_point(stop_at_fixed_point)):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model.eval(),
@@ -151,7 +158,8 @@ def check(model, path: str | Path, data: Path | None = None, limit: int = 32, ba
 
 
 def export(model, out: str | Path, opset: int = DEFAULT_OPSET, batch_size: int = 2, run_check: bool = True,
-           data: Path | None = None, limit: int = 32, min_agreement: float = 90.0, force: bool = False) -> ExportResult:
+           data: Path | None = None, limit: int = 32, min_agreement: float = 90.0, force: bool = False,
+           stop_at_fixed_point: bool = False) -> ExportResult:
     """Export, check in ONNX Runtime, and only then move the file to `out` (atomic; `force` to replace)."""
     out = Path(out)
     refuse_existing_output(out, force)
@@ -166,7 +174,7 @@ def export(model, out: str | Path, opset: int = DEFAULT_OPSET, batch_size: int =
     staging = Path(staging)
     try:
         start = time.perf_counter()
-        to_onnx(model, staging, opset, batch_size)
+        to_onnx(model, staging, opset, batch_size, stop_at_fixed_point)
         seconds = time.perf_counter() - start
         result = check(model, staging, data, limit, min_agreement=min_agreement) if run_check else None
         if result is not None and not result.passed:
@@ -183,4 +191,4 @@ def export(model, out: str | Path, opset: int = DEFAULT_OPSET, batch_size: int =
         os.replace(staging, out)
     finally:
         staging.unlink(missing_ok=True)
-    return ExportResult(str(out), opset, graph_input.name, shape, size_mb, seconds, result)
+    return ExportResult(str(out), opset, graph_input.name, shape, size_mb, seconds, result, stop_at_fixed_point)

@@ -3,8 +3,9 @@
 Every function takes patch tokens `x` of shape [B, N, C] (prefix tokens such as CLS are never passed in)
 and returns a `Pooled` pair: the output tokens [B, K, C] and `assign` [B, N], the output index each input
 token is represented by (-1 for a token that selection dropped). There is no Python loop over the batch or
-the clusters, iteration counts are fixed (eager CPU runs leave out the iterations after a fixed point, which
-would change nothing), nothing is random at call time, and only ops that ONNX expresses are used:
+the clusters, iteration counts are fixed (eager CPU runs, and exported graphs within
+`graphs_stop_at_fixed_point`, leave out the iterations after a fixed point, which would change nothing),
+nothing is random at call time, and only ops that ONNX expresses are used:
 matmul/einsum, argmin/argmax, topk/sort, gather, comparisons and `where`. Cluster sums are a matmul with the
 one-hot assignment (ONNX has no scatter-reduce mean). Work that is a multiply-accumulate is written as
 matmul or einsum so that the MAC counter sees it.
@@ -15,6 +16,9 @@ are gathered from the original tokens, so they are bit-exact input tokens.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -30,6 +34,45 @@ class Pooled(NamedTuple):
 def _is_tracing() -> bool:
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
+
+
+_GRAPHS_STOP_AT_FIXED_POINT = contextvars.ContextVar("vitpool_graphs_stop_at_fixed_point", default=False)
+
+
+@contextlib.contextmanager
+def graphs_stop_at_fixed_point(enabled: bool = True) -> Iterator[None]:
+    """While this is open, graphs exported with `torch.export` (and so the dynamo ONNX exporter) run each
+    clustering iteration after the first inside a `torch.cond` (an ONNX If) only while the iteration before
+    changed something: the outputs of every iteration, at a quarter less pooling time in ONNX Runtime on the
+    CPU at batch 1. Off by default: TensorRT, ONNX Runtime's CUDA graphs and some converters refuse control
+    flow, and on CUDA each If waits for the GPU to hand over its condition."""
+    token = _GRAPHS_STOP_AT_FIXED_POINT.set(enabled)
+    try:
+        yield
+    finally:
+        _GRAPHS_STOP_AT_FIXED_POINT.reset(token)
+
+
+def _graph_stops_at_fixed_point() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return exporting() and _GRAPHS_STOP_AT_FIXED_POINT.get()
+
+
+def iterate_in_graph(step: Callable[..., tuple], state: tuple[Tensor, ...], iters: int) -> tuple[Tensor, ...]:
+    """`state = step(*state)[:-1]`, `iters` times, each time after the first only if the step before returned a
+    true `changed` (its last output, a one-element bool tensor). The conditions nest, so a graph that stops
+    runs one If's other branch, not one per iteration left.
+
+    `step` must not return its inputs or their views, and the tensors it closes over must not be views of
+    one another (torch.cond's rules)."""
+    *state, changed = step(*state)
+    if iters == 1:
+        return tuple(state)
+    return torch.cond(changed, lambda *s: iterate_in_graph(step, s, iters - 1), _unchanged, tuple(state))
+
+
+def _unchanged(*state: Tensor) -> tuple[Tensor, ...]:
+    return tuple(t.clone() for t in state)
 
 
 def check_finite(x: Tensor) -> None:
@@ -120,16 +163,26 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
     # More than any cluster's cost (the sum of all weights times the largest distance), with room for rounding.
     above_any_cost = (2 * distance.amax(dim=(1, 2)) * w.sum(-1) + 1).view(batch, 1, 1)
     weight_row = w.unsqueeze(1)
-    index = top_k_indices(init_scores, k)
-    rows = F.embedding(index + offset, flat)  # [B, K, N]: each medoid's distances, a row of D as D is symmetric
-    assign = first_argmin(rows, 1, keepdim=True)  # [B, 1, N]
-    for _ in range(iters):
-        updated = _update_medoids(distance, weight_row, assign, rows, above_any_cost)
-        if at_fixed_point(updated, index):
-            break
-        index = updated
-        rows = F.embedding(index + offset, flat)
-        assign = first_argmin(rows, 1, keepdim=True)
+
+    def medoids_of(index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        rows = F.embedding(index + offset, flat)  # [B, K, N]: each medoid's distances, a row of D as D is symmetric
+        return index, rows, first_argmin(rows, 1, keepdim=True)  # assign: [B, 1, N]
+
+    index, rows, assign = medoids_of(top_k_indices(init_scores, k))
+    if iters and _graph_stops_at_fixed_point():
+
+        def step(index: Tensor, rows: Tensor, assign: Tensor) -> tuple[Tensor, ...]:
+            # reads `flat`, not its view `distance`: a torch.cond branch may not close over two views of one tensor
+            updated = _update_medoids(flat.view(-1, n, n), weight_row, assign, rows, above_any_cost)
+            return *medoids_of(updated), (updated != index).any()
+
+        index, rows, assign = iterate_in_graph(step, (index, rows, assign), iters)
+    else:
+        for _ in range(iters):
+            updated = _update_medoids(distance, weight_row, assign, rows, above_any_cost)
+            if at_fixed_point(updated, index):
+                break
+            index, rows, assign = medoids_of(updated)
     assign = assign.squeeze(1)
     if means:  # the clusters found by K-Medoids, represented by their weighted means (N*K*C more MACs)
         return Pooled(weighted_means(xf, w, assign, k)[0].to(x.dtype), assign)
@@ -198,14 +251,27 @@ def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters
     check_finite(x_sq)
     centers = gather_tokens(xf, top_k_indices(init_scores, k))
     assign = nearest(xf, x_sq, centers)
-    for _ in range(iters):
+
+    def recentred(centers: Tensor, assign: Tensor) -> Tensor:
         means, mass = cluster_means(xf, w, one_hot(assign, k, xf.dtype))
         # A cluster with no weight (empty, or all significance 0) keeps its centre rather than collapsing to 0.
-        centers = torch.where((mass > 0).unsqueeze(-1), means, centers)
-        updated = nearest(xf, x_sq, centers)
-        if at_fixed_point(updated, assign):  # the next means would be these centres again
-            break
-        assign = updated
+        return torch.where((mass > 0).unsqueeze(-1), means, centers)
+
+    if iters and _graph_stops_at_fixed_point():
+
+        def step(centers: Tensor, assign: Tensor) -> tuple[Tensor, ...]:
+            centers = recentred(centers, assign)
+            updated = nearest(xf, x_sq, centers)
+            return centers, updated, (updated != assign).any()
+
+        centers, assign = iterate_in_graph(step, (centers, assign), iters)
+    else:
+        for _ in range(iters):
+            centers = recentred(centers, assign)
+            updated = nearest(xf, x_sq, centers)
+            if at_fixed_point(updated, assign):  # the next means would be these centres again
+                break
+            assign = updated
     return Pooled(centers.to(x.dtype), assign)
 
 
