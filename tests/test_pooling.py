@@ -334,6 +334,26 @@ def test_duplicate_tokens_and_k_above_distinct_count(name, case):
         assert (err <= err0 * (1 + 1e-5) + 1e-6 * (x**2).sum((1, 2))).all()
 
 
+# ------------------------------------------------------------------------------------ pairwise distances
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(case=cases(modes=("separated", "arbitrary", "duplicates"), max_n=40, max_c=16))
+def test_pairwise_distances_are_exact_where_they_must_be(case):
+    x, _, _ = case
+    d = P.pairwise_squared_distances(x)
+    assert (d >= 0).all()
+    exact = sq_dist64(x, x)
+    scale = (x.double() ** 2).sum(-1).amax(-1).view(-1, 1, 1)
+    assert ((d.double() - exact).abs() <= 1e-5 * scale + 1e-30).all()
+    # PyTorch's CPU Gram matrix happens to be symmetric; other kernels' (ONNX Runtime, CUDA) need not be.
+    gram = x @ x.transpose(1, 2)
+    lopsided = gram + torch.randn(gram.shape, generator=torch.Generator().manual_seed(0)).tril(-1) * 1e-3 * scale.float()
+    for distances in (d, P.distances_from_gram(lopsided)):
+        assert torch.equal(bits(distances), bits(distances.transpose(1, 2)))  # two tokens alone in a cluster tie exactly
+        assert torch.equal(torch.diagonal(distances, dim1=1, dim2=2), torch.zeros(x.shape[:2]))
+
+
 # ------------------------------------------------------------------------------- stopping at a fixed point
 
 
@@ -362,6 +382,34 @@ def test_eager_cpu_stops_at_the_fixed_point_and_traced_graphs_run_every_iteratio
     torch.jit.trace(lambda tokens, significance: run_method(name, tokens, 8, significance, iters=10).tokens, (x, sig),
                     check_trace=False)
     assert len(updates) == 10
+
+
+@pytest.mark.parametrize("name", list(CLUSTERING))
+def test_exported_graph_that_stops_at_the_fixed_point_gives_every_iterations_outputs(name):
+    class Pool(torch.nn.Module):
+        def forward(self, x, sig):
+            pooled = run_method(name, x, 6, sig, iters=6)
+            return pooled.tokens, pooled.assign
+
+    shape = (2, 24, 4)
+    with P.graphs_stop_at_fixed_point():
+        program = torch.export.export(Pool(), (make_tokens(0, *shape, "arbitrary"), make_significance(0, 2, 24)))
+    assert sum(node.target is torch.ops.higher_order.cond for node in program.graph.nodes) == 1  # the conditions nest
+    iterations = []
+    for seed, mode in [(s, m) for s in range(4) for m in ("separated", "arbitrary", "duplicates")]:
+        x, sig = make_tokens(seed, *shape, mode), make_significance(seed, 2, 24)
+        tokens, assign = program.module()(x, sig)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(P, "at_fixed_point", lambda updated, previous: False)
+            every = run_method(name, x, 6, sig, iters=6)
+        assert torch.equal(bits(tokens), bits(every.tokens)) and torch.equal(assign, every.assign)
+        updates = []
+        with pytest.MonkeyPatch.context() as patch:
+            step = P._update_medoids if name in MEDOIDS else P.cluster_means
+            patch.setattr(P, step.__name__, lambda *args: updates.append(1) or step(*args))
+            run_method(name, x, 6, sig, iters=6)
+        iterations.append(len(updates))
+    assert min(iterations) < 6 and max(iterations) > 1  # some inputs stop early, some need several iterations
 
 
 # -------------------------------------------------------------------------- determinism and batching

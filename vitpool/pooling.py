@@ -144,7 +144,8 @@ def reconstruction_error(x: Tensor, y: Tensor, weight: Tensor | None = None) -> 
 
 def top_k_indices(scores: Tensor, k: int) -> Tensor:
     """The k highest-scoring token indices, in token order (so outputs keep the spatial order)."""
-    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+    # topk of the indices rather than sort: it exports as one TopK, where sort adds three nodes for its length
+    return scores.topk(k, dim=-1).indices.topk(k, dim=-1, largest=False).values
 
 
 def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int, means: bool = False) -> Pooled:
@@ -161,8 +162,8 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
     # gather_tokens(distance, index), with its reshape and offsets made once rather than in every iteration
     flat, offset = distance.reshape(batch * n, n), batch_offsets(batch, n, x.device)
     # More than any cluster's cost (the sum of all weights times the largest distance), with room for rounding.
-    above_any_cost = (2 * distance.amax(dim=(1, 2)) * w.sum(-1) + 1).view(batch, 1, 1)
     weight_row = w.unsqueeze(1)
+    above_any_cost = 2 * distance.amax(dim=(1, 2), keepdim=True) * weight_row.sum(-1, keepdim=True) + 1  # [B, 1, 1]
 
     def medoids_of(index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         rows = F.embedding(index + offset, flat)  # [B, K, N]: each medoid's distances, a row of D as D is symmetric
@@ -190,18 +191,26 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
 
 
 def pairwise_squared_distances(x: Tensor) -> Tensor:
-    """||x_i - x_j||^2 as [B, N, N], exactly symmetric with an exact zero diagonal.
+    """||x_i - x_j||^2 as [B, N, N], from the Gram matrix X X^T (N*N*C MACs)."""
+    return distances_from_gram(x @ x.transpose(1, 2))
+
+
+def distances_from_gram(gram: Tensor) -> Tensor:
+    """Squared distances [B, N, N] from a Gram matrix, exactly symmetric with an exact zero diagonal even where
+    a kernel's Gram matrix is not exactly symmetric.
 
     Exact symmetry matters: two tokens alone in a cluster are equally good medoids, and only a tie that is
     exact in floating point resolves the same way (first index) in PyTorch and in ONNX Runtime.
     """
-    gram = x @ x.transpose(1, 2)
-    n = x.shape[1]
+    n = gram.shape[1]
     # The diagonal as a strided slice of the flattened Gram matrix: exact, and two ONNX nodes where
     # torch.diagonal exports as sixteen.
     sq = gram.flatten(1)[:, :: n + 1]
     check_finite(sq)  # a NaN or inf anywhere in a token shows in its squared norm: B*N values to check, not B*N*C
-    return ((sq.unsqueeze(2) + sq.unsqueeze(1)) - (gram + gram.transpose(1, 2))).clamp_min(0)
+    # D = E + E^T with E_ij = |x_j|^2 - G_ij: a sum of two addends is the same either way round, and E_ii is
+    # exactly 0. Two N x N operations fewer than (|x_i|^2 + |x_j|^2) - (G + G^T), which is exact too.
+    half = sq.unsqueeze(1) - gram
+    return (half + half.transpose(1, 2)).clamp_min(0)
 
 
 def at_fixed_point(updated: Tensor, previous: Tensor) -> bool:
@@ -238,7 +247,8 @@ def _update_medoids(distance: Tensor, weight_row: Tensor, assign: Tensor, rows: 
     distance to the cluster's medoid (`rows`), so an empty cluster keeps its medoid (or an exact duplicate).
     """
     k = rows.shape[1]
-    cost = weight_row @ zero_unless(assign.transpose(1, 2) == assign, distance)  # [B, 1, N]
+    column = assign.view(assign.shape[0], -1, 1)  # [B, N, 1]: a Reshape, which ONNX Runtime runs in place (a Transpose copies)
+    cost = weight_row @ zero_unless(column == assign, distance)  # [B, 1, N]
     member = torch.arange(k, device=assign.device).view(1, k, 1) == assign  # [B, K, N]
     return first_argmin(where_member(member, cost, above_any_cost + rows), 2)
 
