@@ -219,16 +219,16 @@ def main() -> None:
     for name in args.schedules.split(","):
         k = SCHEDULES[name]
         pooled = vitpool.convert(base, k=k, layers=LAYERS, iters=args.iters)
-        result = {"schedule": name, "k": k, "layers": LAYERS, "method": "wkmedoids", "iters": args.iters,
-                  **measure(base, pooled, RUNTIMES, args, stop_at_fixed_point=False),
-                  "onnxruntime_stopping_at_fixed_point": measure(base, pooled, ("onnxruntime",), args, stop_at_fixed_point=True)}
+        every = measure(base, pooled, RUNTIMES, args, stop_at_fixed_point=False)
+        stopping = measure(base, pooled, ("onnxruntime",), args, stop_at_fixed_point=True)
+        result = {"schedule": name, "k": k, "layers": LAYERS, "method": "wkmedoids", "iters": args.iters, **every,
+                  "onnxruntime_stopping_at_fixed_point": stopping}
         results.append(result)
-        print(json.dumps({"schedule": name, **{
-            graph: {"shares": part["pooling_share_of_latency"], "added": part["pooling_added_latency"],
-                    "efficiency": {f"{r['runtime']}_b{r['batch_size']}": round(r["efficiency"], 3)
-                                   for r in part["rows"] if r["model"] == "pooled"}}
-            for graph, part in (("every_iteration", result), ("stopping", result["onnxruntime_stopping_at_fixed_point"]))}}),
-            flush=True)
+        progress = {graph: {"shares": part["pooling_share_of_latency"], "added": part["pooling_added_latency"],
+                            "efficiency": {f"{r['runtime']}_b{r['batch_size']}": round(r["efficiency"], 3)
+                                           for r in part["rows"] if r["model"] == "pooled"}}
+                    for graph, part in (("every_iteration", result), ("stopping", stopping))}
+        print(json.dumps({"schedule": name, **progress}), flush=True)
     document = {"model": "deit_small_patch16_224 (random weights)", "device": "cpu", "env": environment("cpu", torch.get_num_threads()),
                 "seconds": round(time.perf_counter() - start), "results": results}
     write_json(args.out, document)

@@ -348,9 +348,11 @@ def test_pairwise_distances_are_exact_where_they_must_be(case):
     assert ((d.double() - exact).abs() <= 1e-5 * scale + 1e-30).all()
     # PyTorch's CPU Gram matrix happens to be symmetric; other kernels' (ONNX Runtime, CUDA) need not be.
     gram = x @ x.transpose(1, 2)
-    lopsided = gram + torch.randn(gram.shape, generator=torch.Generator().manual_seed(0)).tril(-1) * 1e-3 * scale.float()
+    noise = torch.randn(gram.shape, generator=torch.Generator().manual_seed(0)).tril(-1)
+    lopsided = gram + noise * 1e-3 * scale.float()
     for distances in (d, P.distances_from_gram(lopsided)):
-        assert torch.equal(bits(distances), bits(distances.transpose(1, 2)))  # two tokens alone in a cluster tie exactly
+        # exact symmetry: two tokens alone in a cluster tie exactly
+        assert torch.equal(bits(distances), bits(distances.transpose(1, 2)))
         assert torch.equal(torch.diagonal(distances, dim1=1, dim2=2), torch.zeros(x.shape[:2]))
 
 

@@ -42,7 +42,7 @@ ProportionalOpt = Annotated[Optional[bool], typer.Option("--proportional/--no-pr
 BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Instead of --k/--layers: the fraction of the unpooled MACs to keep, e.g. 0.6 (pooling layers included; see README for the schedule family).")]
 TargetOpt = Annotated[Optional[float], typer.Option("--target-gmacs", help="Instead of --k/--layers: the GMACs to land on, within 1%.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only a JSON document on stdout.")]
-StopOpt = Annotated[bool, typer.Option("--stop-at-fixed-point", help="ONNX graphs skip the clustering iterations after a fixed point (If nodes): the same outputs, less pooling time in ONNX Runtime on the CPU; TensorRT and CUDA graphs refuse control flow.")]
+StopOpt = Annotated[bool, typer.Option("--stop-at-fixed-point", help="ONNX graphs skip the clustering iterations after a fixed point (If nodes): the same outputs, less pooling time in ONNX Runtime on the CPU at batch 1; ONNX Runtime's CUDA graphs do not capture If nodes.")]
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 The pooling layers have fixed iteration counts and static shapes, so by default the graph has no
 data-dependent control flow; the batch axis is a named dynamic dimension. `stop_at_fixed_point` instead
 puts each clustering iteration after the first into an ONNX If that skips it once an iteration has changed
-nothing (the same outputs; faster in ONNX Runtime on the CPU, refused by TensorRT and CUDA graphs). The dynamo exporter fixes the batch to 1 when
-it traces with a batch of 1, so the example batch is at least 2. K-Medoids' argmin may resolve a near-tie
+nothing: the same outputs, a little faster in ONNX Runtime on the CPU at batch 1, but control flow that
+ONNX Runtime's CUDA graphs refuse. The dynamo exporter fixes the batch to 1 when it traces with a batch
+of 1, so the example batch is at least 2. K-Medoids' argmin may resolve a near-tie
 differently under ONNX Runtime's kernels, so the check is top-1 agreement against a stated threshold,
 not bit-equality; the file is only moved into place once the check has passed.
 """
