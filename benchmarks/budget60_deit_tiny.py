@@ -15,6 +15,7 @@ from _results import RESULTS, SHARED_DATA, run_environment, write_json
 
 from vitpool.adapter import apply_pooling
 from vitpool.budget import solve
+from vitpool.config import PoolingConfig
 from vitpool.errors import VitpoolError
 from vitpool.models import create_model
 from vitpool.schedule import search
@@ -51,7 +52,8 @@ def main() -> None:
     for label, method, output, iters, family, layers in VARIANTS:
         row = {"variant": label, "method": method, "output": output, "iters": iters, "family": family}
         try:
-            config, reached, baseline = solve(base, method, iters, BUDGET, output=output, layers=layers, family=family)
+            config, reached, baseline = solve(base, PoolingConfig(method, iters=iters, output=output), BUDGET, layers=layers,
+                                              family=family)
         except VitpoolError as error:
             rows.append({**row, "error": str(error)})
             continue
@@ -60,7 +62,7 @@ def main() -> None:
                      "top1": result.top1, "top1_loss": reference_top1 - result.top1, "agreement": result.agreement,
                      "kl": result.kl, "n": result.n})
         print(json.dumps(rows[-1]), flush=True)
-    found = search(base, calibration, "wkmedoids", 5, BUDGET, output="mean", layers=SEARCHED_LAYERS)
+    found = search(base, calibration, PoolingConfig("wkmedoids", output="mean"), BUDGET, layers=SEARCHED_LAYERS)
     result = score(apply_pooling(base, found.config), images)
     rows.append({"variant": "2 layers (after 3, 7), K searched", "method": "wkmedoids", "output": "mean", "iters": 5,
                  "family": "searched", "k": list(found.config.k), "layers": list(found.config.layers),

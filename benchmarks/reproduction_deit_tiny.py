@@ -15,7 +15,7 @@ import time
 
 from _results import RESULTS, SHARED_DATA
 
-from vitpool.config import METHODS
+from vitpool.config import METHODS, PoolingConfig
 from vitpool.models import create_model
 from vitpool.sweep import parse_budgets, parse_methods, sweep, sweep_settings
 
@@ -32,10 +32,11 @@ def main() -> None:
     model = create_model("deit_tiny", checkpoint=WEIGHTS).eval()
     data = SHARED_DATA / "imagenet-sample"
     name = "reproduction_deit_tiny" + ("" if args.output == "medoid" else f"_{args.output}")
-    settings = sweep_settings("deit_tiny_patch16_224", WEIGHTS, False, data, None, 5, args.output, True, args.calibration)
+    settings = sweep_settings("deit_tiny_patch16_224", WEIGHTS, False, data, None, PoolingConfig(output=args.output),
+                              args.calibration)
     started = time.perf_counter()
-    results = sweep(model, settings, RESULTS / name, parse_methods(args.methods), parse_budgets(args.budgets), 5,
-                    args.output, True, None, calibration=args.calibration,
+    results = sweep(model, settings, RESULTS / name, parse_methods(args.methods), parse_budgets(args.budgets),
+                    calibration=args.calibration,
                     on_progress=lambda text, done, total: print(f"[{done}/{total}] {text} ({time.perf_counter() - started:.0f} s)", flush=True))
     print(f"{len(results.rows)} points in {RESULTS / name}")
 

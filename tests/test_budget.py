@@ -6,7 +6,7 @@ import pytest
 
 import vitpool
 from vitpool.budget import MacModel, family_schedule, solve
-from vitpool.config import make_config
+from vitpool.config import PoolingConfig, make_config
 from vitpool.errors import VitpoolError
 from vitpool.flops import count_macs, total_macs
 from vitpool.models import create_model
@@ -32,7 +32,7 @@ def _model(name):
 )
 def test_solved_schedule_lands_within_one_percent(name, method, budget, target_gmacs):
     model = _model(name)
-    config, reached, baseline = solve(model, method, 5, budget=budget, target_gmacs=target_gmacs)
+    config, reached, baseline = solve(model, PoolingConfig(method), budget=budget, target_gmacs=target_gmacs)
     target = budget * baseline if budget is not None else target_gmacs * 1e9
     converted = vitpool.convert(model, method=method, k=config.k, layers=config.layers)
     assert total_macs(converted) == reached  # the figure reported is the whole converted model's count
@@ -45,7 +45,7 @@ def test_the_parts_model_adds_up_to_the_whole_model_count(method):
     model = _model("deit_tiny")
     k = (121, 81, 49) if method == "grid" else (150, 100, 60)
     config = make_config(method, k, (1, 4, 9), 5)
-    assert MacModel(model, method, 5).total(config) == count_macs(vitpool.convert(model, method=method, k=k, layers=(1, 4, 9))).macs
+    assert MacModel(model, PoolingConfig(method)).total(config) == count_macs(vitpool.convert(model, method=method, k=k, layers=(1, 4, 9))).macs
 
 
 def test_family_keeps_method_constraints():
@@ -60,16 +60,16 @@ def test_python_api_and_unreachable_budgets():
     converted = vitpool.convert(model, budget=0.7)
     assert abs(total_macs(converted) / total_macs(model) - 0.7) <= 0.007
     with pytest.raises(VitpoolError, match="lands within 1%"):
-        solve(model, "wkmedoids", 5, budget=0.1)
+        solve(model, PoolingConfig("wkmedoids"), budget=0.1)
     with pytest.raises(VitpoolError, match=r"in \(0, 1\]"):
-        solve(model, "wkmedoids", 5, budget=1.5)
+        solve(model, PoolingConfig("wkmedoids"), budget=1.5)
 
 
 def test_every_block_family_is_tomes_schedule():
     model = _model("deit_tiny")
-    config, reached, baseline = solve(model, "tome", 1, budget=0.6, family="every-block")
+    config, reached, baseline = solve(model, PoolingConfig("tome", iters=1), budget=0.6, family="every-block")
     assert config.layers == tuple(range(11)) and abs(reached / baseline - 0.6) <= 0.006
     removed = [a - b for a, b in zip((196,) + config.k, config.k)]
     assert max(removed) - min(removed) <= 1, f"ToMe removes the same number of tokens after every block: {removed}"
     with pytest.raises(VitpoolError, match="family"):
-        solve(model, "tome", 1, budget=0.6, family="spiral")
+        solve(model, PoolingConfig("tome", iters=1), budget=0.6, family="spiral")

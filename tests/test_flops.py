@@ -37,23 +37,59 @@ def test_pooled_blocks_cost_what_their_token_count_says():
 
 
 def test_weighted_kmedoids_cost_is_counted_exactly():
-    """One Gram matrix (N*N*C), then one N x N matrix-vector product per iteration; cluster sizes (N*K) on top
-    when proportional attention uses them."""
+    """One Gram matrix (N*N*C), then one N x N matrix-vector product per iteration; cluster sizes (N adds, a
+    scatter-add) on top when proportional attention uses them."""
     base = create_model("deit_tiny", pretrained=False)
     iters = 3
     plain = count_macs(vitpool.convert(base, k=[100, 50], layers=[2, 6], iters=iters, proportional=False), baseline=base)
     assert [b.pool_macs for b in plain.blocks if b.pool_macs] == [n * n * 192 + iters * n * n for n in (196, 100)]
     report = count_macs(vitpool.convert(base, k=[100, 50], layers=[2, 6], iters=iters), baseline=base)
-    expected = [n * n * 192 + iters * n * n + n * k for n, k in ((196, 100), (100, 50))]
+    expected = [n * n * 192 + iters * n * n + n for n in (196, 100)]
     assert [b.pool_macs for b in report.blocks if b.pool_macs] == expected
     assert report.pooling_macs == sum(expected)
     patch_embed, final_norm, head = 196 * (16 * 16 * 3) * 192, 5 * 51 * 192, 192 * 1000
     assert report.macs == sum(b.block_macs + b.pool_macs for b in report.blocks) + patch_embed + final_norm + head
 
 
-@pytest.mark.parametrize("method", ["kmeans", "tome", "grid"])
-def test_every_clustering_or_merging_method_shows_its_cost(method):
+def _pool_macs(method: str, n: int, k: int, c: int, head_dim: int, iters: int) -> int:
+    """A pooling layer's MACs by hand: distances and Gram matrices are matmuls, cluster sums one multiply-add per
+    element; the cluster sizes that proportional attention reads are N adds."""
+    sizes = n
+    if method in ("wkmedoids", "kmedoids"):
+        return n * n * c + iters * n * n + sizes
+    if method in ("wkmeans", "kmeans"):
+        assign = n * k * c + k * c  # x . centres, and the centres' norms
+        return n * c + assign + iters * (n * c + n + assign) + sizes
+    if method == "tome":
+        n_a = n // 2  # after one prefix token, set A holds the odd patches
+        return n * head_dim + n_a * (n - n_a) * head_dim + n * c + n + sizes
+    if method == "grid":
+        return n * c + n + sizes
+    return sizes  # importance, random: selection multiplies nothing
+
+
+@pytest.mark.parametrize("position", ["after-block", "after-attention"])
+@pytest.mark.parametrize("method", ["wkmedoids", "kmedoids", "wkmeans", "kmeans", "importance", "random", "grid", "tome"])
+def test_every_method_counts_what_an_analytic_count_says(method, position):
+    """Both positions, every method: the whole model against a count by hand, within 0.5%."""
     base = create_model("deit_tiny", pretrained=False)
-    k = {"tome": [110], "grid": [49]}.get(method, [100])
-    report = count_macs(vitpool.convert(base, method=method, k=k, layers=[3]), baseline=base)
-    assert report.blocks[3].pool_macs > 196 * k[0] * 192 // 2
+    dim, iters, prefix = 192, 3, 1
+    k, layers = ([120, 80], [3, 7]) if method == "grid" else ([120, 70], [3, 7])
+    model = vitpool.convert(base, method=method, k=k, layers=layers, iters=iters, position=position)
+    report = count_macs(model, baseline=base)
+    attention = lambda t: 4 * t * dim**2 + 2 * t**2 * dim + 5 * t * dim  # noqa: E731  qkv, proj, QK^T, AV, norm1
+    mlp = lambda t: 8 * t * dim**2 + 5 * t * dim  # noqa: E731  fc1, fc2, norm2
+    expected, tokens = 196 * 16 * 16 * 3 * dim + dim * 1000, 196  # patch embedding, head
+    for i in range(12):
+        kept = k[layers.index(i)] if i in layers else tokens
+        expected += attention(tokens + prefix)
+        expected += mlp((kept if position == "after-attention" else tokens) + prefix)
+        if i in layers:
+            expected += _pool_macs(method, tokens, kept, dim, dim // 3, iters)
+        tokens = kept
+    expected += 5 * (tokens + prefix) * dim  # the final norm runs on every token
+    assert report.macs == pytest.approx(expected, rel=0.005)
+    assert report.pooling_macs == pytest.approx(sum(_pool_macs(method, n, kk, dim, dim // 3, iters)
+                                                    for n, kk in zip([196] + k[:-1], k)), rel=0.005)
+
+

@@ -151,19 +151,19 @@ def test_kmeans_keeps_low_precision_dtype(name, dtype):
     c=st.integers(1, 5),
     drop=st.booleans(),
 )
-def test_weighted_means_lie_in_cluster_hull_and_empty_clusters_are_zero(seed, b, n, k, c, drop):
+def test_cluster_means_lie_in_cluster_hull_and_empty_clusters_are_zero(seed, b, n, k, c, drop):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, n, c, generator=g) * 10
     w = torch.rand(b, n, generator=g) + 1e-3
     assign = torch.randint(-1 if drop else 0, k, (b, n), generator=g)
-    means, count = P.weighted_means(x, w, assign, k)
-    assert means.shape == (b, k, c) and count.shape == (b, k)
+    means, mass = P.cluster_means(x, w, assign, k)
+    assert means.shape == (b, k, c) and mass.shape == (b, k)
     assert torch.isfinite(means).all(), "empty cluster produced NaN/inf"
     expected = explicit_weighted_means(x, w, assign, k)
     for i in range(b):
         for j in range(k):
             member = assign[i] == j
-            assert count[i, j].item() == member.sum().item()
+            assert mass[i, j].item() == pytest.approx(w[i][member].sum().item(), rel=1e-6, abs=0)
             if not member.any():
                 assert (means[i, j] == 0).all()
                 continue

@@ -11,6 +11,7 @@ import pytest
 from conftest import noise_folder
 
 from vitpool.adapter import apply_pooling
+from vitpool.config import PoolingConfig
 from vitpool.flops import total_macs
 from vitpool.schedule import search
 from vitpool.sweep import load_images, split
@@ -25,7 +26,7 @@ def folder(tmp_path_factory):
 
 def test_search_stays_in_budget_improves_and_is_deterministic(tiny_model, folder):
     images = load_images(tiny_model, folder, None, workers=0)
-    first = search(tiny_model, images, "wkmedoids", iters=1, budget=0.6)
+    first = search(tiny_model, images, PoolingConfig("wkmedoids", iters=1), budget=0.6)
     baseline = total_macs(tiny_model)
     assert abs(total_macs(apply_pooling(tiny_model, first.config)) / baseline - 0.6) <= 0.006
     assert first.macs == total_macs(apply_pooling(tiny_model, first.config))
@@ -38,13 +39,13 @@ def test_search_stays_in_budget_improves_and_is_deterministic(tiny_model, folder
     assert first.config.layers == first.best.layers and first.config.layers in {(5,), (3, 7), (2, 5, 8)}
     assert all(a >= b for a, b in zip(first.config.k, first.config.k[1:])), "K must not grow"
     assert list(first.config.k) == [h for h in first.history if tuple(h["layers"]) == first.config.layers][-1]["k"]
-    again = search(tiny_model, images, "wkmedoids", iters=1, budget=0.6)
+    again = search(tiny_model, images, PoolingConfig("wkmedoids", iters=1), budget=0.6)
     assert again.config == first.config and again.best == first.best
 
 
 def test_search_keeps_tome_constraints_and_custom_layers(tiny_model, folder):
     images = load_images(tiny_model, folder, None, workers=0)
-    found = search(tiny_model, images, "tome", iters=1, budget=0.7, layers=(3, 7))
+    found = search(tiny_model, images, PoolingConfig("tome", iters=1), budget=0.7, layers=(3, 7))
     assert found.config.layers == (3, 7)
     tokens = 196
     for k in found.config.k:

@@ -24,12 +24,13 @@ def folder(tmp_path_factory):
 
 def settings_for(folder, **changes):
     return {"model": "deit_tiny_patch16_224", "checkpoint": None, "pretrained": False, "data": str(folder),
-            "limit": None, "iters": 2, "output": "medoid", "proportional": True, "calibration": None, **changes}
+            "limit": None, "iters": 2, "output": "medoid", "proportional": True, "position": "after-block", "calibration": None,
+            **changes}
 
 
 def run(tiny_model, folder, out, methods, budgets, **kwargs):
     settings = settings_for(folder, **kwargs.pop("settings", {}))
-    return sweep(tiny_model, settings, out, methods, budgets, settings["iters"], settings["output"], True, None, workers=0, **kwargs)
+    return sweep(tiny_model, settings, out, methods, budgets, workers=0, **kwargs)
 
 
 def test_sweep_writes_every_point_and_resumes_without_recomputing(tiny_model, folder, tmp_path, monkeypatch):

@@ -23,23 +23,23 @@ def __getattr__(name: str):
 
 def convert(model, method: str = "wkmedoids", k=(), layers=None, iters: int = 5, seed: int = 0,
             budget: float | None = None, target_gmacs: float | None = None, output: str = "medoid",
-            proportional: bool = True):
-    """A copy of timm `model` with Token Pooling after blocks `layers`, keeping `k[i]` patch tokens after each.
+            proportional: bool = True, position: str = "after-block"):
+    """A copy of timm `model` with Token Pooling in blocks `layers`, keeping `k[i]` patch tokens in each.
 
-    `layers` left out spreads the K values evenly over the blocks (see `config.default_layers`). `output` and
-    `proportional` are described on `PoolingConfig`. `budget`
+    `layers` left out spreads the K values evenly over the blocks (see `config.default_layers`). `output`,
+    `proportional` and `position` are described on `PoolingConfig`. `budget`
     (a fraction of the unpooled MACs) or `target_gmacs` picks K and layers instead (see `vitpool.budget`).
     The result is still a timm model: `forward_features`, `forward_head` and `num_prefix_tokens` work as before.
     """
     from vitpool.adapter import apply_pooling
     from vitpool.config import make_config
 
+    config = make_config(method, k, layers, iters, seed, depth=len(model.blocks), output=output,
+                         proportional=proportional, position=position)
     if budget is not None or target_gmacs is not None:
         from vitpool.budget import solve
 
-        config = solve(model, method, iters, budget, target_gmacs, seed, output, proportional)[0]
-    else:
-        config = make_config(method, k, layers, iters, seed, depth=len(model.blocks), output=output, proportional=proportional)
+        config = solve(model, config, budget, target_gmacs)[0]
     return apply_pooling(model, config)
 
 

@@ -1,9 +1,12 @@
-"""timm model surgery: pooling layers after chosen blocks of a `VisionTransformer`, timm's blocks untouched.
+"""timm model surgery: pooling layers in chosen blocks of a `VisionTransformer`, timm's blocks untouched.
 
 `model.blocks` (an `nn.Sequential` of timm blocks) becomes a `PooledBlocks`, a Sequential with the same
-children, so state-dict keys and `model.blocks[i]` stay as they were. A block followed by pooling gets a
+children, so state-dict keys and `model.blocks[i]` stay as they were. A block with a pooling layer gets a
 parameter-free `TokenPool` child that timm's own forward ignores; `PooledBlocks.forward` runs each timm
-block as is and then its pooling layer, carrying how many original patches each token stands for.
+block as is and then its pooling layer (after-block), or the block's two residual halves, attention and MLP,
+with the pooling layer between them (after-attention, ToMe's place); both carry how many original patches
+each token stands for. The halves call the block's own modules (norms, attention, LayerScale, drop-path,
+MLP) in the order its class's forward does; `HALVES` has one entry per timm block class.
 
 Significance (the attention a patch token receives: mean over heads, sum over query rows) needs the
 attention probabilities, which timm's fused attention never materialises. Only blocks followed by a
@@ -24,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from vitpool import pooling
-from vitpool.config import CLUSTERING_METHODS, MEDOID_METHODS, PoolingConfig, PoolingStage, plan_stages
+from vitpool.config import AFTER_ATTENTION, CLUSTERING_METHODS, MEDOID_METHODS, PoolingConfig, PoolingStage, plan_stages
 from vitpool.errors import VitpoolError
+from vitpool.models import import_timm
 
 NEEDS_ATTENTION = CLUSTERING_METHODS + ("importance",)
 
@@ -49,9 +53,10 @@ class TokenPool(nn.Module):
     """Replaces the patch tokens after a block with `k` tokens; prefix tokens pass through unchanged."""
 
     def __init__(self, method: str, stage: PoolingStage, num_prefix_tokens: int, iters: int, seed: int,
-                 output: str = "medoid", proportional: bool = True) -> None:
+                 output: str = "medoid", proportional: bool = True, position: str = "after-block") -> None:
         super().__init__()
         self.method = method
+        self.position = position
         self.output = output
         self.proportional = proportional
         self.k = stage.k
@@ -99,14 +104,14 @@ class TokenPool(nn.Module):
         elif method == "grid":
             out = pooling.grid(patches, self.grid_in, self.grid_out)
         else:
-            out = pooling.tome(patches, k, metric=seen, size=size)
+            out = pooling.tome(patches, k, metric=seen, size=size, offset=self.num_prefix_tokens)
         sizes = pooling.merged_sizes(out.assign, size, k)
         return torch.cat([prefix, out.tokens], dim=1), sizes, out.assign
 
     def extra_repr(self) -> str:
         iters = f", iters={self.iters}" if self.method in CLUSTERING_METHODS else ""
         extra = (", output=mean" if self.output == "mean" else "") + (", proportional" if self.proportional else "")
-        return f"method={self.method}, tokens_in={self.tokens_in}, k={self.k}{iters}{extra}"
+        return f"method={self.method}, {self.position}, tokens_in={self.tokens_in}, k={self.k}{iters}{extra}"
 
 
 def significance_from_attention(attention: Tensor, num_prefix_tokens: int) -> Tensor:
@@ -119,7 +124,7 @@ def significance_from_attention(attention: Tensor, num_prefix_tokens: int) -> Te
 
 
 class PooledBlocks(nn.Sequential):
-    """timm's blocks, run one after another, each followed by its `TokenPool` where it has one.
+    """timm's blocks, run one after another, each with its `TokenPool` where it has one.
 
     With proportional attention, every block after a pooling layer gets log(cluster size) as an additive
     attention mask [B, 1, 1, P+N] (0 for prefix tokens), which timm passes to the fused kernel as is.
@@ -130,16 +135,49 @@ class PooledBlocks(nn.Sequential):
         bias = None
         for block in self:
             pool = getattr(block, "token_pool", None)
-            with captured(pool, block) as seen:
-                x = block(x) if bias is None else block(x, attn_mask=bias)
             if pool is None:
+                x = block(x) if bias is None else block(x, attn_mask=bias)
                 continue
+            attention, mlp = HALVES[type(block)] if pool.position == AFTER_ATTENTION else (_whole_block, None)
+            with captured(pool, block) as seen:
+                x = attention(block, x, bias)
             if size is None:
                 size = x.new_ones(x.shape[0], x.shape[1] - pool.num_prefix_tokens, dtype=torch.float32)
             x, size, _ = pool(x, size, seen[0] if seen else None)
+            if mlp is not None:
+                x = mlp(block, x)
             if pool.proportional:
                 bias = size_bias(size, pool.num_prefix_tokens, x.dtype)
         return x
+
+
+def _whole_block(block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+    return block(x) if bias is None else block(x, attn_mask=bias)
+
+
+def _pre_norm_attention(block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+    return x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
+
+
+def _pre_norm_mlp(block: nn.Module, x: Tensor) -> Tensor:
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def _post_norm_attention(block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+    return x + block.drop_path1(block.norm1(block.attn(x, attn_mask=bias)))
+
+
+def _post_norm_mlp(block: nn.Module, x: Tensor) -> Tensor:
+    return x + block.drop_path2(block.norm2(block.mlp(x)))
+
+
+def _halves() -> dict[type, tuple]:
+    vision_transformer = import_timm().models.vision_transformer
+    Block, ResPostBlock = vision_transformer.Block, vision_transformer.ResPostBlock
+    return {Block: (_pre_norm_attention, _pre_norm_mlp), ResPostBlock: (_post_norm_attention, _post_norm_mlp)}
+
+
+HALVES = _halves()  # timm block class -> (attention half, MLP half), each its forward's residual line
 
 
 def size_bias(size: Tensor, num_prefix_tokens: int, dtype: torch.dtype) -> Tensor:
@@ -157,6 +195,16 @@ def _check_model(model: nn.Module) -> None:
         )
     if pooling_config(model) is not None:
         raise VitpoolError("this model is already converted; convert the original timm model instead")
+
+
+def _check_splittable(model: nn.Module, stages: list[PoolingStage]) -> None:
+    for stage in stages:
+        kind = type(model.blocks[stage.layer])
+        if kind not in HALVES:
+            raise VitpoolError(
+                f"block {stage.layer} is a {kind.__name__}, which vitpool cannot split between attention and MLP "
+                f"(it knows {', '.join(sorted(k.__name__ for k in HALVES))}); use --position after-block"
+            )
 
 
 def pooling_config(model: nn.Module) -> PoolingConfig | None:
@@ -178,11 +226,13 @@ def apply_pooling(model: nn.Module, config: PoolingConfig) -> nn.Module:
     """A converted copy of `model` (the original is left as it was)."""
     _check_model(model)
     stages = plan_for(model, config)
+    if config.position == AFTER_ATTENTION:
+        _check_splittable(model, stages)
     model = copy.deepcopy(model)
     for stage in stages:
         block = model.blocks[stage.layer]
         block.token_pool = TokenPool(config.method, stage, model.num_prefix_tokens, config.iters, config.seed,
-                                     config.output, config.proportional)
+                                     config.output, config.proportional, config.position)
         if config.method in NEEDS_ATTENTION:
             block.attn.fused_attn = False
     model.blocks = PooledBlocks(*model.blocks)

@@ -18,8 +18,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from vitpool.adapter import NEEDS_ATTENTION, TokenPool, apply_pooling, plan_for, token_grid
-from vitpool.config import PoolingConfig, default_layers, grid_shape, make_config
+from vitpool.adapter import HALVES, NEEDS_ATTENTION, TokenPool, apply_pooling, plan_for, token_grid
+from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK, PoolingConfig, default_layers, grid_shape
 from vitpool.errors import VitpoolError
 from vitpool.flops import analyse, total_macs
 
@@ -30,10 +30,9 @@ STEPS = 16  # r to 1/65536: finer than one token of K
 FAMILIES = ("geometric", "every-block")
 
 
-def family_layers(depth: int, family: str = "geometric") -> tuple[int, ...]:
-    if family == "every-block":
-        return tuple(range(depth - 1))
-    return default_layers(min(3, depth - 1), depth)
+def family_layers(depth: int, family: str = "geometric", position: str = AFTER_BLOCK) -> tuple[int, ...]:
+    usable = depth if position == AFTER_ATTENTION else depth - 1
+    return default_layers(usable if family == "every-block" else min(3, usable), depth, position)
 
 
 def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: int, method: str,
@@ -57,6 +56,16 @@ def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: in
             current = grid_shape(k, current)
         k_values.append(k)
         tokens = k
+    return tuple(k_values)
+
+
+def tome_schedule(r: int, num_patches: int, depth: int) -> tuple[int, ...]:
+    """ToMe's own schedule for `--method tome --position after-attention --layers 0,...,depth-1`: r tokens merged
+    in every block, fewer where a block has fewer than 2r patch tokens (ToMe never merges more than half)."""
+    k_values, tokens = [], num_patches
+    for _ in range(depth):
+        tokens -= min(r, tokens // 2)
+        k_values.append(tokens)
     return tuple(k_values)
 
 
@@ -86,11 +95,24 @@ class _LiveOutputs(nn.Module):
         return (tokens, sizes) if self.sizes_live else tokens
 
 
-class MacModel:
-    """Exact MACs of any schedule of one method on one model, from fvcore counts of the model's parts."""
+class _Half(nn.Module):
+    """One residual half of a timm block, "attention" or "mlp", as `PooledBlocks` runs it."""
 
-    def __init__(self, model, method: str, iters: int, output: str = "medoid", proportional: bool = True) -> None:
-        self.model, self.method, self.iters, self.output, self.proportional = model, method, iters, output, proportional
+    def __init__(self, block: nn.Module, which: str) -> None:
+        super().__init__()
+        self.block, self.which = block, which
+
+    def forward(self, x):
+        attention, mlp = HALVES[type(self.block)]
+        return attention(self.block, x, None) if self.which == "attention" else mlp(self.block, x)
+
+
+class MacModel:
+    """Exact MACs of any schedule of one pooling setting (`template`: a configuration whose K and layers are
+    ignored) on one model, from fvcore counts of the model's parts."""
+
+    def __init__(self, model, template: PoolingConfig) -> None:
+        self.model, self.template = model, replace(template, k=(), layers=())
         self.prefix = int(model.num_prefix_tokens)
         self.num_patches = model.patch_embed.num_patches
         self.depth = len(model.blocks)
@@ -107,6 +129,10 @@ class MacModel:
         return analyse(self.model.blocks[0], (torch.zeros(1, tokens, self.dim),))[0]
 
     @lru_cache(maxsize=None)
+    def half(self, which: str, tokens: int) -> int:
+        return analyse(_Half(self.model.blocks[0], which), (torch.zeros(1, tokens, self.dim),))[0]
+
+    @lru_cache(maxsize=None)
     def norm(self, tokens: int) -> int:
         return analyse(self.model.norm, (torch.zeros(1, tokens, self.dim),))[0]
 
@@ -115,12 +141,13 @@ class MacModel:
 
     @lru_cache(maxsize=None)
     def _pool(self, stage, sizes_live: bool) -> int:
-        layer = TokenPool(self.method, stage, self.prefix, self.iters, seed=0, output=self.output)
+        t = self.template
+        layer = TokenPool(t.method, stage, self.prefix, t.iters, seed=0, output=t.output)
         tokens = stage.tokens_in + self.prefix
         attn = self.model.blocks[stage.layer].attn
-        if self.method in NEEDS_ATTENTION:
+        if t.method in NEEDS_ATTENTION:
             seen = torch.rand(1, attn.num_heads, tokens, tokens).softmax(-1)
-        elif self.method == "tome":
+        elif t.method == "tome":
             seen = torch.rand(1, attn.num_heads, tokens, attn.head_dim)
         else:
             seen = None
@@ -128,14 +155,20 @@ class MacModel:
         return analyse(_LiveOutputs(layer, sizes_live), inputs)[0]
 
     def total(self, config: PoolingConfig) -> int:
+        """The MACs of `config` (the template's setting with its own K and layers)."""
         stages = {stage.layer: stage for stage in plan_for(self.model, config)}
         last = max(stages, default=-1)
+        t = self.template
         tokens, macs = self.num_patches, self.rest
         for i in range(self.depth):
-            macs += self.block(tokens + self.prefix)
-            if i in stages:
-                macs += self.pool(stages[i], sizes_live=self.proportional or (self.method == "tome" and i != last))
-                tokens = stages[i].k
+            stage = stages.get(i)
+            if stage is None or t.position != AFTER_ATTENTION:
+                macs += self.block(tokens + self.prefix)
+            else:
+                macs += self.half("attention", tokens + self.prefix) + self.half("mlp", stage.k + self.prefix)
+            if stage is not None:
+                macs += self.pool(stage, sizes_live=t.proportional or (t.method == "tome" and i != last))
+                tokens = stage.k
         return macs + self.norm(tokens + self.prefix)
 
 
@@ -148,22 +181,23 @@ def budget_target(macs: MacModel, budget: float | None, target_gmacs: float | No
     return budget * macs.baseline if budget is not None else target_gmacs * 1e9
 
 
-def solve(model, method: str, iters: int, budget: float | None = None, target_gmacs: float | None = None,
-          seed: int = 0, output: str = "medoid", proportional: bool = True, layers: tuple[int, ...] | None = None,
-          macs: MacModel | None = None, family: str = "geometric") -> tuple[PoolingConfig, int, int]:
-    """The family schedule whose MACs come closest to the budget; (config, its MACs, the unpooled MACs).
+def solve(model, template: PoolingConfig, budget: float | None = None, target_gmacs: float | None = None,
+          layers: tuple[int, ...] | None = None, macs: MacModel | None = None,
+          family: str = "geometric") -> tuple[PoolingConfig, int, int]:
+    """The family schedule for `template`'s setting whose MACs come closest to the budget; (config, its MACs,
+    the unpooled MACs).
 
     `layers` replaces the family's pooling blocks; `macs` reuses a MacModel's cached counts."""
     if family not in FAMILIES:
         raise VitpoolError(f"schedule family must be one of {', '.join(FAMILIES)}; got {family!r}")
-    macs = macs or MacModel(model, method, iters, output, proportional)
+    macs = macs or MacModel(model, template)
     target = budget_target(macs, budget, target_gmacs)
     depth, grid = macs.depth, token_grid(model)
-    layers = tuple(layers) if layers else family_layers(depth, family)
+    layers = tuple(layers) if layers else family_layers(depth, family, template.position)
 
     def config_at(r: float) -> PoolingConfig:
-        k = family_schedule(r, macs.num_patches, grid, len(layers), method, family)
-        return make_config(method, k, layers, iters, seed, output=output, proportional=proportional)
+        k = family_schedule(r, macs.num_patches, grid, len(layers), template.method, family)
+        return replace(template, k=k, layers=layers)
 
     low, high = 0.0, 1.0
     best = min((config_at(r) for r in (low, high)), key=lambda c: abs(macs.total(c) - target))
@@ -181,8 +215,8 @@ def solve(model, method: str, iters: int, budget: float | None = None, target_gm
     if abs(reached - target) > TOLERANCE * target:
         lowest, highest = macs.total(config_at(0.0)), macs.total(config_at(1.0))
         raise VitpoolError(
-            f"no {method} schedule of the family (pooling after blocks {', '.join(map(str, layers))}) lands within "
-            f"1% of {target / 1e9:.3f} GMACs: it reaches {lowest / 1e9:.3f} to {highest / 1e9:.3f} GMACs "
+            f"no {template.method} schedule of the family (pooling in blocks {', '.join(map(str, layers))}) lands "
+            f"within 1% of {target / 1e9:.3f} GMACs: it reaches {lowest / 1e9:.3f} to {highest / 1e9:.3f} GMACs "
             f"(unpooled {macs.baseline / 1e9:.3f}); choose a budget in that range or give --k and --layers"
         )
     return best, reached, macs.baseline

@@ -38,6 +38,7 @@ KOpt = Annotated[Optional[str], typer.Option("--k", help="Comma list of patch-to
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Comma list of 0-based blocks after which each K applies. Default: spread evenly over blocks 0..depth-2 (3 values on 12 blocks -> 2,5,8).")]
 ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (fixed; default 5).")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", help="K-Medoids outputs: medoid (default) or mean (each cluster's weighted mean).")]
+PositionOpt = Annotated[Optional[str], typer.Option("--position", help="Where a pooling layer sits in its block: after-block (default) or after-attention (between attention and MLP, ToMe's place: the MLP runs on K tokens).")]
 ProportionalOpt = Annotated[Optional[bool], typer.Option("--proportional/--no-proportional", help="Add log(cluster size) to the attention logits after pooling (ToMe's proportional attention). Default: on.")]
 BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Instead of --k/--layers: the fraction of the unpooled MACs to keep, e.g. 0.6 (pooling layers included; see README for the schedule family).")]
 TargetOpt = Annotated[Optional[float], typer.Option("--target-gmacs", help="Instead of --k/--layers: the GMACs to land on, within 1%.")]
@@ -57,6 +58,7 @@ class ModelFlags:
     iters: int | None = None
     output: str | None = None
     proportional: bool | None = None
+    position: str | None = None
     budget: float | None = None
     target_gmacs: float | None = None
 
@@ -64,10 +66,20 @@ class ModelFlags:
         """The same weights with no pooling asked for."""
         return ModelFlags(self.checkpoint, self.pretrained)
 
+    def template(self):
+        """The pooling setting asked for, K and layers aside: PoolingConfig's defaults where a flag is not given."""
+        from vitpool.config import PoolingConfig, check_method_and_output
+
+        given = {"method": self.method, "iters": self.iters, "output": self.output, "proportional": self.proportional,
+                 "position": self.position}
+        template = PoolingConfig(**{name: value for name, value in given.items() if value is not None})
+        check_method_and_output(template.method, template.output, template.position)
+        return template
+
 
 MODEL_OPTIONS = {"checkpoint": CheckpointOpt, "pretrained": PretrainedOpt, "method": MethodOpt, "k": KOpt,
                  "layers": LayersOpt, "iters": ItersOpt, "output": OutputOpt, "proportional": ProportionalOpt,
-                 "budget": BudgetOpt, "target_gmacs": TargetOpt}
+                 "position": PositionOpt, "budget": BudgetOpt, "target_gmacs": TargetOpt}
 
 
 def model_options(pretrained: bool = True, omit: tuple[str, ...] = (), **replaced):
@@ -118,16 +130,15 @@ def user_errors(command):
 def build(model_or_dir: str, flags: ModelFlags):
     """(unpooled model, converted model or None) from MODEL_OR_DIR and the model and pooling flags."""
     from vitpool.adapter import apply_pooling
-    from vitpool.config import DEFAULT_ITERS, DEFAULT_METHOD, make_config, parse_int_list
+    from vitpool.config import default_layers, parse_int_list
     from vitpool.models import load_model_or_dir
 
     method, k, layers, iters, budget, target_gmacs = flags.method, flags.k, flags.layers, flags.iters, flags.budget, flags.target_gmacs
-    output, proportional = flags.output, flags.proportional
     if (budget is not None or target_gmacs is not None) and (k is not None or layers is not None):
         raise VitpoolError("give either --budget/--target-gmacs or --k/--layers, not both")
     pooling_flags = {"--method": method, "--k": k, "--layers": layers, "--iters": iters, "--budget": budget,
-                     "--target-gmacs": target_gmacs, "--output": output, "--proportional": proportional}
-    variant = {"output": output or "medoid", "proportional": True if proportional is None else proportional}
+                     "--target-gmacs": target_gmacs, "--output": flags.output, "--proportional": flags.proportional,
+                     "--position": flags.position}
     given = [flag for flag, value in pooling_flags.items() if value is not None]
     k_values, layer_values = parse_int_list(k, "--k"), parse_int_list(layers, "--layers")
     loaded = load_model_or_dir(model_or_dir, str(flags.checkpoint) if flags.checkpoint else None, flags.pretrained)
@@ -139,22 +150,16 @@ def build(model_or_dir: str, flags: ModelFlags):
     if loaded.config is None and given and not k_values and budget is None and target_gmacs is None:
         raise VitpoolError(f"{', '.join(given)} given without --k: say how many tokens to keep, e.g. --k 160,128,96")
     config = loaded.config
+    template = flags.template()
     if config is None and (budget is not None or target_gmacs is not None):
         from vitpool.budget import solve
 
-        config, reached, baseline = solve(loaded.model, method or DEFAULT_METHOD, DEFAULT_ITERS if iters is None else iters,
-                                          budget, target_gmacs, **variant)
+        config, reached, baseline = solve(loaded.model, template, budget, target_gmacs)
         err.print(f"schedule for the budget: --k {','.join(map(str, config.k))} --layers {','.join(map(str, config.layers))} "
                   f"({reached / 1e9:.3f} of {baseline / 1e9:.3f} GMACs, {reached / baseline:.3f})", highlight=False)
     if config is None and k_values:
-        config = make_config(
-            method or DEFAULT_METHOD,
-            k_values,
-            layer_values if layers is not None else None,
-            DEFAULT_ITERS if iters is None else iters,
-            depth=len(loaded.model.blocks),
-            **variant,
-        )
+        config = replace(template, k=k_values, layers=layer_values if layers is not None else
+                         default_layers(len(k_values), len(loaded.model.blocks), template.position))
     pooled = apply_pooling(loaded.model, config) if config is not None else None
     return loaded, pooled
 
@@ -381,7 +386,7 @@ def schedule(
     as_json: JsonOpt = False,
 ):
     """Search the per-layer K that keeps the model closest to the unpooled one (KL, agreement) within a MAC budget."""
-    from vitpool.config import DEFAULT_ITERS, DEFAULT_METHOD, check_method_and_output, parse_int_list
+    from vitpool.config import parse_int_list
     from vitpool.schedule import search
     from vitpool.errors import write_atomically
     from vitpool.sweep import load_images
@@ -390,15 +395,13 @@ def schedule(
     writable_parent(out_file)
     if flags.budget is None and flags.target_gmacs is None:
         raise VitpoolError("schedule needs --budget (a fraction of the unpooled MACs, e.g. 0.6) or --target-gmacs")
-    method, output = flags.method or DEFAULT_METHOD, flags.output or "medoid"
-    check_method_and_output(method, output)
+    template = flags.template()
     refuse_saved_model(model, "schedule")
     loaded, _ = build(model, flags.unpooled())
     with err.status("reading the calibration images", spinner="dots") as status:
         images = load_images(loaded.model, data_dir, limit, workers=workers)
         status.update("searching")
-        result = search(loaded.model, images, method, DEFAULT_ITERS if flags.iters is None else flags.iters, flags.budget,
-                        flags.target_gmacs, output, True if flags.proportional is None else flags.proportional,
+        result = search(loaded.model, images, template, flags.budget, flags.target_gmacs,
                         parse_int_list(flags.layers, "--layers") or None, on_step=lambda text: status.update(f"searching: {text}"))
     document = {"model": loaded.name, "budget": flags.budget, "target_gmacs": flags.target_gmacs, "calibration_images": len(images.labels),
                 "data": str(data_dir), **result.to_json()}
@@ -439,20 +442,17 @@ def sweep(
     """Every method at every MAC budget on your images: top-1, agreement, KL against GMACs, and a plot."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vitpool.config import DEFAULT_METHOD, check_method_and_output
     from vitpool.sweep import parse_budgets, parse_methods, sweep as run_sweep, sweep_settings
 
     method_list, budget_list = parse_methods(methods), parse_budgets(budgets)
-    check_method_and_output(DEFAULT_METHOD, flags.output or "medoid")
+    template = flags.template()
     refuse_saved_model(model, "sweep")
     loaded, _ = build(model, flags.unpooled())
-    settings = sweep_settings(loaded.name, flags.checkpoint, flags.pretrained, data_dir, limit, flags.iters, flags.output,
-                              flags.proportional, calibration)
+    settings = sweep_settings(loaded.name, flags.checkpoint, flags.pretrained, data_dir, limit, template, calibration)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("sweep", total=None)
-        results = run_sweep(loaded.model, settings, out_dir, method_list, budget_list, settings["iters"], settings["output"],
-                            settings["proportional"], limit, force, workers,
+        results = run_sweep(loaded.model, settings, out_dir, method_list, budget_list, force, workers,
                             on_progress=lambda text, done, total: progress.update(task, description=text, completed=done, total=total),
                             calibration=calibration)
     if as_json:

@@ -14,6 +14,8 @@ CLUSTERING_METHODS = ("wkmedoids", "kmedoids", "wkmeans", "kmeans")
 METHODS = CLUSTERING_METHODS + ("importance", "random", "grid", "tome")
 MEDOID_METHODS = ("wkmedoids", "kmedoids")
 OUTPUTS = ("medoid", "mean")
+AFTER_ATTENTION, AFTER_BLOCK = "after-attention", "after-block"
+POSITIONS = (AFTER_ATTENTION, AFTER_BLOCK)
 DEFAULT_METHOD = "wkmedoids"
 DEFAULT_ITERS = 5
 
@@ -28,7 +30,9 @@ class PoolingConfig:
     (significance-weighted) mean of its cluster. `proportional` adds log(cluster size) to the attention
     logits of every block after a pooling layer (ToMe's proportional attention), so a token standing for
     many patches draws attention like them; on by default because it wins for every method that merges
-    (benchmarks/variants_deit_tiny.py).
+    (benchmarks/variants_deit_tiny.py). `position` is where in block `layers[i]` its pooling layer sits:
+    after the whole block, or between its attention and its MLP (ToMe's place), so that the MLP, two thirds of
+    a block's MACs, already runs on the K tokens.
     """
 
     method: str = DEFAULT_METHOD
@@ -38,6 +42,7 @@ class PoolingConfig:
     seed: int = 0
     output: str = "medoid"
     proportional: bool = True
+    position: str = AFTER_BLOCK
 
     def to_dict(self) -> dict:
         return {**asdict(self), "k": list(self.k), "layers": list(self.layers)}
@@ -48,7 +53,7 @@ class PoolingConfig:
         unknown = set(data) - known
         if unknown:
             raise VitpoolError(f"unknown pooling settings {sorted(unknown)}: was this saved by a newer vitpool?")
-        values = dict(data)
+        values = {"position": AFTER_BLOCK, **data}  # saved before pooling could sit after attention
         values["k"] = tuple(values.get("k", ()))
         values["layers"] = tuple(values.get("layers", ()))
         return cls(**values)
@@ -56,11 +61,11 @@ class PoolingConfig:
     def describe(self) -> str:
         if not self.k:
             return "no pooling"
-        schedule = ", ".join(f"{k} after block {layer}" for k, layer in zip(self.k, self.layers))
         iters = f", {self.iters} iterations" if self.method in CLUSTERING_METHODS else ""
         output = ", mean outputs" if self.output == "mean" else ""
         proportional = "" if self.proportional else ", no proportional attention"
-        return f"{self.method}{iters}{output}{proportional}: {schedule}"
+        return (f"{self.method}{iters}{output}{proportional}: K {','.join(map(str, self.k))} {self.position} "
+                f"{','.join(map(str, self.layers))}")
 
 
 @dataclass(frozen=True)
@@ -88,18 +93,22 @@ def parse_int_list(text: str | None, flag: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def default_layers(count: int, depth: int) -> tuple[int, ...]:
-    """Spread `count` pooling layers evenly over blocks 0..depth-2 (pooling after the last block saves nothing).
+def default_layers(count: int, depth: int, position: str = AFTER_BLOCK) -> tuple[int, ...]:
+    """Spread `count` pooling layers evenly over the blocks where pooling saves something: blocks 0..depth-2
+    after the block (pooling after the last block saves nothing), every block after attention (the last
+    block's MLP runs on fewer tokens).
 
-    For a 12-block model: 1 value -> after block 5; 3 values -> after blocks 2, 5, 8; 11 values -> after
-    every block but the last.
+    For a 12-block model after the block: 1 value -> block 5; 3 values -> blocks 2, 5, 8; 11 values -> every
+    block but the last. After attention: 3 values -> blocks 3, 6, 9; 12 values -> every block.
     """
-    if count > depth - 1:
+    usable = depth if position == AFTER_ATTENTION else depth - 1
+    if count > usable:
+        where = "" if position == AFTER_ATTENTION else " after (its last block is excluded by default)"
         raise VitpoolError(
-            f"{count} K values but the model has only {depth - 1} blocks to pool after (its last block is "
-            f"excluded by default); give fewer values or name the blocks with --layers"
+            f"{count} K values but the model has only {usable} blocks to pool{where}; give fewer values or "
+            f"name the blocks with --layers"
         )
-    return tuple(((i + 1) * (depth - 1)) // (count + 1) for i in range(count))
+    return tuple(((i + 1) * usable) // (count + 1) for i in range(count))
 
 
 def grid_shape(k: int, grid: tuple[int, int]) -> tuple[int, int]:
@@ -115,17 +124,19 @@ def grid_shape(k: int, grid: tuple[int, int]) -> tuple[int, int]:
     return min(shapes, key=lambda s: (round(abs(math.log(s[0] / s[1]) - aspect), 9), s))
 
 
-def check_method_and_output(method: str, output: str) -> None:
-    """The method exists and the output kind is one it has (commands check this before any slow work)."""
+def check_method_and_output(method: str, output: str, position: str = AFTER_BLOCK) -> None:
+    """The method, output kind and position exist (commands check this before any slow work)."""
     if method not in METHODS:
         raise VitpoolError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if output not in OUTPUTS:
         raise VitpoolError(f"unknown --output {output!r}: choose medoid or mean")
+    if position not in POSITIONS:
+        raise VitpoolError(f"unknown --position {position!r}: choose {' or '.join(POSITIONS)}")
 
 
 def plan_stages(config: PoolingConfig, depth: int, num_patches: int, grid: tuple[int, int]) -> list[PoolingStage]:
     """Check `config` against a model with `depth` blocks and `num_patches` patch tokens; return its stages."""
-    check_method_and_output(config.method, config.output)
+    check_method_and_output(config.method, config.output, config.position)
     if config.output == "mean" and config.method not in MEDOID_METHODS:
         raise VitpoolError(f"--output mean applies to {' and '.join(MEDOID_METHODS)}; {config.method} has one kind of output")
     if config.iters < 0:
@@ -174,12 +185,13 @@ def make_config(
     depth: int | None = None,
     output: str = "medoid",
     proportional: bool = True,
+    position: str = AFTER_BLOCK,
 ) -> PoolingConfig:
     """Build a configuration; with `layers` left out, K values are spread by `default_layers` over `depth` blocks."""
     k = tuple(int(v) for v in k)
     if layers is None or (len(layers) == 0 and k):
         if depth is None:
             raise VitpoolError("the blocks to pool after (--layers) are needed when the model depth is unknown")
-        layers = default_layers(len(k), depth)
+        layers = default_layers(len(k), depth, position)
     return PoolingConfig(method=method, k=k, layers=tuple(int(v) for v in layers), iters=int(iters), seed=int(seed),
-                         output=output, proportional=bool(proportional))
+                         output=output, proportional=bool(proportional), position=position)

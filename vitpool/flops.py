@@ -3,8 +3,9 @@
 fvcore counts one MAC as one "flop" and knows matmul, einsum, linear, convolution and LayerNorm, but not
 `aten::scaled_dot_product_attention` (timm's fused attention): without the handle below DeiT-S reads
 4.25 G instead of 4.61 G. The pooling layers are written with matmul/einsum for their multiply-
-accumulates (Gram and distance matrices, one-hot cluster sums), so they are counted like any layer;
-comparisons, argmin and gathers are not MACs and are not counted, here as everywhere in fvcore.
+accumulates (Gram and distance matrices), so they are counted like any layer, and their cluster sums are
+scatter-adds, counted here as one multiply-add per element added (the weighting and the add); comparisons,
+argmin and gathers are not MACs and are not counted, here as everywhere in fvcore.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ def _sdpa_macs(inputs, outputs) -> int:
     """B*H*N*M*(D + Dv): Q K^T and the probabilities times V."""
     q, k, v = (inputs[i].type().sizes() for i in range(3))
     return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def _scatter_add_macs(inputs, outputs) -> int:
+    """aten::scatter_add(self, dim, index, src): one weighted add per element of src."""
+    return math.prod(inputs[3].type().sizes())
 
 
 @dataclass
@@ -68,6 +74,7 @@ def analyse(module, inputs: tuple) -> tuple[int, dict]:
 
     analysis = FlopCountAnalysis(module.eval(), inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    analysis.set_op_handle("aten::scatter_add", _scatter_add_macs)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     with warnings.catch_warnings(), torch.no_grad():

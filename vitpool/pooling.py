@@ -6,9 +6,10 @@ token is represented by (-1 for a token that selection dropped). There is no Pyt
 the clusters, iteration counts are fixed (eager CPU runs, and exported graphs within
 `graphs_stop_at_fixed_point`, leave out the iterations after a fixed point, which would change nothing),
 nothing is random at call time, and only ops that ONNX expresses are used:
-matmul/einsum, argmin/argmax, topk/sort, gather, comparisons and `where`. Cluster sums are a matmul with the
-one-hot assignment (ONNX has no scatter-reduce mean). Work that is a multiply-accumulate is written as
-matmul or einsum so that the MAC counter sees it.
+matmul/einsum, argmin/argmax, topk, gather, scatter-add, cumsum, comparisons and `where`. Cluster sums are a
+scatter-add (ONNX has no scatter-reduce mean, but ScatterElements adds), which `vitpool.flops` counts as one
+multiply-add per element; other work that is a multiply-accumulate is written as matmul or einsum so that the
+MAC counter sees it.
 
 Clustering runs in float32 whatever the input dtype (fp16/bf16 distances lose the argmin); medoid outputs
 are gathered from the original tokens, so they are bit-exact input tokens.
@@ -88,11 +89,6 @@ def check_finite(x: Tensor) -> None:
         )
 
 
-def one_hot(assign: Tensor, k: int, dtype: torch.dtype) -> Tensor:
-    """[B, N] indices -> [B, N, K] one-hot; index -1 gives an all-zero row."""
-    return (assign.unsqueeze(-1) == torch.arange(k, device=assign.device)).to(dtype)
-
-
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """x[b, index[b, j]] for every b, j ([B, N, C] -> [B, K, C]), read as whole rows of the flattened batch.
 
@@ -121,22 +117,29 @@ def nearest(x: Tensor, x_sq: Tensor, centers: Tensor) -> Tensor:
     return squared_distances(x, x_sq, centers).argmin(dim=-1)
 
 
-def cluster_sums(x: Tensor, weight: Tensor, member: Tensor) -> tuple[Tensor, Tensor]:
-    """Weighted sums [B, K, C] and total weights [B, K] of each cluster, from the one-hot `member` [B, N, K]."""
-    weighted_member = member * weight.unsqueeze(-1)
-    return weighted_member.transpose(1, 2) @ x, torch.einsum("bnk,bn->bk", member, weight)
+def cluster_sums(x: Tensor, weight: Tensor, assign: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Weighted sums [B, K, C] and total weights [B, K] of the clusters of `assign` [B, N] (-1: in none).
+
+    A scatter-add (ONNX ScatterElements with reduction add): N*C multiply-adds, where a matmul with the one-hot
+    assignment spends N*K*C, nearly all of them on zeros, and is 2x slower in eager PyTorch. On CUDA the adds
+    into one cluster may run in any order (last-bit differences) unless torch.use_deterministic_algorithms.
+    """
+    batch, _, channels = x.shape
+    index, weight = _members(assign, weight)
+    weighted = x * weight.unsqueeze(-1)
+    sums = weighted.new_zeros(batch, k, channels).scatter_add(1, index.unsqueeze(-1).expand(-1, -1, channels), weighted)
+    return sums, weight.new_zeros(batch, k).scatter_add(1, index, weight)
 
 
-def cluster_means(x: Tensor, weight: Tensor, member: Tensor) -> tuple[Tensor, Tensor]:
+def _members(assign: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Scatter indices for `assign` and the weights with dropped tokens (-1) zeroed."""
+    return assign.clamp_min(0), zero_unless(assign >= 0, weight)
+
+
+def cluster_means(x: Tensor, weight: Tensor, assign: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Weighted cluster means [B, K, C] (0 where a cluster has no weight) and the clusters' weights [B, K]."""
-    sums, mass = cluster_sums(x, weight, member)
+    sums, mass = cluster_sums(x, weight, assign, k)
     return sums / mass.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1), mass
-
-
-def weighted_means(x: Tensor, weight: Tensor, assign: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Weighted cluster means [B, K, C] and member counts [B, K]; an empty cluster's mean is 0."""
-    member = one_hot(assign, k, x.dtype)
-    return cluster_means(x, weight, member)[0], member.sum(1)
 
 
 def reconstruction_error(x: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -189,8 +192,8 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
                 break
             index, rows, assign = medoids_of(updated)
     assign = assign.squeeze(1)
-    if means:  # the clusters found by K-Medoids, represented by their weighted means (N*K*C more MACs)
-        return Pooled(weighted_means(xf, w, assign, k)[0].to(x.dtype), assign)
+    if means:  # the clusters found by K-Medoids, represented by their weighted means (N*C more MACs)
+        return Pooled(cluster_means(xf, w, assign, k)[0].to(x.dtype), assign)
     return Pooled(gather_tokens(x, index), assign)
 
 
@@ -268,7 +271,7 @@ def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters
     assign = nearest(xf, x_sq, centers)
 
     def recentred(centers: Tensor, assign: Tensor) -> Tensor:
-        means, mass = cluster_means(xf, w, one_hot(assign, k, xf.dtype))
+        means, mass = cluster_means(xf, w, assign, k)
         # A cluster with no weight (empty, or all significance 0) keeps its centre rather than collapsing to 0.
         return torch.where((mass > 0).unsqueeze(-1), means, centers)
 
@@ -344,39 +347,47 @@ def grid(x: Tensor, grid_in: tuple[int, int], grid_out: tuple[int, int]) -> Pool
     check_finite(x)
     assign = grid_assignment(grid_in, grid_out, x.device).unsqueeze(0).expand(x.shape[0], -1)
     k = grid_out[0] * grid_out[1]
-    means, _ = weighted_means(x.float(), torch.ones_like(x[..., 0], dtype=torch.float32), assign, k)
+    means, _ = cluster_means(x.float(), torch.ones_like(x[..., 0], dtype=torch.float32), assign, k)
     return Pooled(means.to(x.dtype), assign)
 
 
-def tome(x: Tensor, k: int, metric: Tensor | None = None, size: Tensor | None = None) -> Pooled:
+def tome(x: Tensor, k: int, metric: Tensor | None = None, size: Tensor | None = None, offset: int = 0) -> Pooled:
     """ToMe's bipartite soft matching (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023).
 
-    Re-implemented from the paper: tokens alternate into sets A and B; each A token's most similar B token
-    (cosine similarity of `metric`, ToMe uses the attention keys) is an edge; the r = N - k strongest edges
-    merge their A token into its B token by a size-weighted average. Removes at most half the tokens.
+    Re-implemented from the paper. Tokens alternate into sets A and B by their place in the whole sequence
+    (`offset`: the prefix tokens in front of `x`, which ToMe's alternation counts though it never merges them);
+    each A token's most similar B token (cosine similarity of `metric`; ToMe uses the attention keys averaged
+    over heads) is an edge, and the r = N - k strongest edges merge their A token into its B token by a
+    size-weighted mean. The outputs are in ToMe's order: the unmerged A tokens as they came, then the B tokens
+    (the order decides the next layer's sets). Removes at most half of the tokens; K = N changes nothing.
     """
     check_finite(x)
     batch, n, _ = x.shape
     r = n - k
     if r < 0 or r > n // 2:
         raise ValueError(f"tome keeps between {n - n // 2} and {n} of {n} tokens; asked for {k}")
+    if r == 0:
+        return Pooled(x, torch.arange(n, device=x.device).expand(batch, -1))
     metric = (x if metric is None else metric).float()
     metric = metric / torch.einsum("bnc,bnc->bn", metric, metric).sqrt().clamp_min(1e-12).unsqueeze(-1)
-    a, b = metric[:, ::2], metric[:, 1::2]
+    first_a = offset % 2
+    a, b = metric[:, first_a::2], metric[:, 1 - first_a :: 2]
     n_a, n_b = a.shape[1], b.shape[1]
     best, best_b = (a @ b.transpose(1, 2)).max(dim=-1)  # [B, Na]
     order = best.topk(n_a, dim=-1).indices  # strongest edge first (ONNX TopK; a stable sort does not export)
-    rank = order.topk(n_a, dim=-1, largest=False).indices  # inverse permutation: the rank of each A token
-    assign_a = torch.where(rank < r, (n_a - r) + best_b, rank - r)
+    merged = order.topk(n_a, dim=-1, largest=False).indices < r  # the inverse permutation is each A token's rank
+    slot = (~merged).long().cumsum(dim=-1) - 1  # an unmerged A token's place among those kept, in token order
+    assign_a = torch.where(merged, (n_a - r) + best_b, slot)
     assign_b = (n_a - r) + torch.arange(n_b, device=x.device).expand(batch, -1)
-    assign = torch.stack([assign_a[:, :n_b], assign_b], dim=-1).reshape(batch, 2 * n_b)
-    if n_a > n_b:
-        assign = torch.cat([assign, assign_a[:, n_b:]], dim=1)
+    # back from [A..., B...] to token order: token i is A's (i // 2)-th if it has A's parity, else B's
+    back = torch.tensor([i // 2 + (0 if i % 2 == first_a else n_a) for i in range(n)], device=x.device)
+    assign = torch.cat([assign_a, assign_b], dim=1).index_select(1, back)
     weight = torch.ones_like(x[..., 0], dtype=torch.float32) if size is None else size.float()
-    merged, _ = weighted_means(x.float(), weight, assign, k)
-    return Pooled(merged.to(x.dtype), assign)
+    merged_tokens, _ = cluster_means(x.float(), weight, assign, k)
+    return Pooled(merged_tokens.to(x.dtype), assign)
 
 
 def merged_sizes(assign: Tensor, size: Tensor, k: int) -> Tensor:
     """How many original patches each output token stands for, given the input tokens' sizes."""
-    return (size.unsqueeze(1) @ one_hot(assign, k, size.dtype)).squeeze(1)  # a MatMul: ONNX Runtime's Einsum is slower
+    index, size = _members(assign, size)
+    return size.new_zeros(size.shape[0], k).scatter_add(1, index, size)

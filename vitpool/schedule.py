@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from vitpool.adapter import apply_pooling, plan_for
 from vitpool.budget import TOLERANCE, MacModel, budget_target, family_layers, solve
-from vitpool.config import default_layers
+from vitpool.config import PoolingConfig, default_layers
 from vitpool.errors import VitpoolError
 from vitpool.flops import total_macs
 from vitpool.sweep import ImageSet, score
@@ -61,15 +61,16 @@ class SearchResult:
         }
 
 
-def candidate_placements(depth: int) -> list[tuple[int, ...]]:
-    return list(dict.fromkeys(default_layers(min(count, depth - 1), depth) for count in PLACEMENT_COUNTS))
+def candidate_placements(depth: int, position: str) -> list[tuple[int, ...]]:
+    return list(dict.fromkeys(default_layers(min(count, depth - 1), depth, position) for count in PLACEMENT_COUNTS))
 
 
-def search(model, images: ImageSet, method: str, iters: int, budget: float | None = None,
-           target_gmacs: float | None = None, output: str = "medoid", proportional: bool = True,
-           layers: tuple[int, ...] | None = None, on_step: Callable[[str], None] | None = None) -> SearchResult:
-    """Greedy search over per-layer K within the budget, scored on `images` against the unpooled logits."""
-    macs = MacModel(model, method, iters, output, proportional)
+def search(model, images: ImageSet, template: PoolingConfig, budget: float | None = None,
+           target_gmacs: float | None = None, layers: tuple[int, ...] | None = None,
+           on_step: Callable[[str], None] | None = None) -> SearchResult:
+    """Greedy search over per-layer K within the budget for `template`'s setting (its K and layers are
+    ignored), scored on `images` against the unpooled logits."""
+    macs = MacModel(model, template)
     target = budget_target(macs, budget, target_gmacs)
     note = on_step or (lambda text: None)
     scores: dict[tuple[tuple[int, ...], tuple[int, ...]], Scored] = {}
@@ -83,12 +84,11 @@ def search(model, images: ImageSet, method: str, iters: int, budget: float | Non
                  f"KL {result.kl:.4f}")
         return scores[key]
 
-    family_placement = tuple(layers) if layers else family_layers(macs.depth)
+    family_placement = tuple(layers) if layers else family_layers(macs.depth, position=template.position)
     starts, family, problem = [], None, None  # the family schedule at each candidate placement of the pooling layers
-    for placement in [family_placement] if layers else candidate_placements(macs.depth):
+    for placement in [family_placement] if layers else candidate_placements(macs.depth, template.position):
         try:
-            config = solve(model, method, iters, budget, target_gmacs, output=output, proportional=proportional,
-                           layers=placement, macs=macs)[0]
+            config = solve(model, template, budget, target_gmacs, layers=placement, macs=macs)[0]
         except VitpoolError as error:  # this placement cannot reach the budget
             problem = error
             continue

@@ -13,11 +13,11 @@ import io
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vitpool import data
-from vitpool.config import MEDOID_METHODS, METHODS
+from vitpool.config import MEDOID_METHODS, METHODS, PoolingConfig
 from vitpool.errors import VitpoolError, writable_parent, write_atomically
 from vitpool.evaluate import Tally
 
@@ -81,15 +81,20 @@ def score(model, images: ImageSet, batch_size: int = 50):
     return tally.result(images.mapping)
 
 
-def sweep_settings(model_name: str, checkpoint, pretrained: bool, data_dir, limit: int | None, iters: int | None,
-                   output: str | None, proportional: bool | None, calibration: int | None) -> dict:
-    """What a sweep's results depend on: a rerun with the same settings resumes it, other settings are refused."""
-    from vitpool.config import DEFAULT_ITERS
-
+def sweep_settings(model_name: str, checkpoint, pretrained: bool, data_dir, limit: int | None, template: PoolingConfig,
+                   calibration: int | None) -> dict:
+    """What a sweep's results depend on: a rerun with the same settings resumes it, other settings are refused.
+    `template` holds the pooling setting every method shares (its method, K and layers are not used)."""
     return {"model": model_name, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
             "pretrained": pretrained if checkpoint is None else False, "data": str(Path(data_dir).resolve()),
-            "limit": limit, "iters": DEFAULT_ITERS if iters is None else iters, "output": output or "medoid",
-            "proportional": True if proportional is None else proportional, "calibration": calibration}
+            "limit": limit, "iters": template.iters, "output": template.output, "proportional": template.proportional,
+            "position": template.position, "calibration": calibration}
+
+
+def settings_template(settings: dict) -> PoolingConfig:
+    """The shared pooling setting of a sweep's settings."""
+    return PoolingConfig(iters=settings["iters"], output=settings["output"], proportional=settings["proportional"],
+                         position=settings["position"])
 
 
 def parse_methods(text: str | None) -> list[str]:
@@ -158,27 +163,27 @@ def metrics_row(result) -> dict:
     return {"top1": result.top1, "top5": result.top5, "agreement": result.agreement, "kl": result.kl, "n": result.n}
 
 
-def run_point(model, method: str, budget: float, images: ImageSet, iters: int, output: str, proportional: bool,
-              baseline_macs: int, schedule: str = "family", calibration: ImageSet | None = None) -> dict:
+def run_point(model, method: str, budget: float, images: ImageSet, template: PoolingConfig, baseline_macs: int,
+              schedule: str = "family", calibration: ImageSet | None = None) -> dict:
     """One row of the sweep: the family schedule for `budget` (or the one `vitpool schedule` finds on the
-    calibration images), converted, its MACs counted and scored on `images`. `output` concerns the K-Medoids
-    methods; the others have one kind of output."""
+    calibration images) of `method` with `template`'s setting, converted, its MACs counted and scored on
+    `images`. The template's output concerns the K-Medoids methods; the others have one kind of output."""
     from vitpool.adapter import apply_pooling
     from vitpool.budget import solve
     from vitpool.schedule import search
 
     started = time.perf_counter()
     row = {"method": method, "budget": budget, "schedule": schedule}
-    output = output if method in MEDOID_METHODS else "medoid"
+    template = replace(template, method=method, output=template.output if method in MEDOID_METHODS else "medoid")
     try:
         if schedule == "searched":
-            found = search(model, calibration, method, iters, budget, output=output, proportional=proportional)
+            found = search(model, calibration, template, budget)
             config, reached = found.config, found.macs
             row["search"] = {"evaluations": found.evaluations, "calibration_kl": found.best.kl,
                              "family_k": list(found.start.k), "family_calibration_kl": found.start.kl}
         else:
             family = "every-block" if schedule == "every-block" else "geometric"
-            config, reached, _ = solve(model, method, iters, budget, output=output, proportional=proportional, family=family)
+            config, reached, _ = solve(model, template, budget, family=family)
     except VitpoolError as error:
         return {**row, "error": str(error)}
     result = score(apply_pooling(model, config), images)
@@ -234,8 +239,7 @@ def split(images: ImageSet, calibration: int) -> tuple[ImageSet, ImageSet]:
     return images.subset(chosen), images.subset(rest)
 
 
-def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: list[float], iters: int, output: str,
-          proportional: bool, limit: int | None, force: bool = False, workers: int = 2,
+def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: list[float], force: bool = False, workers: int = 2,
           on_progress: Callable[[str, int, int], None] | None = None, calibration: int | None = None) -> Results:
     """Run every (method, budget, schedule) point not already in `out_dir/results.json`; returns all results.
 
@@ -257,7 +261,7 @@ def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: lis
     progress("reading images", total - len(todo), total)
     baseline_macs = total_macs(model)
     if todo or results.reference is None:
-        images = load_images(model, settings["data"], limit, workers=workers)
+        images = load_images(model, settings["data"], settings["limit"], workers=workers)
         calibration_images = None
         if calibration:
             calibration_images, images = split(images, calibration)
@@ -269,7 +273,7 @@ def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: lis
             results.save()
         for done, (method, budget, schedule) in enumerate(todo, start=total - len(todo)):
             progress(f"{method} at {budget:g}" + (" (searching)" if schedule == "searched" else ""), done, total)
-            results.add(run_point(model, method, budget, images, iters, output, proportional, baseline_macs, schedule,
+            results.add(run_point(model, method, budget, images, settings_template(settings), baseline_macs, schedule,
                                   calibration_images))
     progress("drawing", total, total)
     results.save()
