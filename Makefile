@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 DATA ?= ../shared/data
 BIN := $(VENV)/bin
-DEMO_OUT ?= runs/deit_tiny_wkmedoids
+DEMO_OUT ?= runs/deit_tiny_pooled
 
 .PHONY: install test demo clean
 
@@ -26,7 +26,7 @@ test: install
 
 demo: install
 	$(BIN)/vitpool convert deit_tiny --checkpoint $(DATA)/weights/deit_tiny_patch16_224.pth \
-		--method wkmedoids --k 128,88,56 --layers 2,5,8 --out $(DEMO_OUT) --force
+		--budget 0.6 --out $(DEMO_OUT) --force
 	$(BIN)/vitpool flops $(DEMO_OUT)
 	$(BIN)/vitpool eval $(DEMO_OUT) --data $(DATA)/imagenet-sample
 

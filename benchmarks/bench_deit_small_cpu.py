@@ -1,5 +1,5 @@
-"""DeiT-S latency on this CPU: three schedules (about 25%, 40% and 50% fewer MACs), batch 1 and 32,
-eager PyTorch and ONNX Runtime, baseline and pooled interleaved in one run (vitpool.bench). Batch 1 is timed
+"""DeiT-S latency on this CPU: a preset (default: vitpool, the defaults) at budgets 0.75, 0.6 and 0.5 of the
+MACs (`--budget`, pooling included), batch 1 and 32, eager PyTorch and ONNX Runtime, baseline and pooled interleaved in one run (vitpool.bench). Batch 1 is timed
 in three such runs, and the one with the median efficiency is reported (all three are kept).
 
 Also measures the pooling layers' share of the pooled model's latency in two ways:
@@ -20,8 +20,8 @@ the stopping graphs' do, as clustering stops at a fixed point there: with these 
 (fixed_point_iterations.py), so their batch-1 pooling figures here are optimistic; onnx_stop_deit_tiny.py
 measures the stopping graphs on real weights and photos. Writes benchmarks/results/bench_deit_small_cpu.json.
 
-    .venv/bin/python benchmarks/bench_deit_small_cpu.py [--blocks-1 3] [--repeats-1 60] [--repeats-32 10]
-        [--repeats-added 100] [--blocks-added 3]
+    .venv/bin/python benchmarks/bench_deit_small_cpu.py [--preset vitpool] [--blocks-1 3] [--repeats-1 60]
+        [--repeats-32 10] [--repeats-added 100] [--blocks-added 3]
 """
 
 from __future__ import annotations
@@ -44,12 +44,7 @@ from vitpool.bench import bench, environment, rows_to_json
 from vitpool.export import INPUT_NAME, to_onnx
 from vitpool.models import create_model
 
-SCHEDULES = {  # K after blocks 2, 5, 8; MAC ratio measured with `vitpool flops`
-    "minus25": [160, 128, 100],
-    "minus40": [128, 88, 56],
-    "minus50": [100, 64, 36],
-}
-LAYERS = [2, 5, 8]
+SCHEDULES = {"minus25": 0.75, "minus40": 0.6, "minus50": 0.5}  # name -> MAC budget
 RUNTIMES = ("torch", "onnxruntime")
 
 
@@ -208,7 +203,7 @@ def main() -> None:
     parser.add_argument("--repeats-32", type=int, default=10)
     parser.add_argument("--repeats-added", type=int, default=100, help="rounds for the latency pooling adds")
     parser.add_argument("--blocks-added", type=int, default=3, help="runs of those rounds; the median is reported")
-    parser.add_argument("--iters", type=int, default=5, help="K-Medoids iterations")
+    parser.add_argument("--preset", default="vitpool", help="vitpool (the defaults), paper or tome")
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list of " + ", ".join(SCHEDULES))
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_deit_small_cpu.json")
     args = parser.parse_args()
@@ -217,12 +212,12 @@ def main() -> None:
     results = []
     start = time.perf_counter()
     for name in args.schedules.split(","):
-        k = SCHEDULES[name]
-        pooled = vitpool.convert(base, k=k, layers=LAYERS, iters=args.iters)
+        pooled = vitpool.convert(base, budget=SCHEDULES[name], preset=args.preset)
+        config = pooled.vitpool_config
         every = measure(base, pooled, RUNTIMES, args, stop_at_fixed_point=False)
         stopping = measure(base, pooled, ("onnxruntime",), args, stop_at_fixed_point=True)
-        result = {"schedule": name, "k": k, "layers": LAYERS, "method": "wkmedoids", "iters": args.iters, **every,
-                  "onnxruntime_stopping_at_fixed_point": stopping}
+        result = {"schedule": name, "budget": SCHEDULES[name], "preset": args.preset, "pooling": config.to_dict(),
+                  **every, "onnxruntime_stopping_at_fixed_point": stopping}
         results.append(result)
         progress = {graph: {"shares": part["pooling_share_of_latency"], "added": part["pooling_added_latency"],
                             "efficiency": {f"{r['runtime']}_b{r['batch_size']}": round(r["efficiency"], 3)

@@ -1,11 +1,15 @@
 """The reproduction report: every method at budgets 0.5, 0.6, 0.75 and 0.9 on the real DeiT-Tiny and photos,
-no fine-tuning, with the budget family's schedules and with searched ones (`vitpool schedule`).
+no fine-tuning, at one position of the pooling layers, with the budget family's schedules, ToMe as published,
+and (with --calibration N) searched schedules (`vitpool schedule`).
 
-This is `vitpool sweep --search 100`: the schedules are searched on 100 of the 500 photos and every point,
-the family's included, is scored on the other 400. Writes benchmarks/results/reproduction_deit_tiny/
-(results.json, results.csv, tradeoff.png); resumable like any sweep.
+This is `vitpool sweep`: every method in the default preset's setting (mean outputs for the K-Medoids methods,
+proportional attention, the late family) at the position given; with --calibration N the schedules are
+searched on N of the 500 photos and every point, the family's included, is scored on the others. Writes
+benchmarks/results/reproduction_deit_tiny_<position>/ (results.json, results.csv, tradeoff.png); resumable
+like any sweep.
 
-    .venv/bin/python benchmarks/reproduction_deit_tiny.py [--methods ...] [--output medoid|mean]
+    .venv/bin/python benchmarks/reproduction_deit_tiny.py --position after-attention --calibration 100
+    .venv/bin/python benchmarks/reproduction_deit_tiny.py --position after-block --calibration 100
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 
 from _results import RESULTS, SHARED_DATA
 
-from vitpool.config import METHODS, PoolingConfig
+from vitpool.config import METHODS, POSITIONS, make_config
 from vitpool.models import create_model
 from vitpool.sweep import parse_budgets, parse_methods, sweep, sweep_settings
 
@@ -26,19 +30,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--budgets", default="0.5,0.6,0.75,0.9")
-    parser.add_argument("--output", default="medoid", help="K-Medoids outputs (medoid or mean)")
-    parser.add_argument("--calibration", type=int, default=100)
+    parser.add_argument("--position", choices=POSITIONS, default="after-attention")
+    parser.add_argument("--calibration", type=int, default=100, help="0: family schedules only, scored on all photos")
     args = parser.parse_args()
     model = create_model("deit_tiny", checkpoint=WEIGHTS).eval()
     data = SHARED_DATA / "imagenet-sample"
-    name = "reproduction_deit_tiny" + ("" if args.output == "medoid" else f"_{args.output}")
-    settings = sweep_settings("deit_tiny_patch16_224", WEIGHTS, False, data, None, PoolingConfig(output=args.output),
-                              args.calibration)
+    calibration = args.calibration or None
+    settings = sweep_settings("deit_tiny_patch16_224", WEIGHTS, False, data, None, "vitpool",
+                              make_config(layers=(), position=args.position), calibration)
     started = time.perf_counter()
-    results = sweep(model, settings, RESULTS / name, parse_methods(args.methods), parse_budgets(args.budgets),
-                    calibration=args.calibration,
+    out = RESULTS / f"reproduction_deit_tiny_{args.position}"
+    results = sweep(model, settings, out, parse_methods(args.methods), parse_budgets(args.budgets), calibration=calibration,
                     on_progress=lambda text, done, total: print(f"[{done}/{total}] {text} ({time.perf_counter() - started:.0f} s)", flush=True))
-    print(f"{len(results.rows)} points in {RESULTS / name}")
+    print(f"{len(results.rows)} points in {out}")
 
 
 if __name__ == "__main__":

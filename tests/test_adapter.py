@@ -189,7 +189,11 @@ def test_default_layers_spread_evenly():
     assert default_layers(1, 12) == (5,)
     assert default_layers(3, 12) == (2, 5, 8)
     assert default_layers(11, 12) == tuple(range(11))
+    assert default_layers(3, 12, "after-attention") == (3, 6, 9)
+    assert default_layers(12, 12, "after-attention") == tuple(range(12))  # the last block's MLP saves too
     converted = vitpool.convert(_model("deit_tiny_patch16_224"), k=[150, 100, 50])
+    assert converted.vitpool_config.layers == (3, 6, 9)
+    converted = vitpool.convert(_model("deit_tiny_patch16_224"), k=[150, 100, 50], position="after-block")
     assert converted.vitpool_config.layers == (2, 5, 8)
 
 
@@ -205,7 +209,8 @@ def test_default_layers_spread_evenly():
         ({"k": [100], "layers": [1], "method": "kmedian"}, "unknown method"),
         ({"k": [90], "layers": [1], "method": "tome"}, "at most half"),
         ({"k": [17], "layers": [1], "method": "grid"}, "grid pooling cannot make 17"),
-        ({"k": [100] * 12}, "blocks to pool after"),
+        ({"k": [100] * 13}, "blocks to pool"),
+        ({"k": [100] * 12, "position": "after-block"}, "blocks to pool after"),
     ],
 )
 def test_bad_schedules_are_rejected_with_a_reason(kwargs, message):
@@ -217,3 +222,15 @@ def test_converting_twice_is_refused():
     converted = vitpool.convert(_model("deit_tiny_patch16_224"), k=[100], layers=[2])
     with pytest.raises(VitpoolError, match="already converted"):
         vitpool.convert(converted, k=[50], layers=[4])
+
+
+@pytest.mark.parametrize("position", ["after-attention", "after-block"])
+@pytest.mark.parametrize("method", METHODS)
+def test_k_equal_to_n_is_the_identity_at_both_positions(method, position):
+    """Keeping every token changes nothing, token by token and in order, wherever the pooling layer sits (the
+    explicit attention path that significance needs rounds differently from the fused one, hence the tolerance)."""
+    model = _model("deit_tiny_patch16_224")
+    converted = vitpool.convert(model, method=method, k=[196, 196], layers=[3, 11], position=position)
+    x = _image(2, model)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.forward_features(x), model.forward_features(x), rtol=1e-5, atol=1e-5)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 
 import vitpool
-from vitpool.budget import MacModel, family_schedule, solve
-from vitpool.config import PoolingConfig, make_config
+from dataclasses import replace
+
+from vitpool.adapter import apply_pooling
+from vitpool.budget import MacModel, family_layers, family_schedule, solve
+from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK, EVERY_BLOCK, LATE, PRESETS, SPREAD, PoolingConfig, make_config
 from vitpool.errors import VitpoolError
 from vitpool.flops import count_macs, total_macs
 from vitpool.models import create_model
@@ -32,12 +35,31 @@ def _model(name):
 )
 def test_solved_schedule_lands_within_one_percent(name, method, budget, target_gmacs):
     model = _model(name)
-    config, reached, baseline = solve(model, PoolingConfig(method), budget=budget, target_gmacs=target_gmacs)
+    config, reached, baseline = solve(model, make_config(method, layers=()), budget=budget, target_gmacs=target_gmacs)
     target = budget * baseline if budget is not None else target_gmacs * 1e9
     converted = vitpool.convert(model, method=method, k=config.k, layers=config.layers)
     assert total_macs(converted) == reached  # the figure reported is the whole converted model's count
     assert abs(reached - target) <= 0.01 * target
-    assert config.layers == (2, 5, 8) and list(config.k) == sorted(config.k, reverse=True)
+    assert config.layers == (3, 5, 7, 9, 11) and list(config.k) == sorted(config.k, reverse=True)
+
+
+def test_families_place_their_layers():
+    assert family_layers(12, LATE, AFTER_ATTENTION) == (3, 5, 7, 9, 11)
+    assert family_layers(12, LATE, AFTER_BLOCK) == (3, 5, 7, 9)  # pooling after the last block saves nothing
+    assert family_layers(24, LATE, AFTER_ATTENTION) == tuple(range(6, 24, 2))
+    assert family_layers(12, SPREAD, AFTER_BLOCK) == (2, 5, 8)
+    assert family_layers(12, EVERY_BLOCK, AFTER_ATTENTION) == tuple(range(12))
+    assert family_layers(12, EVERY_BLOCK, AFTER_BLOCK) == tuple(range(11))
+
+
+def test_paper_preset_is_the_papers_configuration():
+    model = _model("deit_tiny")
+    converted = vitpool.convert(model, budget=0.6, preset="paper")
+    config = converted.vitpool_config
+    assert (config.method, config.output, config.position, config.proportional) == ("wkmedoids", "medoid", "after-block", False)
+    assert config.layers == (2, 5, 8)
+    default = vitpool.convert(model, budget=0.6).vitpool_config
+    assert (default.method, default.output, default.position) == ("kmedoids", "mean", "after-attention")
 
 
 @pytest.mark.parametrize("method", ["wkmedoids", "kmeans", "tome", "grid", "random"])
@@ -45,7 +67,10 @@ def test_the_parts_model_adds_up_to_the_whole_model_count(method):
     model = _model("deit_tiny")
     k = (121, 81, 49) if method == "grid" else (150, 100, 60)
     config = make_config(method, k, (1, 4, 9), 5)
-    assert MacModel(model, PoolingConfig(method)).total(config) == count_macs(vitpool.convert(model, method=method, k=k, layers=(1, 4, 9))).macs
+    assert config.position == "after-attention"
+    assert MacModel(model, make_config(method, layers=())).total(config) == count_macs(vitpool.convert(model, method=method, k=k, layers=(1, 4, 9))).macs
+    after_block = replace(config, position="after-block")
+    assert MacModel(model, replace(after_block, k=())).total(after_block) == count_macs(apply_pooling(model, after_block)).macs
 
 
 def test_family_keeps_method_constraints():
@@ -60,16 +85,16 @@ def test_python_api_and_unreachable_budgets():
     converted = vitpool.convert(model, budget=0.7)
     assert abs(total_macs(converted) / total_macs(model) - 0.7) <= 0.007
     with pytest.raises(VitpoolError, match="lands within 1%"):
-        solve(model, PoolingConfig("wkmedoids"), budget=0.1)
+        solve(model, PoolingConfig(), budget=0.1)
     with pytest.raises(VitpoolError, match=r"in \(0, 1\]"):
-        solve(model, PoolingConfig("wkmedoids"), budget=1.5)
+        solve(model, PoolingConfig(), budget=1.5)
 
 
 def test_every_block_family_is_tomes_schedule():
     model = _model("deit_tiny")
-    config, reached, baseline = solve(model, PoolingConfig("tome", iters=1), budget=0.6, family="every-block")
-    assert config.layers == tuple(range(11)) and abs(reached / baseline - 0.6) <= 0.006
+    config, reached, baseline = solve(model, PRESETS["tome"].template, budget=0.6, family="every-block")
+    assert config.layers == tuple(range(12)) and abs(reached / baseline - 0.6) <= 0.006
     removed = [a - b for a, b in zip((196,) + config.k, config.k)]
     assert max(removed) - min(removed) <= 1, f"ToMe removes the same number of tokens after every block: {removed}"
     with pytest.raises(VitpoolError, match="family"):
-        solve(model, PoolingConfig("tome", iters=1), budget=0.6, family="spiral")
+        solve(model, PRESETS["tome"].template, budget=0.6, family="spiral")

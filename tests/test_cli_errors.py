@@ -327,7 +327,7 @@ def test_existing_out_with_force_is_replaced(runs):
     assert hidden_entries(work) == [], "staging or retired directories were left behind"
     summary = json.loads(result.stdout)
     assert summary["out"] == str(out) and summary["base_model"] == "deit_tiny_patch16_224"
-    assert summary["pooling"]["k"] == [100] and summary["pooling"]["layers"] == [5]
+    assert summary["pooling"]["k"] == [100] and summary["pooling"]["layers"] == [6]  # one K: the middle block
     description = json.loads((out / "vitpool.json").read_text())
     assert description["pooling"] == summary["pooling"]
 

@@ -9,7 +9,7 @@ import torch
 
 import vitpool
 from vitpool import export as export_module
-from vitpool.config import METHODS
+from vitpool.config import METHODS, POSITIONS
 from vitpool.errors import VitpoolError
 from vitpool.models import create_model
 
@@ -17,9 +17,11 @@ SCHEDULE = {"k": [128, 88, 56], "layers": [2, 5, 8]}
 GRID_SCHEDULE = {"k": [121, 81, 49], "layers": [2, 5, 8]}
 
 
+@pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_exports_and_agrees_with_pytorch_on_real_images(method, real_deit_tiny, imagenet_sample, tmp_path):
-    pooled = vitpool.convert(real_deit_tiny, method=method, **(GRID_SCHEDULE if method == "grid" else SCHEDULE))
+def test_every_method_exports_and_agrees_with_pytorch_on_real_images(method, position, real_deit_tiny, imagenet_sample, tmp_path):
+    pooled = vitpool.convert(real_deit_tiny, method=method, position=position,
+                             **(GRID_SCHEDULE if method == "grid" else SCHEDULE))
     result = export_module.export(pooled, tmp_path / "m.onnx", data=imagenet_sample, limit=16, min_agreement=90)
     check = result.check
     assert check.n == 16 and check.source == str(imagenet_sample)

@@ -27,7 +27,7 @@ def test_unpooled_deits_match_the_published_macs(name):
 
 def test_pooled_blocks_cost_what_their_token_count_says():
     base = create_model("deit_tiny", pretrained=False)
-    report = count_macs(vitpool.convert(base, k=[128, 88, 56], layers=[2, 5, 8]), baseline=base)
+    report = count_macs(vitpool.convert(base, k=[128, 88, 56], layers=[2, 5, 8], position="after-block"), baseline=base)
     tokens = [b.tokens_in for b in report.blocks]
     assert tokens == [197] * 3 + [129] * 3 + [89] * 3 + [57] * 3
     assert [b.tokens_out for b in report.blocks][2::3] == [129, 89, 57, 57]
@@ -41,9 +41,10 @@ def test_weighted_kmedoids_cost_is_counted_exactly():
     scatter-add) on top when proportional attention uses them."""
     base = create_model("deit_tiny", pretrained=False)
     iters = 3
-    plain = count_macs(vitpool.convert(base, k=[100, 50], layers=[2, 6], iters=iters, proportional=False), baseline=base)
+    plain = count_macs(vitpool.convert(base, k=[100, 50], layers=[2, 6], iters=iters, proportional=False, preset="paper"), baseline=base)
     assert [b.pool_macs for b in plain.blocks if b.pool_macs] == [n * n * 192 + iters * n * n for n in (196, 100)]
-    report = count_macs(vitpool.convert(base, k=[100, 50], layers=[2, 6], iters=iters), baseline=base)
+    report = count_macs(vitpool.convert(base, k=[100, 50], layers=[2, 6], iters=iters, proportional=True, preset="paper"),
+                        baseline=base)
     expected = [n * n * 192 + iters * n * n + n for n in (196, 100)]
     assert [b.pool_macs for b in report.blocks if b.pool_macs] == expected
     assert report.pooling_macs == sum(expected)
@@ -53,10 +54,11 @@ def test_weighted_kmedoids_cost_is_counted_exactly():
 
 def _pool_macs(method: str, n: int, k: int, c: int, head_dim: int, iters: int) -> int:
     """A pooling layer's MACs by hand: distances and Gram matrices are matmuls, cluster sums one multiply-add per
-    element; the cluster sizes that proportional attention reads are N adds."""
+    element; the cluster sizes that proportional attention reads are N adds. K-Medoids with mean outputs (the
+    default) adds one cluster sum of the tokens and one of their weights."""
     sizes = n
     if method in ("wkmedoids", "kmedoids"):
-        return n * n * c + iters * n * n + sizes
+        return n * n * c + iters * n * n + n * c + n + sizes
     if method in ("wkmeans", "kmeans"):
         assign = n * k * c + k * c  # x . centres, and the centres' norms
         return n * c + assign + iters * (n * c + n + assign) + sizes

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import noise_folder
 
+import vitpool
 from vitpool.adapter import apply_pooling
-from vitpool.config import PoolingConfig
+from vitpool.config import make_config
 from vitpool.flops import total_macs
 from vitpool.schedule import search
 from vitpool.sweep import load_images, split
@@ -26,26 +27,28 @@ def folder(tmp_path_factory):
 
 def test_search_stays_in_budget_improves_and_is_deterministic(tiny_model, folder):
     images = load_images(tiny_model, folder, None, workers=0)
-    first = search(tiny_model, images, PoolingConfig("wkmedoids", iters=1), budget=0.6)
+    first = search(tiny_model, images, make_config("wkmedoids", layers=(), iters=1), budget=0.6)
     baseline = total_macs(tiny_model)
     assert abs(total_macs(apply_pooling(tiny_model, first.config)) / baseline - 0.6) <= 0.006
     assert first.macs == total_macs(apply_pooling(tiny_model, first.config))
-    assert [tuple(h["layers"]) for h in first.history[:3]] == [(5,), (3, 7), (2, 5, 8)], "1, 2 and 3 pooling layers"
-    assert first.start.layers == (2, 5, 8) and list(first.start.k) == first.history[2]["k"]  # the --budget schedule
-    moves = [step["kl"] for step in first.history[3:]]
-    assert moves == sorted(moves, reverse=True) and all(kl < min(h["kl"] for h in first.history[:3]) for kl in moves)
-    assert first.best.kl <= min(h["kl"] for h in first.history[:3]) and first.best.kl <= first.start.kl
+    placements = [(3, 5, 7, 9, 11), (6,), (4, 8), (3, 6, 9)]
+    assert [tuple(h["layers"]) for h in first.history[:4]] == placements, "the family's layers, then 1, 2 and 3 spread"
+    assert first.start.layers == placements[0] and list(first.start.k) == first.history[0]["k"]  # the --budget schedule
+    starts = min(h["kl"] for h in first.history[:4])
+    moves = [step["kl"] for step in first.history[4:]]
+    assert moves == sorted(moves, reverse=True) and all(kl < starts for kl in moves)
+    assert first.best.kl <= starts and first.best.kl <= first.start.kl
     assert list(first.config.k) == first.history[-1]["k"] or not moves
-    assert first.config.layers == first.best.layers and first.config.layers in {(5,), (3, 7), (2, 5, 8)}
+    assert first.config.layers == first.best.layers and first.config.layers in set(placements)
     assert all(a >= b for a, b in zip(first.config.k, first.config.k[1:])), "K must not grow"
     assert list(first.config.k) == [h for h in first.history if tuple(h["layers"]) == first.config.layers][-1]["k"]
-    again = search(tiny_model, images, PoolingConfig("wkmedoids", iters=1), budget=0.6)
+    again = search(tiny_model, images, make_config("wkmedoids", layers=(), iters=1), budget=0.6)
     assert again.config == first.config and again.best == first.best
 
 
 def test_search_keeps_tome_constraints_and_custom_layers(tiny_model, folder):
     images = load_images(tiny_model, folder, None, workers=0)
-    found = search(tiny_model, images, PoolingConfig("tome", iters=1), budget=0.7, layers=(3, 7))
+    found = search(tiny_model, images, make_config("tome", layers=()), budget=0.7, layers=(3, 7))
     assert found.config.layers == (3, 7)
     tokens = 196
     for k in found.config.k:
@@ -77,3 +80,24 @@ def test_schedule_command_saves_flags_that_other_commands_accept(folder, tmp_pat
     again = subprocess.run([str(VITPOOL), "schedule", "deit_tiny", "--no-pretrained", "--data", str(folder), "--budget", "0.75",
                             "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already exists" in again.stderr and json.loads(out.read_text()) == document
+
+
+def test_convert_calibrate_saves_the_searched_schedule_and_what_it_was_scored_on(tiny_model, folder, tmp_path):
+    out = tmp_path / "calibrated"
+    done = subprocess.run([str(VITPOOL), "convert", "deit_tiny", "--no-pretrained", "--budget", "0.7", "--iters", "1",
+                           "--calibrate", str(folder), "--calibrate-limit", "5", "--workers", "0", "--out", str(out), "--json"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((out / "vitpool.json").read_text())
+    record = saved["calibration"]
+    assert record["images"] == 5 and record["data"] == str(folder.resolve()) and record["budget"] == 0.7
+    assert record["kl"] <= record["family"]["kl"]
+    # the same search, run here on the same five images, finds the schedule that was saved
+    images = load_images(tiny_model, folder, 5, workers=0, labelled=False)
+    found = search(tiny_model, images, make_config(layers=(), iters=1), budget=0.7)
+    assert saved["pooling"]["k"] == list(found.config.k) and saved["pooling"]["layers"] == list(found.config.layers)
+    assert record["kl"] == pytest.approx(found.best.kl)
+    assert abs(total_macs(vitpool.load(out)) / total_macs(tiny_model) - 0.7) <= 0.007
+    refused = subprocess.run([str(VITPOOL), "convert", "deit_tiny", "--no-pretrained", "--k", "100", "--calibrate", str(folder),
+                              "--out", str(tmp_path / "no")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--calibrate" in refused.stderr and not (tmp_path / "no").exists()

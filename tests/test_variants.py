@@ -11,7 +11,7 @@ from vitpool.errors import VitpoolError
 from vitpool.flops import count_macs
 from vitpool.models import create_model
 
-SCHEDULE = {"k": [128, 88, 56], "layers": [2, 5, 8]}
+SCHEDULE = {"k": [128, 88, 56], "layers": [2, 5, 8], "position": "after-block"}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_mean_outputs_are_the_weighted_means_of_the_medoid_clusters():
 
 
 def test_mean_outputs_cost_one_cluster_sum_more(deit_tiny):
-    medoid = count_macs(vitpool.convert(deit_tiny, **SCHEDULE)).blocks[2].pool_macs
+    medoid = count_macs(vitpool.convert(deit_tiny, output="medoid", **SCHEDULE)).blocks[2].pool_macs
     mean = count_macs(vitpool.convert(deit_tiny, output="mean", **SCHEDULE)).blocks[2].pool_macs
     # cluster sums and weights: one multiply-add per token element and per token weight (scatter-adds)
     assert mean - medoid == 196 * 192 + 196
@@ -93,3 +93,37 @@ def test_proportional_mean_export_agrees_on_real_images(real_deit_tiny, imagenet
     converted = vitpool.convert(real_deit_tiny, output="mean", proportional=True, **SCHEDULE)
     check = export(converted, tmp_path / "m.onnx", data=imagenet_sample, limit=8).check
     assert check.agreement == 100.0 and check.close == 100.0
+
+
+def test_a_token_counts_as_the_patches_it_stands_for():
+    """Tokens at 0, 1 and 10 on a line: alone the middle one is the best medoid; once the token at 10 stands for
+    five patches it is, and the mean moves towards it."""
+    x = torch.tensor([[[0.0], [1.0], [10.0]]])
+    significance = torch.ones(1, 3)
+    assert pooling.kmedoids(x, 1, significance, iters=2).tokens.item() == 1.0
+    size = torch.tensor([[1.0, 1.0, 5.0]])
+    assert pooling.kmedoids(x, 1, significance, iters=2, size=size).tokens.item() == 10.0
+    assert pooling.kmedoids(x, 1, significance, iters=2, means=True, size=size).tokens.item() == pytest.approx(51 / 7)
+    assert pooling.wkmeans(x, 1, significance, iters=1, size=size).tokens.item() == pytest.approx(51 / 7)
+
+
+def test_later_pooling_layers_weigh_tokens_by_size_only_with_proportional(deit_tiny):
+    """The second pooling layer gets the first one's cluster sizes as weights when proportional is on."""
+    seen = {}
+    original = pooling.kmedoids
+
+    def spy(x, k, significance, iters, means, size=None):
+        seen[x.shape[1]] = size
+        return original(x, k, significance, iters, means, size)
+
+    x = torch.randn(1, 3, 224, 224)
+    for proportional in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(pooling, "kmedoids", spy)
+            with torch.no_grad():
+                vitpool.convert(deit_tiny, proportional=proportional, **SCHEDULE)(x)
+        if proportional:
+            assert seen[196] is not None and torch.equal(seen[196], torch.ones(1, 196))
+            assert seen[128].sum().item() == 196 and seen[128].max().item() > 1
+        else:
+            assert seen[196] is None and seen[128] is None

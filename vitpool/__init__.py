@@ -1,7 +1,7 @@
 """vitpool: Token Pooling for timm Vision Transformers, and honest measurements of what it buys.
 
     import timm, vitpool
-    model = vitpool.convert(timm.create_model("deit_small_patch16_224", pretrained=True), k=[160, 128, 96], layers=[2, 5, 8])
+    model = vitpool.convert(timm.create_model("deit_small_patch16_224", pretrained=True), budget=0.6)
 
 torch and timm are imported only when a function that needs them is called, so the CLI starts instantly.
 """
@@ -21,25 +21,27 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'vitpool' has no attribute {name!r}")
 
 
-def convert(model, method: str = "wkmedoids", k=(), layers=None, iters: int = 5, seed: int = 0,
-            budget: float | None = None, target_gmacs: float | None = None, output: str = "medoid",
-            proportional: bool = True, position: str = "after-block"):
+def convert(model, method: str | None = None, k=(), layers=None, iters: int | None = None, seed: int = 0,
+            budget: float | None = None, target_gmacs: float | None = None, output: str | None = None,
+            proportional: bool | None = None, position: str | None = None, preset: str = "vitpool"):
     """A copy of timm `model` with Token Pooling in blocks `layers`, keeping `k[i]` patch tokens in each.
 
-    `layers` left out spreads the K values evenly over the blocks (see `config.default_layers`). `output`,
-    `proportional` and `position` are described on `PoolingConfig`. `budget`
-    (a fraction of the unpooled MACs) or `target_gmacs` picks K and layers instead (see `vitpool.budget`).
-    The result is still a timm model: `forward_features`, `forward_head` and `num_prefix_tokens` work as before.
+    Settings left as None are the `preset`'s (`config.PRESETS`: "vitpool", the best measured, by default;
+    "paper"; "tome"); `output`, `proportional` and `position` are described on `PoolingConfig`. `layers` left
+    out spreads the K values evenly over the blocks (see `config.default_layers`). `budget` (a fraction of the
+    unpooled MACs) or `target_gmacs` picks K and layers from the preset's schedule family instead (see
+    `vitpool.budget`). The result is still a timm model: `forward_features`, `forward_head` and
+    `num_prefix_tokens` work as before.
     """
     from vitpool.adapter import apply_pooling
-    from vitpool.config import make_config
+    from vitpool.config import make_config, preset_named
 
     config = make_config(method, k, layers, iters, seed, depth=len(model.blocks), output=output,
-                         proportional=proportional, position=position)
+                         proportional=proportional, position=position, preset=preset)
     if budget is not None or target_gmacs is not None:
         from vitpool.budget import solve
 
-        config = solve(model, config, budget, target_gmacs)[0]
+        config = solve(model, config, budget, target_gmacs, family=preset_named(preset).family)[0]
     return apply_pooling(model, config)
 
 

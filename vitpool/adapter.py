@@ -93,12 +93,13 @@ class TokenPool(nn.Module):
         method, k = self.method, self.k
         if method in NEEDS_ATTENTION:
             significance = seen
+            counted = size if self.proportional else None  # tokens count as the patches they stand for
             if method == "importance":
                 out = pooling.importance(patches, k, significance)
             elif method in MEDOID_METHODS:
-                out = getattr(pooling, method)(patches, k, significance, self.iters, means=self.output == "mean")
+                out = getattr(pooling, method)(patches, k, significance, self.iters, self.output == "mean", counted)
             else:
-                out = getattr(pooling, method)(patches, k, significance, self.iters)
+                out = getattr(pooling, method)(patches, k, significance, self.iters, counted)
         elif method == "random":
             out = pooling.select(patches, k, self.random_scores.expand(patches.shape[0], -1))
         elif method == "grid":

@@ -1,25 +1,29 @@
 """K schedules from a MAC budget: `--budget R` (a fraction of the unpooled MACs) or `--target-gmacs G`.
 
-The schedule family has one parameter r in (0, 1]: pooling after blocks `default_layers(m, depth)` with
-m = min(3, depth - 1) (blocks 2, 5, 8 of a 12-block model), keeping K_i = round(N * r^(i+1)) patch tokens
-after the i-th of them, so that each pooling layer keeps the same fraction r of the tokens reaching it.
-Method constraints are kept: `tome` never removes more than half of the tokens of a layer, and `grid` rounds
-K down to a count its token grid can make. The MACs of a schedule, pooling layers included, are the same
+A schedule family places the pooling layers (`family_layers`) and has one parameter r in (0, 1]: the `late`
+family (the default preset's) and the `spread` family (the paper preset's) keep K_i = round(N * r^(i+1)) patch
+tokens in the i-th pooling layer, so that each keeps the same fraction r of the tokens reaching it;
+`every-block` (the tome preset's) removes the same number in every block. Method constraints are kept:
+`tome` never removes more than half of the tokens of a layer, and `grid` rounds K down to a count its token
+grid can make. The MACs of a schedule, pooling layers included, are the same
 fvcore counts as `vitpool flops`, estimated during the bisection on r from cached counts of the parts (one
-block at N tokens, one pooling layer from N to K tokens, the final norm; within 0.1% of the whole-model count)
+block or block half at N tokens, one pooling layer from N to K tokens, the final norm; within 0.1% of the
+whole-model count)
 and counted on the whole converted model for the schedule chosen.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from fractions import Fraction
 from functools import lru_cache
 
 import torch
 from torch import nn
 
 from vitpool.adapter import HALVES, NEEDS_ATTENTION, TokenPool, apply_pooling, plan_for, token_grid
-from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK, PoolingConfig, default_layers, grid_shape
+from vitpool.config import AFTER_ATTENTION, EVERY_BLOCK, FAMILIES, LATE, PoolingConfig, default_layers, grid_shape
 from vitpool.errors import VitpoolError
 from vitpool.flops import analyse, total_macs
 
@@ -27,24 +31,26 @@ TOLERANCE = 0.01  # a solved schedule lands within 1% of the budget
 STEPS = 16  # r to 1/65536: finer than one token of K
 
 
-FAMILIES = ("geometric", "every-block")
-
-
-def family_layers(depth: int, family: str = "geometric", position: str = AFTER_BLOCK) -> tuple[int, ...]:
+def family_layers(depth: int, family: str = LATE, position: str = AFTER_ATTENTION) -> tuple[int, ...]:
+    """The blocks a family pools in: `late`, every other block from a quarter of the depth on (3, 5, 7, 9, 11 of
+    12 after attention: early tokens are not yet redundant, measured in benchmarks/defaults_deit_tiny.py);
+    `spread`, three spread evenly (the paper's); `every-block`, all of them (ToMe's)."""
     usable = depth if position == AFTER_ATTENTION else depth - 1
-    return default_layers(usable if family == "every-block" else min(3, usable), depth, position)
+    if family == LATE:
+        return tuple(range(depth // 4, usable, 2))
+    return default_layers(usable if family == EVERY_BLOCK else min(3, usable), depth, position)
 
 
 def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: int, method: str,
-                    family: str = "geometric") -> tuple[int, ...]:
+                    family: str = LATE) -> tuple[int, ...]:
     """K values of the family at parameter r in [0, 1] for `count` pooling layers, within the method's constraints.
 
-    geometric: K_i = round(N r^(i+1)). every-block (ToMe's own schedule, for comparing with ToMe on its terms):
-    the same number of tokens, (1 - r) N / count, removed after each block, rounded cumulatively.
+    late and spread: K_i = round(N r^(i+1)), each layer keeping the same fraction r. every-block (ToMe's own
+    schedule): the same number of tokens, (1 - r) N / count, removed in each block, rounded cumulatively.
     """
     k_values, tokens, current = [], num_patches, grid
     for i in range(count):
-        if family == "every-block":
+        if family == EVERY_BLOCK:
             wanted = num_patches - round((i + 1) * (1 - r) * num_patches / count)
         else:
             wanted = round(num_patches * r ** (i + 1))
@@ -124,17 +130,38 @@ class MacModel:
         tokens = self.num_patches + self.prefix
         self.rest = self.baseline - self.depth * self.block(tokens) - self.norm(tokens)
 
-    @lru_cache(maxsize=None)
     def block(self, tokens: int) -> int:
-        return analyse(self.model.blocks[0], (torch.zeros(1, tokens, self.dim),))[0]
+        return self._per_token_count("block")(tokens)
 
-    @lru_cache(maxsize=None)
     def half(self, which: str, tokens: int) -> int:
-        return analyse(_Half(self.model.blocks[0], which), (torch.zeros(1, tokens, self.dim),))[0]
+        return self._per_token_count(which)(tokens)
+
+    def norm(self, tokens: int) -> int:
+        return self._per_token_count("norm")(tokens)
 
     @lru_cache(maxsize=None)
-    def norm(self, tokens: int) -> int:
-        return analyse(self.model.norm, (torch.zeros(1, tokens, self.dim),))[0]
+    def _per_token_count(self, part: str) -> Callable[[int], int]:
+        """The MACs of `part` (a block, one of its halves or the final norm) as a function of its token count. Linear layers and norms are linear in it and
+        attention's two products quadratic, so the quadratic through fvcore's counts at 1, 2 and 3 tokens gives
+        every count (a bisection asks for dozens; each trace of a ViT-B block takes a second). It is checked
+        against a fourth count; a part whose count is not such a quadratic is traced at every count."""
+
+        block = self.model.blocks[0]
+        module = {"block": block, "norm": self.model.norm}.get(part) or _Half(block, part)
+
+        @lru_cache(maxsize=None)
+        def traced(tokens: int) -> int:
+            return analyse(module, (torch.zeros(1, tokens, self.dim),))[0]
+
+        f1, f2, f3 = (Fraction(traced(t)) for t in (1, 2, 3))
+        a = (f3 - 2 * f2 + f1) / 2
+        b = f2 - f1 - 3 * a
+        c = f1 - a - b
+
+        def quadratic(tokens: int) -> int:
+            return int(a * tokens * tokens + b * tokens + c)
+
+        return quadratic if quadratic(17) == traced(17) else traced
 
     def pool(self, stage, sizes_live: bool = False) -> int:
         return self._pool(replace(stage, layer=0), sizes_live)
@@ -183,7 +210,7 @@ def budget_target(macs: MacModel, budget: float | None, target_gmacs: float | No
 
 def solve(model, template: PoolingConfig, budget: float | None = None, target_gmacs: float | None = None,
           layers: tuple[int, ...] | None = None, macs: MacModel | None = None,
-          family: str = "geometric") -> tuple[PoolingConfig, int, int]:
+          family: str = LATE) -> tuple[PoolingConfig, int, int]:
     """The family schedule for `template`'s setting whose MACs come closest to the budget; (config, its MACs,
     the unpooled MACs).
 

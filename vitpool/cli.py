@@ -33,12 +33,13 @@ err = Console(stderr=True)
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL_OR_DIR", help="timm model name, alias (deit_tiny, deit_small, deit_base) or a directory written by `vitpool convert`.")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Local weights: .safetensors, or .pth/.pt state dict (also under 'model'/'state_dict'); never unpickles code.")]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load timm's pretrained weights (needs the model hub) or keep random ones.")]
-MethodOpt = Annotated[Optional[str], typer.Option("--method", help="wkmedoids (default), kmedoids, wkmeans, kmeans, importance, random, grid, tome.")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", help="kmedoids (default), wkmedoids (the paper's), wkmeans, kmeans, importance, random, grid, tome.")]
 KOpt = Annotated[Optional[str], typer.Option("--k", help="Comma list of patch-token counts to keep (prefix tokens excluded), e.g. 160,128,96.")]
-LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Comma list of 0-based blocks after which each K applies. Default: spread evenly over blocks 0..depth-2 (3 values on 12 blocks -> 2,5,8).")]
+LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Comma list of the 0-based blocks each K applies in. Default: spread evenly (3 values on 12 blocks: 3,6,9 after attention, 2,5,8 after the block).")]
 ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (fixed; default 5).")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", help="K-Medoids outputs: medoid (default) or mean (each cluster's weighted mean).")]
-PositionOpt = Annotated[Optional[str], typer.Option("--position", help="Where a pooling layer sits in its block: after-block (default) or after-attention (between attention and MLP, ToMe's place: the MLP runs on K tokens).")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Settings and --budget family to start from: vitpool (default: the best measured, K-Medoids with mean outputs after attention, every other block from a quarter of the depth), paper (Marin et al.: weighted K-Medoids, medoid outputs, after the block, three layers) or tome (ToMe as published). The other flags override it.")]
+PositionOpt = Annotated[Optional[str], typer.Option("--position", help="Where a pooling layer sits in its block: after-attention (default: between attention and MLP, ToMe's place, so the MLP runs on K tokens) or after-block (the paper's).")]
 ProportionalOpt = Annotated[Optional[bool], typer.Option("--proportional/--no-proportional", help="Add log(cluster size) to the attention logits after pooling (ToMe's proportional attention). Default: on.")]
 BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Instead of --k/--layers: the fraction of the unpooled MACs to keep, e.g. 0.6 (pooling layers included; see README for the schedule family).")]
 TargetOpt = Annotated[Optional[float], typer.Option("--target-gmacs", help="Instead of --k/--layers: the GMACs to land on, within 1%.")]
@@ -59,6 +60,7 @@ class ModelFlags:
     output: str | None = None
     proportional: bool | None = None
     position: str | None = None
+    preset: str | None = None
     budget: float | None = None
     target_gmacs: float | None = None
 
@@ -67,19 +69,24 @@ class ModelFlags:
         return ModelFlags(self.checkpoint, self.pretrained)
 
     def template(self):
-        """The pooling setting asked for, K and layers aside: PoolingConfig's defaults where a flag is not given."""
-        from vitpool.config import PoolingConfig, check_method_and_output
+        """The pooling setting asked for, K and layers aside: the preset's where a flag is not given."""
+        from vitpool.config import check_method_and_output, make_config
 
-        given = {"method": self.method, "iters": self.iters, "output": self.output, "proportional": self.proportional,
-                 "position": self.position}
-        template = PoolingConfig(**{name: value for name, value in given.items() if value is not None})
+        template = make_config(self.method, layers=(), iters=self.iters, output=self.output, proportional=self.proportional,
+                               position=self.position, preset=self.preset or "vitpool")
         check_method_and_output(template.method, template.output, template.position)
         return template
+
+    def family(self) -> str:
+        """The budget family of the preset asked for."""
+        from vitpool.config import preset_named
+
+        return preset_named(self.preset or "vitpool").family
 
 
 MODEL_OPTIONS = {"checkpoint": CheckpointOpt, "pretrained": PretrainedOpt, "method": MethodOpt, "k": KOpt,
                  "layers": LayersOpt, "iters": ItersOpt, "output": OutputOpt, "proportional": ProportionalOpt,
-                 "position": PositionOpt, "budget": BudgetOpt, "target_gmacs": TargetOpt}
+                 "position": PositionOpt, "preset": PresetOpt, "budget": BudgetOpt, "target_gmacs": TargetOpt}
 
 
 def model_options(pretrained: bool = True, omit: tuple[str, ...] = (), **replaced):
@@ -138,7 +145,7 @@ def build(model_or_dir: str, flags: ModelFlags):
         raise VitpoolError("give either --budget/--target-gmacs or --k/--layers, not both")
     pooling_flags = {"--method": method, "--k": k, "--layers": layers, "--iters": iters, "--budget": budget,
                      "--target-gmacs": target_gmacs, "--output": flags.output, "--proportional": flags.proportional,
-                     "--position": flags.position}
+                     "--position": flags.position, "--preset": flags.preset}
     given = [flag for flag, value in pooling_flags.items() if value is not None]
     k_values, layer_values = parse_int_list(k, "--k"), parse_int_list(layers, "--layers")
     loaded = load_model_or_dir(model_or_dir, str(flags.checkpoint) if flags.checkpoint else None, flags.pretrained)
@@ -154,9 +161,9 @@ def build(model_or_dir: str, flags: ModelFlags):
     if config is None and (budget is not None or target_gmacs is not None):
         from vitpool.budget import solve
 
-        config, reached, baseline = solve(loaded.model, template, budget, target_gmacs)
-        err.print(f"schedule for the budget: --k {','.join(map(str, config.k))} --layers {','.join(map(str, config.layers))} "
-                  f"({reached / 1e9:.3f} of {baseline / 1e9:.3f} GMACs, {reached / baseline:.3f})", highlight=False)
+        config, reached, baseline = solve(loaded.model, template, budget, target_gmacs, family=flags.family())
+        err.print(f"schedule for the budget: {config.flags()} ({reached / 1e9:.3f} of {baseline / 1e9:.3f} GMACs, "
+                  f"{reached / baseline:.3f})", highlight=False)
     if config is None and k_values:
         config = replace(template, k=k_values, layers=layer_values if layers is not None else
                          default_layers(len(k_values), len(loaded.model.blocks), template.position))
@@ -185,6 +192,9 @@ def convert(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write (refused if it exists, unless --force).")],
     flags: ModelFlags,
+    calibrate: Annotated[Optional[Path], typer.Option("--calibrate", metavar="DIR", help="With --budget: search the schedule on these unlabelled images (any layout) as `vitpool schedule` does, instead of taking the budget family's; vitpool.json records what it was scored on.")] = None,
+    calibrate_limit: Annotated[int, typer.Option("--calibrate-limit", min=1, help="Calibration images, spread evenly over DIR.")] = 100,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes for --calibrate.")] = 2,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     as_json: JsonOpt = False,
 ):
@@ -193,11 +203,30 @@ def convert(
 
     if flags.k is None and flags.budget is None and flags.target_gmacs is None:
         raise VitpoolError("convert needs --k (the patch tokens to keep, e.g. --k 160,128,96) or --budget (e.g. 0.6)")
+    if calibrate is not None and flags.budget is None and flags.target_gmacs is None:
+        raise VitpoolError("--calibrate searches the schedule for a budget: give --budget (e.g. 0.6) or --target-gmacs instead of --k")
     refuse_existing_output(out_dir, force)
+    writable_parent(out_dir)
     refuse_saved_model(model, "convert")
-    loaded, pooled = build(model, flags)
-    path = save(pooled, out_dir, force=force)
-    summary = {"out": str(path), "base_model": loaded.name, "pooling": pooled.vitpool_config.to_dict()}
+    calibration = None
+    if calibrate is None:
+        loaded, pooled = build(model, flags)
+    else:
+        from vitpool.adapter import apply_pooling
+        from vitpool.schedule import calibrate as run_calibration
+
+        template = flags.template()
+        loaded, _ = build(model, flags.unpooled())
+        with err.status("calibrating", spinner="dots") as status:
+            found, calibration = run_calibration(loaded.model, calibrate, template, flags.budget, flags.target_gmacs,
+                                                 flags.family(), calibrate_limit, workers,
+                                                 on_step=lambda text: status.update(f"calibrating: {text}"))
+        pooled = apply_pooling(loaded.model, found.config)
+        err.print(f"calibrated on {calibration['images']} images: KL {calibration['kl']:.4f} "
+                  f"(the budget family's schedule: {calibration['family']['kl']:.4f})", highlight=False)
+    path = save(pooled, out_dir, force=force, calibration=calibration)
+    summary = {"out": str(path), "base_model": loaded.name, "pooling": pooled.vitpool_config.to_dict(),
+               **({"calibration": calibration} if calibration else {})}
     if as_json:
         emit_json(summary)
     else:
@@ -377,7 +406,7 @@ def bench(
 @model_options(omit=("k",), layers=Annotated[Optional[str], typer.Option("--layers", help="Comma list of the blocks to pool after (default: the budget family's, 2,5,8 on 12 blocks).")])
 def schedule(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
-    data_dir: Annotated[Path, typer.Option("--data", help="Calibration images (labels are not used): an image folder DIR/<class>/<image>.")],
+    data_dir: Annotated[Path, typer.Option("--data", help="Calibration images, unlabelled: any images under DIR.")],
     out_file: Annotated[Path, typer.Option("--out", help="JSON file for the schedule (refused if it exists, unless --force).")],
     flags: ModelFlags,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Calibration images, spread evenly over the folder.")] = 100,
@@ -399,10 +428,11 @@ def schedule(
     refuse_saved_model(model, "schedule")
     loaded, _ = build(model, flags.unpooled())
     with err.status("reading the calibration images", spinner="dots") as status:
-        images = load_images(loaded.model, data_dir, limit, workers=workers)
+        images = load_images(loaded.model, data_dir, limit, workers=workers, labelled=False)
         status.update("searching")
         result = search(loaded.model, images, template, flags.budget, flags.target_gmacs,
-                        parse_int_list(flags.layers, "--layers") or None, on_step=lambda text: status.update(f"searching: {text}"))
+                        parse_int_list(flags.layers, "--layers") or None, on_step=lambda text: status.update(f"searching: {text}"),
+                        family=flags.family())
     document = {"model": loaded.name, "budget": flags.budget, "target_gmacs": flags.target_gmacs, "calibration_images": len(images.labels),
                 "data": str(data_dir), **result.to_json()}
     write_atomically(out_file, json.dumps(document, indent=2) + "\n")
@@ -448,7 +478,8 @@ def sweep(
     template = flags.template()
     refuse_saved_model(model, "sweep")
     loaded, _ = build(model, flags.unpooled())
-    settings = sweep_settings(loaded.name, flags.checkpoint, flags.pretrained, data_dir, limit, template, calibration)
+    settings = sweep_settings(loaded.name, flags.checkpoint, flags.pretrained, data_dir, limit, flags.preset or "vitpool",
+                              template, calibration)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("sweep", total=None)

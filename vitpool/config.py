@@ -6,7 +6,7 @@ Kept free of torch so that the CLI can parse and check flags before importing an
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from vitpool.errors import VitpoolError
 
@@ -16,33 +16,36 @@ MEDOID_METHODS = ("wkmedoids", "kmedoids")
 OUTPUTS = ("medoid", "mean")
 AFTER_ATTENTION, AFTER_BLOCK = "after-attention", "after-block"
 POSITIONS = (AFTER_ATTENTION, AFTER_BLOCK)
-DEFAULT_METHOD = "wkmedoids"
-DEFAULT_ITERS = 5
+# Budget schedule families (`vitpool.budget`): where the pooling layers go, and how K shrinks.
+LATE, SPREAD, EVERY_BLOCK = "late", "spread", "every-block"
+FAMILIES = (LATE, SPREAD, EVERY_BLOCK)
 
 
 @dataclass(frozen=True)
 class PoolingConfig:
     """Everything that describes a conversion: which method, how many patch tokens to keep after which blocks.
 
-    `k[i]` is the number of patch tokens (prefix tokens such as CLS excluded) kept after block `layers[i]`
+    `k[i]` is the number of patch tokens (prefix tokens such as CLS excluded) kept in block `layers[i]`
     (0-based). `iters` is the fixed iteration count of the clustering methods; `seed` draws the `random`
     baseline's fixed token order. `output` is what the K-Medoids methods emit: the medoid token, or the
-    (significance-weighted) mean of its cluster. `proportional` adds log(cluster size) to the attention
-    logits of every block after a pooling layer (ToMe's proportional attention), so a token standing for
-    many patches draws attention like them; on by default because it wins for every method that merges
-    (benchmarks/variants_deit_tiny.py). `position` is where in block `layers[i]` its pooling layer sits:
-    after the whole block, or between its attention and its MLP (ToMe's place), so that the MLP, two thirds of
-    a block's MACs, already runs on the K tokens.
+    (weighted) mean of its cluster. `proportional` lets a token that stands for s patches count as s patches:
+    log(s) is added to its attention logits in every block after a pooling layer (ToMe's proportional
+    attention) and the clustering weights its reconstruction error by s. `position` is where in block
+    `layers[i]` its pooling layer sits: after the whole block, or between its attention and its MLP (ToMe's
+    place), so that the MLP, two thirds of a block's MACs, already runs on the K tokens.
+
+    The defaults are the `vitpool` preset, the best setting measured (benchmarks/defaults_deit_tiny.py);
+    `PRESETS["paper"]` is the paper's.
     """
 
-    method: str = DEFAULT_METHOD
+    method: str = "kmedoids"
     k: tuple[int, ...] = ()
     layers: tuple[int, ...] = ()
-    iters: int = DEFAULT_ITERS
+    iters: int = 5
     seed: int = 0
-    output: str = "medoid"
+    output: str = "mean"
     proportional: bool = True
-    position: str = AFTER_BLOCK
+    position: str = AFTER_ATTENTION
 
     def to_dict(self) -> dict:
         return {**asdict(self), "k": list(self.k), "layers": list(self.layers)}
@@ -58,6 +61,13 @@ class PoolingConfig:
         values["layers"] = tuple(values.get("layers", ()))
         return cls(**values)
 
+    def flags(self) -> str:
+        """The command-line flags that build this configuration, whatever the preset."""
+        text = (f"--method {self.method} --k {','.join(map(str, self.k))} --layers {','.join(map(str, self.layers))} "
+                f"--position {self.position} --iters {self.iters}")
+        text += f" --output {self.output}" if self.method in MEDOID_METHODS else ""
+        return text + ("" if self.proportional else " --no-proportional")
+
     def describe(self) -> str:
         if not self.k:
             return "no pooling"
@@ -66,6 +76,31 @@ class PoolingConfig:
         proportional = "" if self.proportional else ", no proportional attention"
         return (f"{self.method}{iters}{output}{proportional}: K {','.join(map(str, self.k))} {self.position} "
                 f"{','.join(map(str, self.layers))}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named setting: the pooling configuration (K and layers aside) and the budget family `--budget` uses."""
+
+    template: PoolingConfig
+    family: str
+    about: str
+
+
+PRESETS = {
+    "vitpool": Preset(PoolingConfig(), LATE,
+                      "the best measured: K-Medoids, mean outputs, after attention, every other block from a quarter of the depth"),
+    "paper": Preset(PoolingConfig("wkmedoids", output="medoid", proportional=False, position=AFTER_BLOCK), SPREAD,
+                    "Marin et al.: weighted K-Medoids, medoid outputs, after the block, three layers"),
+    "tome": Preset(PoolingConfig("tome", output="medoid", position=AFTER_ATTENTION), EVERY_BLOCK,
+                   "Bolya et al.: ToMe's matching after attention in every block, the same number merged in each"),
+}
+
+
+def preset_named(name: str) -> Preset:
+    if name not in PRESETS:
+        raise VitpoolError(f"unknown --preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 
 @dataclass(frozen=True)
@@ -177,21 +212,28 @@ def plan_stages(config: PoolingConfig, depth: int, num_patches: int, grid: tuple
 
 
 def make_config(
-    method: str = DEFAULT_METHOD,
+    method: str | None = None,
     k: tuple[int, ...] | list[int] = (),
     layers: tuple[int, ...] | list[int] | None = None,
-    iters: int = DEFAULT_ITERS,
+    iters: int | None = None,
     seed: int = 0,
     depth: int | None = None,
-    output: str = "medoid",
-    proportional: bool = True,
-    position: str = AFTER_BLOCK,
+    output: str | None = None,
+    proportional: bool | None = None,
+    position: str | None = None,
+    preset: str = "vitpool",
 ) -> PoolingConfig:
-    """Build a configuration; with `layers` left out, K values are spread by `default_layers` over `depth` blocks."""
+    """Build a configuration: the preset's settings where an argument is None (a method other than the
+    preset's gets its own output kind: medoid for all but the K-Medoids methods). With `layers` left out,
+    K values are spread by `default_layers` over `depth` blocks."""
+    base = preset_named(preset).template
+    if output is None:
+        output = base.output if method in (None, base.method) or method in MEDOID_METHODS else "medoid"
+    given = {"method": method, "iters": iters, "output": output, "proportional": proportional, "position": position}
+    config = replace(base, seed=int(seed), **{name: value for name, value in given.items() if value is not None})
     k = tuple(int(v) for v in k)
     if layers is None or (len(layers) == 0 and k):
         if depth is None:
-            raise VitpoolError("the blocks to pool after (--layers) are needed when the model depth is unknown")
-        layers = default_layers(len(k), depth, position)
-    return PoolingConfig(method=method, k=k, layers=tuple(int(v) for v in layers), iters=int(iters), seed=int(seed),
-                         output=output, proportional=bool(proportional), position=position)
+            raise VitpoolError("the blocks to pool in (--layers) are needed when the model depth is unknown")
+        layers = default_layers(len(k), depth, config.position)
+    return replace(config, k=k, layers=tuple(int(v) for v in layers))

@@ -169,8 +169,9 @@ def _constructor_kwargs(model) -> dict:
     return {"num_classes": int(model.num_classes), "img_size": [int(v) for v in model.patch_embed.img_size]}
 
 
-def describe(model) -> dict:
-    """The `vitpool.json` of a (converted or plain) timm model."""
+def describe(model, calibration: dict | None = None) -> dict:
+    """The `vitpool.json` of a (converted or plain) timm model; `calibration` records how a calibrated
+    schedule was found (`vitpool convert --calibrate`)."""
     from vitpool import __version__
     from vitpool.adapter import pooling_config
 
@@ -181,20 +182,21 @@ def describe(model) -> dict:
         "base_model": architecture(model),
         "model_kwargs": _constructor_kwargs(model),
         "pooling": config.to_dict(),
+        **({"calibration": calibration} if calibration else {}),
     }
 
 
-def write_into(model, directory: str | Path) -> None:
+def write_into(model, directory: str | Path, calibration: dict | None = None) -> None:
     """Write a model's two files into an existing folder, each atomically (fine-tuning rewrites them every epoch)."""
     from safetensors.torch import save as safetensors_bytes
 
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     write_atomically(directory / WEIGHTS_FILE, safetensors_bytes(state, metadata={"format": "pt"}))
-    write_atomically(directory / CONFIG_FILE, json.dumps(describe(model), indent=2) + "\n")
+    write_atomically(directory / CONFIG_FILE, json.dumps(describe(model, calibration), indent=2) + "\n")
 
 
-def save(model, directory: str | Path, force: bool = False) -> Path:
+def save(model, directory: str | Path, force: bool = False, calibration: dict | None = None) -> Path:
     """Write a (converted or plain) timm model as a self-describing directory, atomically."""
     directory = Path(directory)
     refuse_existing_output(directory, force)
@@ -207,7 +209,7 @@ def save(model, directory: str | Path, force: bool = False) -> Path:
     except OSError as error:
         raise VitpoolError(f"cannot write {directory}: {error.strerror or error}") from None
     try:
-        write_into(model, staging)
+        write_into(model, staging, calibration)
         if directory.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=parent))
             os.replace(directory, retired / "x")

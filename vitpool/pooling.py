@@ -293,27 +293,38 @@ def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters
     return Pooled(centers.to(x.dtype), assign)
 
 
-def kmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5, means: bool = False) -> Pooled:
-    """K-Medoids (outputs are input tokens, or with `means` their clusters' means), from the k most significant tokens."""
-    return _kmedoids(x, k, None, significance, iters, means)
+def _weights(significance: Tensor | None, size: Tensor | None) -> Tensor | None:
+    """Each token's weight in the reconstruction error: its significance (weighted methods) times the patches it
+    stands for (`size`, when given), or None for all ones."""
+    if significance is None or size is None:
+        return significance if size is None else size
+    return significance * size
 
 
-def wkmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5, means: bool = False) -> Pooled:
-    """Weighted K-Medoids, the paper's best: each token's error is weighted by its significance.
+def kmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5, means: bool = False,
+             size: Tensor | None = None) -> Pooled:
+    """K-Medoids (outputs are input tokens, or with `means` their clusters' means), from the k most significant
+    tokens; with `size`, a token's error counts as many times as the patches it stands for."""
+    return _kmedoids(x, k, _weights(None, size), significance, iters, means)
 
-    With `means`, each output is its cluster's significance-weighted mean instead of the medoid.
+
+def wkmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5, means: bool = False,
+              size: Tensor | None = None) -> Pooled:
+    """Weighted K-Medoids, the paper's best: each token's error is weighted by its significance (times `size`).
+
+    With `means`, each output is its cluster's weighted mean instead of the medoid.
     """
-    return _kmedoids(x, k, significance, significance, iters, means)
+    return _kmedoids(x, k, _weights(significance, size), significance, iters, means)
 
 
-def kmeans(x: Tensor, k: int, significance: Tensor, iters: int = 5) -> Pooled:
+def kmeans(x: Tensor, k: int, significance: Tensor, iters: int = 5, size: Tensor | None = None) -> Pooled:
     """K-Means (outputs are cluster means), initialised with the k most significant tokens."""
-    return _kmeans(x, k, None, significance, iters)
+    return _kmeans(x, k, _weights(None, size), significance, iters)
 
 
-def wkmeans(x: Tensor, k: int, significance: Tensor, iters: int = 5) -> Pooled:
-    """Weighted K-Means: outputs are significance-weighted cluster means."""
-    return _kmeans(x, k, significance, significance, iters)
+def wkmeans(x: Tensor, k: int, significance: Tensor, iters: int = 5, size: Tensor | None = None) -> Pooled:
+    """Weighted K-Means: outputs are significance-weighted (times `size`) cluster means."""
+    return _kmeans(x, k, _weights(significance, size), significance, iters)
 
 
 def select(x: Tensor, k: int, scores: Tensor) -> Pooled:

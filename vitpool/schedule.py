@@ -1,8 +1,9 @@
 """`vitpool schedule`: search the pooling schedule that stays closest to the unpooled model at a budget.
 
 The paper took its schedules from PoWER-BERT's learned search; here the search runs on the user's model and
-a few unlabelled calibration images. It scores the budget family's schedule (`vitpool.budget`) with 1, 2
-and 3 pooling layers (or at the user's `layers`), starts from the best of them, and then moves tokens
+a few unlabelled calibration images. It scores the budget family's schedule (`vitpool.budget`) at the
+family's own placement and with 1, 2 and 3 pooling layers spread evenly (or at the user's `layers`), starts
+from the best of them, and then moves tokens
 between its pooling layers: a move adds `step` tokens to one layer and takes from another as many
 as keeps the MACs (pooling layers included) within 1% of the budget. Every move of the current step is
 scored by the mean KL(unpooled || pooled) on the calibration images (ties: top-1 agreement); the best one
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from vitpool.adapter import apply_pooling, plan_for
 from vitpool.budget import TOLERANCE, MacModel, budget_target, family_layers, solve
-from vitpool.config import PoolingConfig, default_layers
+from vitpool.config import LATE, PoolingConfig, default_layers
 from vitpool.errors import VitpoolError
 from vitpool.flops import total_macs
 from vitpool.sweep import ImageSet, score
@@ -53,7 +54,7 @@ class SearchResult:
             "method": c.method, "k": list(c.k), "layers": list(c.layers), "iters": c.iters, "output": c.output,
             "proportional": c.proportional, "gmacs": self.macs / 1e9, "mac_ratio": self.macs / self.baseline_macs,
             "baseline_gmacs": self.baseline_macs / 1e9,
-            "flags": f"--method {c.method} --k {','.join(map(str, c.k))} --layers {','.join(map(str, c.layers))}",
+            "flags": c.flags(),
             "calibration": {"kl": self.best.kl, "agreement": self.best.agreement},
             "family": {"k": list(self.start.k), "layers": list(self.start.layers), "kl": self.start.kl,
                        "agreement": self.start.agreement},
@@ -67,9 +68,10 @@ def candidate_placements(depth: int, position: str) -> list[tuple[int, ...]]:
 
 def search(model, images: ImageSet, template: PoolingConfig, budget: float | None = None,
            target_gmacs: float | None = None, layers: tuple[int, ...] | None = None,
-           on_step: Callable[[str], None] | None = None) -> SearchResult:
+           on_step: Callable[[str], None] | None = None, family: str = LATE) -> SearchResult:
     """Greedy search over per-layer K within the budget for `template`'s setting (its K and layers are
-    ignored), scored on `images` against the unpooled logits."""
+    ignored), scored on `images` against the unpooled logits, from the best of `family`'s schedule and the
+    candidate placements."""
     macs = MacModel(model, template)
     target = budget_target(macs, budget, target_gmacs)
     note = on_step or (lambda text: None)
@@ -84,17 +86,18 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
                  f"KL {result.kl:.4f}")
         return scores[key]
 
-    family_placement = tuple(layers) if layers else family_layers(macs.depth, position=template.position)
-    starts, family, problem = [], None, None  # the family schedule at each candidate placement of the pooling layers
-    for placement in [family_placement] if layers else candidate_placements(macs.depth, template.position):
+    family_placement = tuple(layers) if layers else family_layers(macs.depth, family, template.position)
+    placements = [family_placement] if layers else [family_placement] + candidate_placements(macs.depth, template.position)
+    starts, family_start, problem = [], None, None  # the family schedule at each candidate placement
+    for placement in dict.fromkeys(placements):
         try:
-            config = solve(model, template, budget, target_gmacs, layers=placement, macs=macs)[0]
+            config = solve(model, template, budget, target_gmacs, layers=placement, macs=macs, family=family)[0]
         except VitpoolError as error:  # this placement cannot reach the budget
             problem = error
             continue
         starts.append((evaluate_config(config), config))
         if placement == family_placement:
-            family = starts[-1][0]
+            family_start = starts[-1][0]
     if not starts:
         raise problem
     start, start_config = min(starts, key=lambda pair: (pair[0].kl, -pair[0].agreement))
@@ -158,4 +161,23 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
     reached = total_macs(apply_pooling(model, config))
     if abs(reached - target) > TOLERANCE * target:  # the parts model is exact to 0.1%; this guards it
         raise VitpoolError(f"the searched schedule counts {reached / 1e9:.3f} GMACs, not within 1% of {target / 1e9:.3f}")
-    return SearchResult(config, reached, macs.baseline, family or start, current, len(scores), history)
+    return SearchResult(config, reached, macs.baseline, family_start or start, current, len(scores), history)
+
+
+def calibrate(model, data_dir, template: PoolingConfig, budget: float | None, target_gmacs: float | None,
+              family: str = LATE, limit: int = 100, workers: int = 2,
+              on_step: Callable[[str], None] | None = None) -> tuple[SearchResult, dict]:
+    """`search` on up to `limit` unlabelled images under `data_dir` (any layout); the result and the record of
+    what it was scored on, for the converted model's vitpool.json."""
+    from pathlib import Path
+
+    from vitpool.sweep import load_images
+
+    images = load_images(model, data_dir, limit, workers=workers, labelled=False)
+    found = search(model, images, template, budget, target_gmacs, on_step=on_step, family=family)
+    record = {"data": str(Path(data_dir).resolve()), "images": len(images.labels), "skipped": images.skipped,
+              "budget": budget, "target_gmacs": target_gmacs, "mac_ratio": found.macs / found.baseline_macs,
+              "kl": found.best.kl, "agreement": found.best.agreement, "evaluations": found.evaluations,
+              "family": {"k": list(found.start.k), "layers": list(found.start.layers), "kl": found.start.kl,
+                         "agreement": found.start.agreement}}
+    return found, record

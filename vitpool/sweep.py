@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vitpool import data
-from vitpool.config import MEDOID_METHODS, METHODS, PoolingConfig
+from vitpool.config import EVERY_BLOCK, LATE, MEDOID_METHODS, METHODS, PRESETS, PoolingConfig, make_config
 from vitpool.errors import VitpoolError, writable_parent, write_atomically
 from vitpool.evaluate import Tally
 
@@ -41,12 +41,16 @@ class ImageSet:
 
 
 def load_images(model, data_dir, limit: int | None, batch_size: int = 50, workers: int = 2,
-                on_batch: Callable[[int, int], None] | None = None) -> ImageSet:
-    """Read an image folder once (timm's preprocessing for `model`) and run the unpooled `model` on it."""
+                on_batch: Callable[[int, int], None] | None = None, labelled: bool = True) -> ImageSet:
+    """Read an image folder once (timm's preprocessing for `model`) and run the unpooled `model` on it.
+    Unlabelled (calibration) images are any images under `data_dir`, each with label 0."""
     import torch
 
-    folder = data.scan(data_dir, model.num_classes)
-    samples = data.spread(folder.samples, limit)
+    if labelled:
+        folder = data.scan(data_dir, model.num_classes)
+        samples, mapping = data.spread(folder.samples, limit), folder.mapping
+    else:
+        samples, mapping = data.spread(data.scan_unlabelled(data_dir), limit), "unlabelled"
     _, config = data.transform_for(model)
     per_image = 4 * 3 * config["input_size"][1] * config["input_size"][2]
     if len(samples) * per_image > MAX_IMAGE_BYTES:
@@ -65,7 +69,7 @@ def load_images(model, data_dir, limit: int | None, batch_size: int = 50, worker
                 on_batch(sum(len(b) for b in labels) + len(skipped), len(samples))
     if not images:
         raise VitpoolError(f"none of the {len(samples)} images in {data_dir} could be read: {'; '.join(skipped[:3])}")
-    return ImageSet(torch.cat(images), torch.cat(labels), torch.cat(reference), folder.mapping, skipped)
+    return ImageSet(torch.cat(images), torch.cat(labels), torch.cat(reference), mapping, skipped)
 
 
 def score(model, images: ImageSet, batch_size: int = 50):
@@ -81,20 +85,21 @@ def score(model, images: ImageSet, batch_size: int = 50):
     return tally.result(images.mapping)
 
 
-def sweep_settings(model_name: str, checkpoint, pretrained: bool, data_dir, limit: int | None, template: PoolingConfig,
-                   calibration: int | None) -> dict:
+def sweep_settings(model_name: str, checkpoint, pretrained: bool, data_dir, limit: int | None, preset: str,
+                   template: PoolingConfig, calibration: int | None) -> dict:
     """What a sweep's results depend on: a rerun with the same settings resumes it, other settings are refused.
-    `template` holds the pooling setting every method shares (its method, K and layers are not used)."""
+    `template` holds the pooling setting every method shares (its method, K and layers are not used), and
+    `preset` names the budget family."""
     return {"model": model_name, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
             "pretrained": pretrained if checkpoint is None else False, "data": str(Path(data_dir).resolve()),
-            "limit": limit, "iters": template.iters, "output": template.output, "proportional": template.proportional,
-            "position": template.position, "calibration": calibration}
+            "limit": limit, "preset": preset, "iters": template.iters, "output": template.output,
+            "proportional": template.proportional, "position": template.position, "calibration": calibration}
 
 
 def settings_template(settings: dict) -> PoolingConfig:
     """The shared pooling setting of a sweep's settings."""
-    return PoolingConfig(iters=settings["iters"], output=settings["output"], proportional=settings["proportional"],
-                         position=settings["position"])
+    return make_config(iters=settings["iters"], layers=(), output=settings["output"],
+                       proportional=settings["proportional"], position=settings["position"], preset=settings["preset"])
 
 
 def parse_methods(text: str | None) -> list[str]:
@@ -164,10 +169,11 @@ def metrics_row(result) -> dict:
 
 
 def run_point(model, method: str, budget: float, images: ImageSet, template: PoolingConfig, baseline_macs: int,
-              schedule: str = "family", calibration: ImageSet | None = None) -> dict:
-    """One row of the sweep: the family schedule for `budget` (or the one `vitpool schedule` finds on the
+              schedule: str = "family", calibration: ImageSet | None = None, family: str = LATE) -> dict:
+    """One row of the sweep: the `family` schedule for `budget` (or the one `vitpool schedule` finds on the
     calibration images) of `method` with `template`'s setting, converted, its MACs counted and scored on
-    `images`. The template's output concerns the K-Medoids methods; the others have one kind of output."""
+    `images`. The template's output concerns the K-Medoids methods; the others have one kind of output.
+    The "every-block" schedule is ToMe as published (the tome preset), whatever the template."""
     from vitpool.adapter import apply_pooling
     from vitpool.budget import solve
     from vitpool.schedule import search
@@ -175,6 +181,8 @@ def run_point(model, method: str, budget: float, images: ImageSet, template: Poo
     started = time.perf_counter()
     row = {"method": method, "budget": budget, "schedule": schedule}
     template = replace(template, method=method, output=template.output if method in MEDOID_METHODS else "medoid")
+    if schedule == EVERY_BLOCK:
+        template, family = PRESETS["tome"].template, EVERY_BLOCK
     try:
         if schedule == "searched":
             found = search(model, calibration, template, budget)
@@ -182,7 +190,6 @@ def run_point(model, method: str, budget: float, images: ImageSet, template: Poo
             row["search"] = {"evaluations": found.evaluations, "calibration_kl": found.best.kl,
                              "family_k": list(found.start.k), "family_calibration_kl": found.start.kl}
         else:
-            family = "every-block" if schedule == "every-block" else "geometric"
             config, reached, _ = solve(model, template, budget, family=family)
     except VitpoolError as error:
         return {**row, "error": str(error)}
@@ -243,8 +250,8 @@ def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: lis
           on_progress: Callable[[str, int, int], None] | None = None, calibration: int | None = None) -> Results:
     """Run every (method, budget, schedule) point not already in `out_dir/results.json`; returns all results.
 
-    Schedules are the budget family's (`vitpool.budget`), and for `tome` also ToMe's own: the same number of
-    tokens merged after every block ("every-block").
+    Schedules are the preset's budget family (`vitpool.budget`), and for `tome` also ToMe as published: the
+    same number of tokens merged after the attention of every block ("every-block").
 
     With `calibration` N, also the searched schedule of every point, searched on N of the images; then
     every point, family ones included, is scored on the other images only.
@@ -254,7 +261,7 @@ def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: lis
     results = Results(out_dir, settings, force)
     schedules = ("family", "searched") if calibration else ("family",)
     points = [(m, b, s) for s in schedules for m in methods for b in budgets]
-    points += [("tome", b, "every-block") for b in budgets if "tome" in methods]  # ToMe on its own schedule
+    points += [("tome", b, EVERY_BLOCK) for b in budgets if "tome" in methods]  # ToMe as published
     todo = [point for point in points if not results.done(*point)]
     total = len(points)
     progress = on_progress or (lambda text, done, total: None)
@@ -274,7 +281,7 @@ def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: lis
         for done, (method, budget, schedule) in enumerate(todo, start=total - len(todo)):
             progress(f"{method} at {budget:g}" + (" (searching)" if schedule == "searched" else ""), done, total)
             results.add(run_point(model, method, budget, images, settings_template(settings), baseline_macs, schedule,
-                                  calibration_images))
+                                  calibration_images, PRESETS[settings["preset"]].family))
     progress("drawing", total, total)
     results.save()
     plot(results, out_dir / "tradeoff.png")

@@ -1,0 +1,85 @@
+"""Does the default chosen on DeiT-Tiny hold on a larger, differently trained ViT? CLIP ViT-B/16's image tower.
+
+CLIP has no class head here (its 512-d image projection is the head), so the measure is how much pooling
+changes the embeddings of the 500 shared photos: the cosine to the unpooled embedding, and how often each
+photo's nearest neighbour among the photos (all embedded by the same model) is the one the unpooled model
+finds. The three presets at MAC budgets 0.5, 0.6 and 0.75. The model is built on demand by
+../shared/tools/clip-vit-b16 into ~/.cache/vitpool (never into the repository). Writes
+benchmarks/results/clip_embeddings.json.
+
+    .venv/bin/python benchmarks/clip_embeddings.py [--presets vitpool,tome,paper] [--budgets 0.5,0.6,0.75]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _results import RESULTS, SHARED_DATA, run_environment, write_json
+
+from vitpool.adapter import apply_pooling
+from vitpool.budget import solve
+from vitpool.config import PRESETS, make_config
+from vitpool.flops import total_macs
+from vitpool.models import create_model
+from vitpool.sweep import load_images
+
+WEIGHTS = Path.home() / ".cache" / "vitpool" / "clip_vit_b16.safetensors"
+ARCHITECTURE = "vit_base_patch16_clip_quickgelu_224"
+
+
+def clip_model():
+    if not WEIGHTS.is_file():
+        WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(SHARED_DATA.parent / "tools" / "clip-vit-b16"), sys.executable, str(WEIGHTS)], check=True)
+    return create_model(ARCHITECTURE, checkpoint=WEIGHTS, num_classes=512)
+
+
+def embed(model, images: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        out = torch.cat([model(images[i : i + 50]).float() for i in range(0, len(images), 50)])
+    return torch.nn.functional.normalize(out, dim=-1)
+
+
+def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
+    similarity = embeddings @ embeddings.T
+    similarity.fill_diagonal_(-2.0)
+    return similarity.argmax(-1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="vitpool,tome,paper")
+    parser.add_argument("--budgets", default="0.5,0.6,0.75")
+    args = parser.parse_args()
+    model = clip_model()
+    images = load_images(model, SHARED_DATA / "imagenet-sample", None)
+    reference = torch.nn.functional.normalize(images.reference, dim=-1)
+    reference_neighbours = nearest_neighbours(reference)
+    baseline_macs = total_macs(model)
+    rows = []
+    for preset in args.presets.split(","):
+        for budget in (float(b) for b in args.budgets.split(",")):
+            started = time.perf_counter()
+            config = solve(model, make_config(layers=(), preset=preset), budget, family=PRESETS[preset].family)[0]
+            pooled = apply_pooling(model, config)
+            embeddings = embed(pooled, images.images)
+            cosine = (embeddings * reference).sum(-1)
+            rows.append({"preset": preset, "budget": budget, "k": list(config.k), "layers": list(config.layers),
+                         "mac_ratio": total_macs(pooled) / baseline_macs, "cosine_mean": cosine.mean().item(),
+                         "cosine_p10": cosine.quantile(0.1).item(),
+                         "same_neighbour": 100 * (nearest_neighbours(embeddings) == reference_neighbours).float().mean().item(),
+                         "seconds": round(time.perf_counter() - started, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    write_json(RESULTS / "clip_embeddings.json", {
+        "model": f"{ARCHITECTURE}, num_classes=512 (OpenAI CLIP ViT-B/16 image tower, ../shared/tools/clip-vit-b16)",
+        "images": "../shared/data/imagenet-sample (500)", "env": run_environment(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
