@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from _results import RESULTS, SHARED_DATA, run_environment, write_json
+from _results import EARLIER_DEFAULTS, RESULTS, SHARED_DATA, run_environment, write_json
 
 import vitpool
 from vitpool.config import METHODS
@@ -40,7 +40,7 @@ def main() -> None:
                  "pooling_gmacs": 0.0, **{key: reference.to_json()[key] for key in ("top1", "top5", "n")}, "agreement": 100.0, "kl": 0.0})
     for method in METHODS:
         schedule = GRID_SCHEDULE if method == "grid" else SCHEDULE
-        model = vitpool.convert(base, method=method, **schedule)
+        model = vitpool.convert(base, **{**EARLIER_DEFAULTS, "method": method}, **schedule)
         macs = count_macs(model, baseline=base)
         result = evaluate(model, images, baseline=base, limit=args.limit)
         rows.append({"method": method, **schedule, "gmacs": macs.macs / 1e9, "mac_ratio": macs.ratio,

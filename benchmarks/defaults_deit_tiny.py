@@ -5,7 +5,9 @@ layers counted). The photos are split into two halves (even and odd positions in
 spread over the classes): settings were compared on half A and confirmed on half B, and a setting is kept
 only where both halves agree. Rows: the three presets (vitpool, paper, tome = ToMe as published), ToMe at its
 own r = 8, 12, 16, and the default with one thing changed at a time (position, method, outputs, size
-weighting, placement of the pooling layers). Writes benchmarks/results/defaults_deit_tiny.json.
+weighting, placement of the pooling layers). Every row has its MAC ratio with the pooling layers and their own
+share (`pooling_mac_ratio`), so that ratios without them compare with ToMe's papers, which leave the merge out.
+Writes benchmarks/results/defaults_deit_tiny.json.
 
     .venv/bin/python benchmarks/defaults_deit_tiny.py [--budgets 0.5,0.6,0.75,0.9]
 """
@@ -22,7 +24,7 @@ from vitpool.adapter import apply_pooling
 from vitpool.budget import solve, tome_schedule
 from vitpool.config import LATE, PRESETS, make_config
 from vitpool.errors import VitpoolError
-from vitpool.flops import total_macs
+from vitpool.flops import count_macs
 from vitpool.models import create_model
 from vitpool.sweep import ImageSet, load_images, score
 
@@ -52,8 +54,9 @@ def halves(images: ImageSet) -> dict[str, ImageSet]:
 
 def scored(model, config, parts: dict[str, ImageSet], baseline_macs: int) -> dict:
     pooled = apply_pooling(model, config)
+    macs = count_macs(pooled)
     row = {"k": list(config.k), "layers": list(config.layers), "config": config.to_dict(),
-           "mac_ratio": total_macs(pooled) / baseline_macs}
+           "mac_ratio": macs.macs / baseline_macs, "pooling_mac_ratio": macs.pooling_macs / baseline_macs}
     for name, part in parts.items():
         result = score(pooled, part)
         row[name] = {"agreement": result.agreement, "top1": result.top1, "kl": result.kl, "n": result.n}
@@ -66,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     model = create_model("deit_tiny", checkpoint=WEIGHTS)
     parts = halves(load_images(model, SHARED_DATA / "imagenet-sample", None))
-    baseline_macs = total_macs(model)
+    baseline_macs = count_macs(model).macs
     reference = {name: float((p.reference.argmax(-1) == p.labels).float().mean() * 100) for name, p in parts.items()}
     rows, started = [], time.perf_counter()
     for r in (8, 12, 16):  # ToMe's own schedules, as in its paper's tables

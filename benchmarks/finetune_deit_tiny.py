@@ -48,7 +48,8 @@ def main() -> None:
     vitpool = Path(sys.executable).parent / "vitpool"
     with tempfile.TemporaryDirectory() as folder:
         train, val = linked_split(Path(folder))
-        command = [str(vitpool), "finetune", "deit_tiny", "--checkpoint", str(WEIGHTS), "--method", "wkmedoids",
+        # the settings of the recorded run (the defaults before the vitpool preset): the paper's, proportional attention
+        command = [str(vitpool), "finetune", "deit_tiny", "--checkpoint", str(WEIGHTS), "--preset", "paper", "--proportional",
                    "--budget", str(args.budget), "--data", str(train), "--val", str(val), "--out", str(args.out),
                    "--epochs", str(args.epochs), "--force", "--json", *args.extra]
         started = time.perf_counter()

@@ -16,8 +16,7 @@ import collections
 from pathlib import Path
 
 import torch
-from _results import RESULTS, SHARED_DATA, run_environment, write_json
-from bench_deit_small_cpu import LAYERS, SCHEDULES
+from _results import EARLIER_DEFAULTS, FIXED_LAYERS, FIXED_SCHEDULES, RESULTS, SHARED_DATA, run_environment, write_json
 
 import vitpool
 from vitpool import data, pooling
@@ -65,19 +64,20 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     tiny = create_model("deit_tiny", pretrained=False, checkpoint=SHARED_DATA / "weights" / "deit_tiny_patch16_224.pth")
-    pooled = vitpool.convert(tiny, k=[128, 88, 56], layers=LAYERS, iters=ITERS).eval()
+    pooled = vitpool.convert(tiny, k=[128, 88, 56], layers=FIXED_LAYERS, iters=ITERS, **EARLIER_DEFAULTS).eval()
     samples = data.spread(data.scan(SHARED_DATA / "imagenet-sample", tiny.num_classes).samples, args.limit)
     photos = torch.cat([batch for batch, _, _ in data.loader(samples, tiny, 50, 2)])
     runs = iterations_per_layer(pooled, photos)
     results.append({"model": "deit_tiny (real weights)", "inputs": f"{len(photos)} shared ImageNet photos", "k": [128, 88, 56],
-                    "layers": LAYERS, "iterations_run": runs, "mean": {i: mean_iterations(c) for i, c in runs.items()}})
+                    "layers": FIXED_LAYERS, "iterations_run": runs, "mean": {i: mean_iterations(c) for i, c in runs.items()}})
     torch.manual_seed(0)
     small = create_model("deit_small", pretrained=False)
     noise = torch.randn(args.random_images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    for name, k in SCHEDULES.items():
-        runs = iterations_per_layer(vitpool.convert(small, k=k, layers=LAYERS, iters=ITERS).eval(), noise)
+    for name, k in FIXED_SCHEDULES.items():
+        runs = iterations_per_layer(vitpool.convert(small, k=k, layers=FIXED_LAYERS, iters=ITERS, **EARLIER_DEFAULTS).eval(),
+                                    noise)
         results.append({"model": "deit_small (random weights)", "schedule": name, "inputs": f"{len(noise)} random images",
-                        "k": k, "layers": LAYERS, "iterations_run": runs, "mean": {i: mean_iterations(c) for i, c in runs.items()}})
+                        "k": k, "layers": FIXED_LAYERS, "iterations_run": runs, "mean": {i: mean_iterations(c) for i, c in runs.items()}})
     for row in results:
         print(row["model"], row["k"], {layer: round(mean, 2) for layer, mean in row["mean"].items()}, row["iterations_run"])
     write_json(args.out, {"iters": ITERS, "env": run_environment("cpu"), "results": results})

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from _results import RESULTS, SHARED_DATA, run_environment, write_json
-from bench_deit_small_cpu import LAYERS, free_pooling
+from _results import EARLIER_DEFAULTS, FIXED_LAYERS, RESULTS, SHARED_DATA, run_environment, write_json
+from bench_deit_small_cpu import free_pooling
 
 import vitpool
 from vitpool.bench import Timer, time_in_turns
@@ -62,7 +62,7 @@ def main() -> None:
     if not weights.is_file():
         raise SystemExit(f"the real DeiT-Tiny weights are not at {weights} (see ../shared/data/README.md)")
     start = time.perf_counter()
-    pooled = vitpool.convert(create_model("deit_tiny", checkpoint=weights), k=K, layers=LAYERS, iters=5)
+    pooled = vitpool.convert(create_model("deit_tiny", checkpoint=weights), k=K, layers=FIXED_LAYERS, iters=5, **EARLIER_DEFAULTS)
     threads = torch.get_num_threads()
     results = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -88,7 +88,7 @@ def main() -> None:
                             "blocks": blocks})
             print(f"batch {batch}: pooling adds {median['every_iteration']:.3f} (every iteration), "
                   f"{median['stopping']:.3f} (stopping)", flush=True)
-    write_json(args.out, {"model": "deit_tiny (real weights)", "k": K, "layers": LAYERS, "method": "wkmedoids",
+    write_json(args.out, {"model": "deit_tiny (real weights)", "k": K, "layers": FIXED_LAYERS, "method": "wkmedoids",
                           "iters": 5, "env": run_environment("cpu"), "seconds": round(time.perf_counter() - start),
                           "results": results})
 

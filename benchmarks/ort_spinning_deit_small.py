@@ -21,8 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _results import RESULTS, run_environment, write_json
-from bench_deit_small_cpu import LAYERS, SCHEDULES
+from _results import EARLIER_DEFAULTS, FIXED_LAYERS, FIXED_SCHEDULES, RESULTS, run_environment, write_json
 
 import vitpool
 from vitpool.bench import Timer, time_in_turns
@@ -69,9 +68,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         baseline_path = Path(workdir) / "baseline.onnx"
         to_onnx(base, baseline_path)
-        for name, k in SCHEDULES.items():
+        for name, k in FIXED_SCHEDULES.items():
             pooled_path = Path(workdir) / f"{name}.onnx"
-            to_onnx(vitpool.convert(base, k=k, layers=LAYERS), pooled_path)
+            to_onnx(vitpool.convert(base, k=k, layers=FIXED_LAYERS, **EARLIER_DEFAULTS), pooled_path)
             paths = {"baseline": baseline_path, "pooled": pooled_path}
             blocks = {f"in_turns_{setting}": [] for setting in SETTINGS} | {"alone_default": []}
             # Blocks of each way in turn, repeated: this host has slower spells of some seconds (both models'
@@ -82,7 +81,7 @@ def main() -> None:
                     blocks[f"in_turns_{setting}"].append(p50_ms(sessions, feed, args.rounds))
                 blocks["alone_default"].append(
                     {model: p50_ms({model: open_session(path, {})}, feed, args.rounds)[model] for model, path in paths.items()})
-            row = {"schedule": name, "k": k, "layers": LAYERS}
+            row = {"schedule": name, "k": k, "layers": FIXED_LAYERS}
             for way, found in blocks.items():
                 for block in found:
                     block["speedup"] = block["baseline"] / block["pooled"]

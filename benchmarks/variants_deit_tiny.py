@@ -30,7 +30,7 @@ base = create_model("deit_tiny", checkpoint=args.data / "weights" / "deit_tiny_p
 baseline_macs = total_macs(base)
 rows = []
 for method, output, proportional in VARIANTS:
-    config = make_config(method, (128, 88, 56), (2, 5, 8), 5, output=output, proportional=proportional)
+    config = make_config(method, (128, 88, 56), (2, 5, 8), 5, output=output, proportional=proportional, position="after-block")
     model = apply_pooling(base, config)
     result = evaluate(model, args.data / "imagenet-sample", baseline=base, batch_size=50)
     rows.append({"method": method, "output": output, "proportional": proportional, "mac_ratio": total_macs(model) / baseline_macs,

@@ -83,8 +83,12 @@ def test_schedule_command_saves_flags_that_other_commands_accept(folder, tmp_pat
 
 
 def test_convert_calibrate_saves_the_searched_schedule_and_what_it_was_scored_on(tiny_model, folder, tmp_path):
+    import torch
+
+    weights = tmp_path / "tiny.pth"  # the fixture's own weights: --no-pretrained would draw other random ones
+    torch.save(tiny_model.state_dict(), weights)
     out = tmp_path / "calibrated"
-    done = subprocess.run([str(VITPOOL), "convert", "deit_tiny", "--no-pretrained", "--budget", "0.7", "--iters", "1",
+    done = subprocess.run([str(VITPOOL), "convert", "deit_tiny", "--checkpoint", str(weights), "--budget", "0.7", "--iters", "1",
                            "--calibrate", str(folder), "--calibrate-limit", "5", "--workers", "0", "--out", str(out), "--json"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -36,11 +36,11 @@ PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", hel
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="kmedoids (default), wkmedoids (the paper's), wkmeans, kmeans, importance, random, grid, tome.")]
 KOpt = Annotated[Optional[str], typer.Option("--k", help="Comma list of patch-token counts to keep (prefix tokens excluded), e.g. 160,128,96.")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Comma list of the 0-based blocks each K applies in. Default: spread evenly (3 values on 12 blocks: 3,6,9 after attention, 2,5,8 after the block).")]
-ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (fixed; default 5).")]
-OutputOpt = Annotated[Optional[str], typer.Option("--output", help="K-Medoids outputs: medoid (default) or mean (each cluster's weighted mean).")]
+ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (at most; default 5).")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", help="K-Medoids outputs: mean (default: each cluster's weighted mean) or medoid (the paper's, --preset paper).")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Settings and --budget family to start from: vitpool (default: the best measured, K-Medoids with mean outputs after attention, every other block from a quarter of the depth), paper (Marin et al.: weighted K-Medoids, medoid outputs, after the block, three layers) or tome (ToMe as published). The other flags override it.")]
 PositionOpt = Annotated[Optional[str], typer.Option("--position", help="Where a pooling layer sits in its block: after-attention (default: between attention and MLP, ToMe's place, so the MLP runs on K tokens) or after-block (the paper's).")]
-ProportionalOpt = Annotated[Optional[bool], typer.Option("--proportional/--no-proportional", help="Add log(cluster size) to the attention logits after pooling (ToMe's proportional attention). Default: on.")]
+ProportionalOpt = Annotated[Optional[bool], typer.Option("--proportional/--no-proportional", help="Add log(cluster size) to the attention logits after pooling (ToMe's proportional attention) and weight the clustering by it. Default: on (off in --preset paper).")]
 BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Instead of --k/--layers: the fraction of the unpooled MACs to keep, e.g. 0.6 (pooling layers included; see README for the schedule family).")]
 TargetOpt = Annotated[Optional[float], typer.Option("--target-gmacs", help="Instead of --k/--layers: the GMACs to land on, within 1%.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only a JSON document on stdout.")]
@@ -403,7 +403,7 @@ def bench(
 
 @app.command()
 @user_errors
-@model_options(omit=("k",), layers=Annotated[Optional[str], typer.Option("--layers", help="Comma list of the blocks to pool after (default: the budget family's, 2,5,8 on 12 blocks).")])
+@model_options(omit=("k",), layers=Annotated[Optional[str], typer.Option("--layers", help="Comma list of the blocks to pool in (default: the budget family's layers, then 1, 2 and 3 layers spread).")])
 def schedule(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
     data_dir: Annotated[Path, typer.Option("--data", help="Calibration images, unlabelled: any images under DIR.")],
