@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from _results import EARLIER_DEFAULTS, RESULTS, SHARED_DATA, run_environment, write_json
+from _results import EARLIER_DEFAULTS, FIXED_LAYERS, FORTY_PERCENT, RESULTS, SHARED_DATA, run_environment, write_json
 
 import vitpool
 from vitpool.config import METHODS
@@ -21,8 +21,8 @@ from vitpool.evaluate import evaluate
 from vitpool.flops import count_macs
 from vitpool.models import create_model
 
-SCHEDULE = {"k": [128, 88, 56], "layers": [2, 5, 8]}
-GRID_SCHEDULE = {"k": [121, 81, 49], "layers": [2, 5, 8]}
+SCHEDULE = {"k": FORTY_PERCENT, "layers": FIXED_LAYERS}
+GRID_SCHEDULE = {"k": [121, 81, 49], "layers": FIXED_LAYERS}
 
 
 def main() -> None:

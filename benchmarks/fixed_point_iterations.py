@@ -16,7 +16,7 @@ import collections
 from pathlib import Path
 
 import torch
-from _results import EARLIER_DEFAULTS, FIXED_LAYERS, FIXED_SCHEDULES, RESULTS, SHARED_DATA, run_environment, write_json
+from _results import EARLIER_DEFAULTS, FIXED_LAYERS, FIXED_SCHEDULES, FORTY_PERCENT, RESULTS, SHARED_DATA, run_environment, write_json
 
 import vitpool
 from vitpool import data, pooling
@@ -64,11 +64,11 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     tiny = create_model("deit_tiny", pretrained=False, checkpoint=SHARED_DATA / "weights" / "deit_tiny_patch16_224.pth")
-    pooled = vitpool.convert(tiny, k=[128, 88, 56], layers=FIXED_LAYERS, iters=ITERS, **EARLIER_DEFAULTS).eval()
+    pooled = vitpool.convert(tiny, k=FORTY_PERCENT, layers=FIXED_LAYERS, iters=ITERS, **EARLIER_DEFAULTS).eval()
     samples = data.spread(data.scan(SHARED_DATA / "imagenet-sample", tiny.num_classes).samples, args.limit)
     photos = torch.cat([batch for batch, _, _ in data.loader(samples, tiny, 50, 2)])
     runs = iterations_per_layer(pooled, photos)
-    results.append({"model": "deit_tiny (real weights)", "inputs": f"{len(photos)} shared ImageNet photos", "k": [128, 88, 56],
+    results.append({"model": "deit_tiny (real weights)", "inputs": f"{len(photos)} shared ImageNet photos", "k": FORTY_PERCENT,
                     "layers": FIXED_LAYERS, "iterations_run": runs, "mean": {i: mean_iterations(c) for i, c in runs.items()}})
     torch.manual_seed(0)
     small = create_model("deit_small", pretrained=False)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import EARLIER_DEFAULTS, FIXED_LAYERS, RESULTS, SHARED_DATA, run_environment, write_json
+from _results import EARLIER_DEFAULTS, FIXED_LAYERS, FORTY_PERCENT, RESULTS, SHARED_DATA, run_environment, write_json
 from bench_deit_small_cpu import free_pooling
 
 import vitpool
@@ -32,7 +32,6 @@ from vitpool.export import INPUT_NAME, session, to_onnx
 from vitpool.export import _check_batches as check_batches
 from vitpool.models import create_model
 
-K = [128, 88, 56]
 POOLED_GRAPHS = ("every_iteration", "stopping")
 GRAPHS = (*POOLED_GRAPHS, "free_pooling")
 
@@ -62,7 +61,7 @@ def main() -> None:
     if not weights.is_file():
         raise SystemExit(f"the real DeiT-Tiny weights are not at {weights} (see ../shared/data/README.md)")
     start = time.perf_counter()
-    pooled = vitpool.convert(create_model("deit_tiny", checkpoint=weights), k=K, layers=FIXED_LAYERS, iters=5, **EARLIER_DEFAULTS)
+    pooled = vitpool.convert(create_model("deit_tiny", checkpoint=weights), k=FORTY_PERCENT, layers=FIXED_LAYERS, iters=5, **EARLIER_DEFAULTS)
     threads = torch.get_num_threads()
     results = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -88,7 +87,7 @@ def main() -> None:
                             "blocks": blocks})
             print(f"batch {batch}: pooling adds {median['every_iteration']:.3f} (every iteration), "
                   f"{median['stopping']:.3f} (stopping)", flush=True)
-    write_json(args.out, {"model": "deit_tiny (real weights)", "k": K, "layers": FIXED_LAYERS, "method": "wkmedoids",
+    write_json(args.out, {"model": "deit_tiny (real weights)", "k": FORTY_PERCENT, "layers": FIXED_LAYERS, "method": EARLIER_DEFAULTS["method"],
                           "iters": 5, "env": run_environment("cpu"), "seconds": round(time.perf_counter() - start),
                           "results": results})
 

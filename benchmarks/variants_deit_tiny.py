@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from _results import RESULTS, SHARED_DATA, run_environment, write_json
+from _results import FIXED_LAYERS, FORTY_PERCENT, RESULTS, SHARED_DATA, run_environment, write_json
 
 from vitpool.adapter import apply_pooling
 from vitpool.config import make_config
@@ -30,11 +30,11 @@ base = create_model("deit_tiny", checkpoint=args.data / "weights" / "deit_tiny_p
 baseline_macs = total_macs(base)
 rows = []
 for method, output, proportional in VARIANTS:
-    config = make_config(method, (128, 88, 56), (2, 5, 8), 5, output=output, proportional=proportional, position="after-block")
+    config = make_config(method, FORTY_PERCENT, FIXED_LAYERS, 5, output=output, proportional=proportional, position="after-block")
     model = apply_pooling(base, config)
     result = evaluate(model, args.data / "imagenet-sample", baseline=base, batch_size=50)
     rows.append({"method": method, "output": output, "proportional": proportional, "mac_ratio": total_macs(model) / baseline_macs,
                  "top1": result.top1, "agreement": result.agreement, "kl": result.kl, "n": result.n})
     print(json.dumps(rows[-1]), flush=True)
-write_json(args.out, {"model": "deit_tiny_patch16_224 (../shared/data/weights)", "k": [128, 88, 56], "layers": [2, 5, 8],
+write_json(args.out, {"model": "deit_tiny_patch16_224 (../shared/data/weights)", "k": FORTY_PERCENT, "layers": FIXED_LAYERS,
                       "env": run_environment(), "rows": rows})

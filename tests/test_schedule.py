@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import noise_folder
 
 import vitpool
@@ -83,8 +84,6 @@ def test_schedule_command_saves_flags_that_other_commands_accept(folder, tmp_pat
 
 
 def test_convert_calibrate_saves_the_searched_schedule_and_what_it_was_scored_on(tiny_model, folder, tmp_path):
-    import torch
-
     weights = tmp_path / "tiny.pth"  # the fixture's own weights: --no-pretrained would draw other random ones
     torch.save(tiny_model.state_dict(), weights)
     out = tmp_path / "calibrated"
