@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from _results import EARLIER_DEFAULTS, FIXED_LAYERS, FORTY_PERCENT, RESULTS, SHARED_DATA, run_environment, write_json
+from _results import EARLIER_DEFAULTS, EARLIER_ITERS, FIXED_LAYERS, FORTY_PERCENT, RESULTS, SHARED_DATA, run_environment, write_json
 
 import vitpool
 from vitpool.config import METHODS
@@ -40,7 +40,7 @@ def main() -> None:
                  "pooling_gmacs": 0.0, **{key: reference.to_json()[key] for key in ("top1", "top5", "n")}, "agreement": 100.0, "kl": 0.0})
     for method in METHODS:
         schedule = GRID_SCHEDULE if method == "grid" else SCHEDULE
-        model = vitpool.convert(base, **{**EARLIER_DEFAULTS, "method": method}, **schedule)
+        model = vitpool.convert(base, **{**EARLIER_DEFAULTS, "method": method}, iters=EARLIER_ITERS, **schedule)
         macs = count_macs(model, baseline=base)
         result = evaluate(model, images, baseline=base, limit=args.limit)
         rows.append({"method": method, **schedule, "gmacs": macs.macs / 1e9, "mac_ratio": macs.ratio,
@@ -51,7 +51,7 @@ def main() -> None:
         "model": "deit_tiny_patch16_224 (../shared/data/weights, real ImageNet weights)",
         "data": "../shared/data/imagenet-sample (500 photos, one per even ImageNet class)",
         "fine_tuned": False,
-        "iters": 5,
+        "iters": EARLIER_ITERS,
         "env": run_environment(),
         "seconds": round(time.perf_counter() - start, 1),
         "rows": rows,

@@ -3,7 +3,8 @@
 CLIP has no class head here (its 512-d image projection is the head), so the measure is how much pooling
 changes the embeddings of the 500 shared photos: the cosine to the unpooled embedding, and how often each
 photo's nearest neighbour among the photos (all embedded by the same model) is the one the unpooled model
-finds. The three presets at MAC budgets 0.5, 0.6 and 0.75. The model is built on demand by
+finds. The three presets at MAC budgets 0.5, 0.6 and 0.75; a run of some presets keeps the other presets' rows
+of the file it replaces. The model is built on demand by
 ../shared/tools/clip-vit-b16 into ~/.cache/vitpool (never into the repository). Writes
 benchmarks/results/clip_embeddings.json.
 
@@ -52,6 +53,11 @@ def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
     return similarity.argmax(-1)
 
 
+def earlier_rows() -> list[dict]:
+    path = RESULTS / "clip_embeddings.json"
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="vitpool,tome,paper")
@@ -62,8 +68,9 @@ def main() -> None:
     reference = torch.nn.functional.normalize(images.reference, dim=-1)
     reference_neighbours = nearest_neighbours(reference)
     baseline_macs = total_macs(model)
-    rows = []
-    for preset in args.presets.split(","):
+    presets = args.presets.split(",")
+    rows = [row for row in earlier_rows() if row["preset"] not in presets]
+    for preset in presets:
         for budget in (float(b) for b in args.budgets.split(",")):
             started = time.perf_counter()
             config = solve(model, make_config(layers=(), preset=preset), budget, family=PRESETS[preset].family)[0]
@@ -71,6 +78,7 @@ def main() -> None:
             embeddings = embed(pooled, images.images)
             cosine = (embeddings * reference).sum(-1)
             rows.append({"preset": preset, "budget": budget, "k": list(config.k), "layers": list(config.layers),
+                         "config": config.to_dict(),
                          "mac_ratio": total_macs(pooled) / baseline_macs, "cosine_mean": cosine.mean().item(),
                          "cosine_p10": cosine.quantile(0.1).item(),
                          "same_neighbour": 100 * (nearest_neighbours(embeddings) == reference_neighbours).float().mean().item(),

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _results import EARLIER_DEFAULTS, FIXED_LAYERS, FIXED_SCHEDULES, RESULTS, run_environment, write_json
+from _results import EARLIER_DEFAULTS, EARLIER_ITERS, FIXED_LAYERS, FIXED_SCHEDULES, RESULTS, run_environment, write_json
 
 import vitpool
 from vitpool.bench import Timer, time_in_turns
@@ -70,7 +70,7 @@ def main() -> None:
         to_onnx(base, baseline_path)
         for name, k in FIXED_SCHEDULES.items():
             pooled_path = Path(workdir) / f"{name}.onnx"
-            to_onnx(vitpool.convert(base, k=k, layers=FIXED_LAYERS, **EARLIER_DEFAULTS), pooled_path)
+            to_onnx(vitpool.convert(base, k=k, layers=FIXED_LAYERS, iters=EARLIER_ITERS, **EARLIER_DEFAULTS), pooled_path)
             paths = {"baseline": baseline_path, "pooled": pooled_path}
             blocks = {f"in_turns_{setting}": [] for setting in SETTINGS} | {"alone_default": []}
             # Blocks of each way in turn, repeated: this host has slower spells of some seconds (both models'

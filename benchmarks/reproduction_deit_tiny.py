@@ -3,7 +3,7 @@ no fine-tuning, at one position of the pooling layers, with the budget family's 
 and (with --calibration N) searched schedules (`vitpool schedule`).
 
 This is `vitpool sweep`: every method in the default preset's setting (mean outputs for the K-Medoids methods,
-proportional attention, the late family) at the position given; with --calibration N the schedules are
+proportional attention, the late family; 5 clustering iterations, as when it was recorded) at the position given; with --calibration N the schedules are
 searched on N of the 500 photos and every point, the family's included, is scored on the others. Writes
 benchmarks/results/reproduction_deit_tiny_<position>/ (results.json, results.csv, tradeoff.png); resumable
 like any sweep.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _results import RESULTS, SHARED_DATA
+from _results import EARLIER_ITERS, RESULTS, SHARED_DATA
 
 from vitpool.config import METHODS, POSITIONS, make_config
 from vitpool.models import create_model
@@ -37,7 +37,7 @@ def main() -> None:
     data = SHARED_DATA / "imagenet-sample"
     calibration = args.calibration or None
     settings = sweep_settings("deit_tiny_patch16_224", WEIGHTS, False, data, None, "vitpool",
-                              make_config(layers=(), position=args.position), calibration)
+                              make_config(layers=(), position=args.position, iters=EARLIER_ITERS), calibration)
     started = time.perf_counter()
     out = RESULTS / f"reproduction_deit_tiny_{args.position}"
     results = sweep(model, settings, out, parse_methods(args.methods), parse_budgets(args.budgets), calibration=calibration,

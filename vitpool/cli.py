@@ -36,7 +36,7 @@ PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", hel
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="kmedoids (default), wkmedoids (the paper's), wkmeans, kmeans, importance, random, grid, tome.")]
 KOpt = Annotated[Optional[str], typer.Option("--k", help="Comma list of patch-token counts to keep (prefix tokens excluded), e.g. 160,128,96.")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Comma list of the 0-based blocks each K applies in. Default: spread evenly (3 values on 12 blocks: 3,6,9 after attention, 2,5,8 after the block).")]
-ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (at most; default 5).")]
+ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (at most; default 2, the paper preset 5).")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", help="K-Medoids outputs: mean (default: each cluster's weighted mean) or medoid (the paper's, --preset paper).")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Settings and --budget family to start from: vitpool (default: the best measured, K-Medoids with mean outputs after attention, every other block from a quarter of the depth), paper (Marin et al.: weighted K-Medoids, medoid outputs, after the block, three layers) or tome (ToMe as published). The other flags override it.")]
 PositionOpt = Annotated[Optional[str], typer.Option("--position", help="Where a pooling layer sits in its block: after-attention (default: between attention and MLP, ToMe's place, so the MLP runs on K tokens) or after-block (the paper's).")]

@@ -41,7 +41,7 @@ class PoolingConfig:
     method: str = "kmedoids"
     k: tuple[int, ...] = ()
     layers: tuple[int, ...] = ()
-    iters: int = 5
+    iters: int = 2
     seed: int = 0
     output: str = "mean"
     proportional: bool = True
@@ -89,9 +89,10 @@ class Preset:
 
 PRESETS = {
     "vitpool": Preset(PoolingConfig(), LATE,
-                      "the best measured: K-Medoids, mean outputs, after attention, every other block from a quarter of the depth"),
-    "paper": Preset(PoolingConfig("wkmedoids", output="medoid", proportional=False, position=AFTER_BLOCK), SPREAD,
-                    "Marin et al.: weighted K-Medoids, medoid outputs, after the block, three layers"),
+                      "the best measured: K-Medoids (2 iterations), mean outputs, after attention, every other block from a quarter of the depth"),
+    "paper": Preset(PoolingConfig("wkmedoids", iters=5, output="medoid", proportional=False, position=AFTER_BLOCK),
+                    SPREAD,
+                    "Marin et al.: weighted K-Medoids (5 iterations), medoid outputs, after the block, three layers"),
     "tome": Preset(PoolingConfig("tome", output="medoid", position=AFTER_ATTENTION), EVERY_BLOCK,
                    "Bolya et al.: ToMe's matching after attention in every block, the same number merged in each"),
 }
