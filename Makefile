@@ -9,7 +9,11 @@ DATA ?= ../shared/data
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/deit_tiny_pooled
 
-.PHONY: install test demo clean
+# The lowest timm pyproject.toml allows, and the tests that exercise what vitpool uses of timm.
+LOWEST_TIMM := $(shell sed -n 's/.*"timm>=\([0-9.]*\).*/\1/p' pyproject.toml)
+TIMM_TESTS := tests/test_adapter.py tests/test_tome.py tests/test_finetune.py
+
+.PHONY: install test test-lowest demo clean
 
 install: $(VENV)/.installed
 
@@ -19,10 +23,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip freeze | grep -i '^torch==' > $(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[test]'
+	$(BIN)/python -c 'import vitpool._torchvision_compat as c; c.main()'
 	touch $@
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# timm at its lower bound, installed beside the venv's (PYTHONPATH puts it first, subprocesses included)
+test-lowest: install
+	rm -rf $(VENV)/lowest-timm
+	$(BIN)/pip install -q --no-deps --target $(VENV)/lowest-timm "timm==$(LOWEST_TIMM)"
+	PYTHONPATH=$(VENV)/lowest-timm $(BIN)/python -c "import timm; assert timm.__version__ == '$(LOWEST_TIMM)', timm.__version__"
+	PYTHONPATH=$(VENV)/lowest-timm $(BIN)/python -m pytest -q -p no:cacheprovider $(TIMM_TESTS)
 
 demo: install
 	$(BIN)/vitpool convert deit_tiny --checkpoint $(DATA)/weights/deit_tiny_patch16_224.pth \
