@@ -234,3 +234,37 @@ def test_k_equal_to_n_is_the_identity_at_both_positions(method, position):
     x = _image(2, model)
     with torch.no_grad():
         torch.testing.assert_close(converted.forward_features(x), model.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["after-attention", "after-block"])
+def test_gradient_checkpointing_keeps_the_pooling_and_the_gradients(tiny_model, position):
+    """timm's checkpoint_seq would run the blocks without their pooling layers; the converted model's
+    set_grad_checkpointing checkpoints inside PooledBlocks instead: same outputs and gradients, recomputed."""
+    pooled = vitpool.convert(tiny_model, k=[120, 60], layers=[4, 8], position=position)
+    images = _image(2, pooled)
+
+    def run(checkpointing: bool):
+        model = vitpool.convert(tiny_model, k=[120, 60], layers=[4, 8], position=position)
+        model.set_grad_checkpointing(checkpointing)
+        calls = []
+        # a pre-hook: the recomputation stops early, once it has what the backward pass needs
+        model.blocks[10].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        tokens = model.forward_features(images)
+        tokens.sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return tokens.detach(), grads, len(calls)
+
+    plain_tokens, plain_grads, plain_calls = run(False)
+    tokens, grads, calls = run(True)
+    assert tokens.shape[1] == 1 + 60  # the pooling layers ran
+    torch.testing.assert_close(tokens, plain_tokens)
+    torch.testing.assert_close(grads, plain_grads)
+    assert (plain_calls, calls) == (1, 2)  # the block after pooling was recomputed in the backward pass
+    assert not pooled.grad_checkpointing
+
+
+def test_forward_intermediates_is_refused_not_run_without_pooling(tiny_model):
+    pooled = vitpool.convert(tiny_model, k=[120], layers=[4])
+    with pytest.raises(VitpoolError, match="forward_intermediates .* without their pooling layers"):
+        pooled.forward_intermediates(_image(1, pooled))
+    assert tiny_model.forward_intermediates(_image(1, tiny_model), intermediates_only=True)  # the original keeps it

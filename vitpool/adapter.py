@@ -20,10 +20,12 @@ timm's attention is done with them. `tome` reads the keys from `attn.k_norm` and
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from vitpool import pooling
@@ -129,7 +131,11 @@ class PooledBlocks(nn.Sequential):
 
     With proportional attention, every block after a pooling layer gets log(cluster size) as an additive
     attention mask [B, 1, 1, P+N] (0 for prefix tokens), which timm passes to the fused kernel as is.
+    Gradient checkpointing lives here (`grad_checkpointing`, set through the model's `set_grad_checkpointing`):
+    timm's own path, `checkpoint_seq` over the blocks, would run them without their pooling layers.
     """
+
+    grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:
         size = None
@@ -137,19 +143,41 @@ class PooledBlocks(nn.Sequential):
         for block in self:
             pool = getattr(block, "token_pool", None)
             if pool is None:
-                x = block(x) if bias is None else block(x, attn_mask=bias)
+                x = self._run(_whole_block, block, x, bias)
                 continue
             attention, mlp = HALVES[type(block)] if pool.position == AFTER_ATTENTION else (_whole_block, None)
             with captured(pool, block) as seen:
-                x = attention(block, x, bias)
+                x = self._run(attention, block, x, bias)
             if size is None:
                 size = x.new_ones(x.shape[0], x.shape[1] - pool.num_prefix_tokens, dtype=torch.float32)
             x, size, _ = pool(x, size, seen[0] if seen else None)
             if mlp is not None:
-                x = mlp(block, x)
+                x = self._run(mlp, block, x)
             if pool.proportional:
                 bias = size_bias(size, pool.num_prefix_tokens, x.dtype)
         return x
+
+    def _run(self, part, block: nn.Module, *args) -> Tensor:
+        """`part(block, *args)`; under gradient checkpointing its activations are recomputed in the backward pass
+        rather than kept (the pooling layers, between the parts, keep theirs: they hold no large ones)."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return torch.utils.checkpoint.checkpoint(part, block, *args, use_reentrant=False)
+        return part(block, *args)
+
+
+def _set_grad_checkpointing(model: nn.Module, enable: bool = True) -> None:
+    """A converted model's `set_grad_checkpointing`: checkpoint inside `PooledBlocks`, not in timm's loop."""
+    model.blocks.grad_checkpointing = enable
+    if hasattr(model.patch_embed, "set_grad_checkpointing"):
+        model.patch_embed.set_grad_checkpointing(enable)
+
+
+def _refuse_intermediates(model: nn.Module, *args, **kwargs):
+    raise VitpoolError(
+        "forward_intermediates runs the blocks without their pooling layers and returns each block's tokens as "
+        "the input's grid, which a pooled block no longer has; use forward_features, or the unconverted model "
+        "for dense per-block features"
+    )
 
 
 def _whole_block(block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -237,6 +265,10 @@ def apply_pooling(model: nn.Module, config: PoolingConfig) -> nn.Module:
         if config.method in NEEDS_ATTENTION:
             block.attn.fused_attn = False
     model.blocks = PooledBlocks(*model.blocks)
+    model.blocks.grad_checkpointing = bool(getattr(model, "grad_checkpointing", False))
+    model.grad_checkpointing = False  # timm's forward_features would bypass PooledBlocks.forward
+    model.set_grad_checkpointing = types.MethodType(_set_grad_checkpointing, model)
+    model.forward_intermediates = types.MethodType(_refuse_intermediates, model)
     model.vitpool_config = config
     return model
 
