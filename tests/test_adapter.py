@@ -268,3 +268,33 @@ def test_forward_intermediates_is_refused_not_run_without_pooling(tiny_model):
     with pytest.raises(VitpoolError, match="forward_intermediates .* without their pooling layers"):
         pooled.forward_intermediates(_image(1, pooled))
     assert tiny_model.forward_intermediates(_image(1, tiny_model), intermediates_only=True)  # the original keeps it
+
+
+UNSUPPORTED_FAMILIES = {  # timm name: (small-model kwargs, class)
+    "swin_tiny_patch4_window7_224": ({"depths": (1, 1, 1, 1)}, "SwinTransformer"),
+    "eva02_tiny_patch14_224": ({"depth": 2}, "Eva"),
+    "beit_base_patch16_224": ({"depth": 2, "embed_dim": 96, "num_heads": 2}, "Beit"),
+    "vit_relpos_small_patch16_224": ({"depth": 2}, "VisionTransformerRelPos"),
+    "samvit_base_patch16": ({"depth": 2, "embed_dim": 96, "num_heads": 2, "img_size": 256}, "VisionTransformerSAM"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED_FAMILIES))
+def test_unsupported_families_get_one_reason_not_a_traceback(name):
+    kwargs, kind = UNSUPPORTED_FAMILIES[name]
+    model = create_model(name, pretrained=False, **kwargs)
+    for request in ({"k": [50]}, {"budget": 0.6}):
+        with pytest.raises(VitpoolError, match=f"^{kind} models cannot be converted: .*; vitpool converts"):
+            vitpool.convert(model, **request)
+
+
+def test_parallel_blocks_refuse_methods_that_read_attention_and_pool_with_the_others():
+    torch.manual_seed(0)
+    model = create_model("vit_small_patch16_18x2_224", pretrained=False, depth=2).eval()
+    for method, position in (("kmedoids", "after-block"), ("tome", "after-block")):
+        with pytest.raises(VitpoolError, match="block 0 is a ParallelThingsBlock, whose attention .* cannot read"):
+            vitpool.convert(model, k=[98], layers=[0], method=method, position=position)
+    with pytest.raises(VitpoolError, match="cannot split between attention and MLP"):
+        vitpool.convert(model, k=[98], layers=[0], method="random", position="after-attention")
+    pooled = vitpool.convert(model, k=[98], layers=[0], method="random", position="after-block")
+    assert pooled.forward_features(_image(1, model)).shape[1] == 1 + 98

@@ -33,9 +33,10 @@ def convert(model, method: str | None = None, k=(), layers=None, iters: int | No
     `vitpool.budget`). The result is still a timm model: `forward_features`, `forward_head` and
     `num_prefix_tokens` work as before.
     """
-    from vitpool.adapter import apply_pooling
+    from vitpool.adapter import apply_pooling, check_model
     from vitpool.config import make_config, preset_named
 
+    check_model(model)
     config = make_config(method, k, layers, iters, seed, depth=len(model.blocks), output=output,
                          proportional=proportional, position=position, preset=preset)
     if budget is not None or target_gmacs is not None:

@@ -215,25 +215,63 @@ def size_bias(size: Tensor, num_prefix_tokens: int, dtype: torch.dtype) -> Tenso
     return logs.to(dtype)[:, None, None, :]
 
 
-def _check_model(model: nn.Module) -> None:
+_RELATIVE_POSITIONS = "its blocks add a relative position bias for every pair of tokens, which vitpool does not yet derive for pooled tokens"
+# timm model class -> why vitpool refuses it (one line each; a family vitpool learns to convert leaves this table)
+UNSUPPORTED = {
+    "SwinTransformer": "token pooling does not apply: its stages attend within windows of a fixed token grid and "
+                       "merge patches themselves, so there is no one token sequence to pool",
+    "VisionTransformerSAM": "token pooling does not apply: its blocks attend within windows of the token grid, "
+                            "which pooled tokens no longer form",
+    "NaFlexVit": "its patches arrive as a variable-length sequence with its own padding mask, which vitpool's "
+                 "pooling layers do not carry yet",
+    "Eva": "its blocks rotate queries and keys by each patch's position (RoPE), which vitpool does not yet derive "
+           "for pooled tokens",
+    "Beit": _RELATIVE_POSITIONS,
+    "VisionTransformerRelPos": _RELATIVE_POSITIONS,
+}
+
+
+def check_model(model: nn.Module) -> None:
+    kind = type(model).__name__
+    supported = "vitpool converts timm's VisionTransformer models (vit_*, deit_*, deit3_*)"
+    if kind in UNSUPPORTED:
+        raise VitpoolError(f"{kind} models cannot be converted: {UNSUPPORTED[kind]}; {supported}")
     needed = ("blocks", "patch_embed", "num_prefix_tokens")
     if not all(hasattr(model, name) for name in needed) or not isinstance(model.blocks, nn.Sequential):
         raise VitpoolError(
-            f"{type(model).__name__} is not a timm VisionTransformer (it needs blocks, patch_embed and "
-            f"num_prefix_tokens); vitpool converts timm's vit_*, deit_* and deit3_* models"
+            f"{kind} is not a timm VisionTransformer (it needs an nn.Sequential of blocks, patch_embed and "
+            f"num_prefix_tokens); {supported}"
         )
     if pooling_config(model) is not None:
         raise VitpoolError("this model is already converted; convert the original timm model instead")
 
 
-def _check_splittable(model: nn.Module, stages: list[PoolingStage]) -> None:
-    for stage in stages:
-        kind = type(model.blocks[stage.layer])
-        if kind not in HALVES:
-            raise VitpoolError(
-                f"block {stage.layer} is a {kind.__name__}, which vitpool cannot split between attention and MLP "
-                f"(it knows {', '.join(sorted(k.__name__ for k in HALVES))}); use --position after-block"
-            )
+def check_convertible(model: nn.Module, layers, config: PoolingConfig) -> None:
+    """One clear line for a model, or a block in `layers`, that `config` cannot pool."""
+    check_model(model)
+    for layer in layers:
+        _check_readable(model.blocks[layer], layer, config.method)
+        if config.position == AFTER_ATTENTION:
+            _check_splittable(model.blocks[layer], layer)
+
+
+def _check_readable(block: nn.Module, layer: int, method: str) -> None:
+    """The methods that read a block's attention need timm's `Attention` there (`attn` with `attn_drop` or `k_norm`)."""
+    needed = "attn_drop" if method in NEEDS_ATTENTION else "k_norm" if method == "tome" else None
+    if needed is not None and not hasattr(getattr(block, "attn", None), needed):
+        what = "attention probabilities" if needed == "attn_drop" else "attention keys"
+        raise VitpoolError(
+            f"block {layer} is a {type(block).__name__}, whose {what} vitpool cannot read for --method {method}; "
+            f"use --method grid or random, which read nothing, or pool other blocks with --layers"
+        )
+
+
+def _check_splittable(block: nn.Module, layer: int) -> None:
+    if type(block) not in HALVES:
+        raise VitpoolError(
+            f"block {layer} is a {type(block).__name__}, which vitpool cannot split between attention and MLP "
+            f"(it knows {', '.join(sorted(k.__name__ for k in HALVES))}); use --position after-block"
+        )
 
 
 def pooling_config(model: nn.Module) -> PoolingConfig | None:
@@ -253,10 +291,9 @@ def plan_for(model: nn.Module, config: PoolingConfig) -> list[PoolingStage]:
 
 def apply_pooling(model: nn.Module, config: PoolingConfig) -> nn.Module:
     """A converted copy of `model` (the original is left as it was)."""
-    _check_model(model)
+    check_model(model)
     stages = plan_for(model, config)
-    if config.position == AFTER_ATTENTION:
-        _check_splittable(model, stages)
+    check_convertible(model, [stage.layer for stage in stages], config)
     model = copy.deepcopy(model)
     for stage in stages:
         block = model.blocks[stage.layer]

@@ -136,7 +136,7 @@ def user_errors(command):
 
 def build(model_or_dir: str, flags: ModelFlags):
     """(unpooled model, converted model or None) from MODEL_OR_DIR and the model and pooling flags."""
-    from vitpool.adapter import apply_pooling
+    from vitpool.adapter import apply_pooling, check_model
     from vitpool.config import default_layers, parse_int_list
     from vitpool.models import load_model_or_dir
 
@@ -165,6 +165,7 @@ def build(model_or_dir: str, flags: ModelFlags):
         err.print(f"schedule for the budget: {config.flags()} ({reached / 1e9:.3f} of {baseline / 1e9:.3f} GMACs, "
                   f"{reached / baseline:.3f})", highlight=False)
     if config is None and k_values:
+        check_model(loaded.model)
         config = replace(template, k=k_values, layers=layer_values if layers is not None else
                          default_layers(len(k_values), len(loaded.model.blocks), template.position))
     pooled = apply_pooling(loaded.model, config) if config is not None else None
@@ -242,9 +243,12 @@ def flops(
     as_json: JsonOpt = False,
 ):
     """Count multiply-accumulates (MACs) per block, pooling layers included, against the unpooled model."""
+    from vitpool.adapter import check_model
     from vitpool.flops import count_macs
 
     loaded, pooled = build(model_or_dir, flags)
+    if pooled is None:
+        check_model(loaded.model)  # the per-block table needs timm's VisionTransformer blocks
     report = count_macs(pooled, baseline=loaded.model) if pooled is not None else count_macs(loaded.model)
     document = {"model": loaded.name, "pooling": pooling_json(pooled), **report.to_json()}
     if as_json:
