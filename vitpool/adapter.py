@@ -246,9 +246,8 @@ def check_model(model: nn.Module) -> None:
         raise VitpoolError("this model is already converted; convert the original timm model instead")
 
 
-def check_convertible(model: nn.Module, layers, config: PoolingConfig) -> None:
-    """One clear line for a model, or a block in `layers`, that `config` cannot pool."""
-    check_model(model)
+def check_blocks(model: nn.Module, layers, config: PoolingConfig) -> None:
+    """One clear line for a block in `layers` that `config` cannot pool (after `check_model`)."""
     for layer in layers:
         _check_readable(model.blocks[layer], layer, config.method)
         if config.position == AFTER_ATTENTION:
@@ -293,7 +292,7 @@ def apply_pooling(model: nn.Module, config: PoolingConfig) -> nn.Module:
     """A converted copy of `model` (the original is left as it was)."""
     check_model(model)
     stages = plan_for(model, config)
-    check_convertible(model, [stage.layer for stage in stages], config)
+    check_blocks(model, [stage.layer for stage in stages], config)
     model = copy.deepcopy(model)
     for stage in stages:
         block = model.blocks[stage.layer]

@@ -22,7 +22,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from vitpool.adapter import HALVES, NEEDS_ATTENTION, TokenPool, apply_pooling, check_convertible, plan_for, token_grid
+from vitpool.adapter import HALVES, NEEDS_ATTENTION, TokenPool, apply_pooling, check_blocks, check_model, plan_for, token_grid
 from vitpool.config import AFTER_ATTENTION, EVERY_BLOCK, FAMILIES, LATE, PoolingConfig, default_layers, grid_shape
 from vitpool.errors import VitpoolError
 from vitpool.flops import analyse, total_macs
@@ -118,7 +118,8 @@ class MacModel:
     ignored) on one model, from fvcore counts of the model's parts."""
 
     def __init__(self, model, template: PoolingConfig) -> None:
-        check_convertible(model, range(len(getattr(model, "blocks", ()))), template)  # any block may be chosen
+        check_model(model)
+        check_blocks(model, range(len(model.blocks)), template)  # any block may be chosen
         self.model, self.template = model, replace(template, k=(), layers=())
         self.prefix = int(model.num_prefix_tokens)
         self.num_patches = model.patch_embed.num_patches
