@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip freeze | grep -i '^torch==' > $(VENV)/constraints.txt
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[test,data]'
 	$(BIN)/python -c 'import vitpool._torchvision_compat as c; c.main()'
 	touch $@
 

@@ -176,12 +176,14 @@ def runs(tmp_path_factory):
         runs.start("readonly_parent", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", work / "locked" / "out"],
                    ["no permission"], work)
 
-    for name in ("existing_out", "existing_out_force"):
+    for name in ("existing_out", "existing_out_force", "user_folder_force"):
         work = runs.workdir(name)
         (work / "out").mkdir()
-        (work / "out" / "keep.txt").write_text("precious\n")
+        (work / "out" / ("vitpool.json" if name == "existing_out_force" else "keep.txt")).write_text("precious\n")
     runs.start("existing_out", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", root / "existing_out" / "out"],
                ["already exists", "--force"], root / "existing_out")
+    runs.start("user_folder_force", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--force",
+                                     "--out", root / "user_folder_force" / "out"], ["not a saved model"], root / "user_folder_force")
     runs.start("existing_out_force", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--force", "--json",
                                       "--out", root / "existing_out_force" / "out"])
 
@@ -296,6 +298,7 @@ REFUSALS = [
     "parent_is_file",
     "readonly_parent",
     "existing_out",
+    "user_folder_force",
     "convert_saved_dir",
 ]
 
@@ -325,7 +328,7 @@ def test_existing_out_with_force_is_replaced(runs):
     assert result.rc == 0, str(result)
     work = runs.root / "existing_out_force"
     out = work / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "vitpool.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vitpool.json"]
     assert hidden_entries(work) == [], "staging or retired directories were left behind"
     summary = json.loads(result.stdout)
     assert summary["out"] == str(out) and summary["base_model"] == "deit_tiny_patch16_224"
@@ -414,7 +417,7 @@ def test_convert_write_failure_is_a_user_error(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     result = CliRunner().invoke(app, ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists() and hidden_entries(tmp_path) == []
     assert result.exit_code == 2, f"exit {result.exit_code}, exception {result.exception!r}"

@@ -15,11 +15,11 @@ from vitpool.evaluate import evaluate
 
 
 def test_wordnet_folders_map_to_imagenet_indices(imagenet_sample):
-    folder = data.scan(imagenet_sample, num_classes=1000)
-    assert folder.mapping == "imagenet" and len(folder.samples) == 500
+    images = data.open_images(imagenet_sample, num_classes=1000)
+    assert images.mapping == "imagenet" and len(images.samples) == 500
     with open(imagenet_sample / "labels.csv") as f:
         expected = {row["filename"]: int(row["class_index"]) for row in csv.DictReader(f)}
-    assert {path.name: label for path, label in folder.samples} == expected
+    assert {images.dataset.filename(index, basename=True): label for index, label in images.samples} == expected
 
 
 def _write_image(path, mode="RGB", size=(40, 30)):
@@ -27,39 +27,51 @@ def _write_image(path, mode="RGB", size=(40, 30)):
     Image.new(mode, size, color=128 if mode == "L" else (200, 10, 10)).save(path)
 
 
+def _read_all(images, transform):
+    batches = list(images.batches(transform, batch_size=8, workers=0))
+    labels = [label for _, labels, _ in batches if labels is not None for label in labels.tolist()]
+    return batches, labels, [name for _, _, names in batches for name in names]
+
+
 def test_other_folders_map_in_sorted_order_and_grayscale_is_converted(tmp_path):
     _write_image(tmp_path / "zebra" / "a.png", mode="L")
     _write_image(tmp_path / "ant" / "b.jpg")
-    _write_image(tmp_path / "ant" / "nested" / "c.JPEG")
+    _write_image(tmp_path / "ant" / "c.JPEG")
     (tmp_path / "empty").mkdir()
-    folder = data.scan(tmp_path, num_classes=10)
-    assert folder.mapping == "sorted" and folder.classes == ["ant", "zebra"]
-    assert sorted((p.name, label) for p, label in folder.samples) == [("a.png", 1), ("b.jpg", 0), ("c.JPEG", 0)]
-    dataset = data.ImageDataset(folder.samples, lambda image: torch.tensor(image.size + (len(image.getbands()),)))
-    assert all(int(item[0][2]) == 3 for item in dataset)
+    images = data.open_images(tmp_path, num_classes=10)
+    assert images.mapping == "sorted"
+    assert sorted((images.dataset.filename(i), label) for i, label in images.samples) == [
+        ("ant/b.jpg", 0), ("ant/c.JPEG", 0), ("zebra/a.png", 1)]
+    batches, _, _ = _read_all(images, lambda image: torch.tensor(image.size + (len(image.getbands()),)))
+    assert all(int(bands) == 3 for batch, _, _ in batches for bands in batch[:, 2])
+
+
+def test_a_class_is_the_folder_an_image_is_in_as_timm_names_it(tmp_path):
+    _write_image(tmp_path / "ant" / "nested" / "c.png")
+    _write_image(tmp_path / "bee" / "d.png")
+    images = data.open_images(tmp_path, num_classes=10)
+    assert sorted((images.dataset.filename(i), label) for i, label in images.samples) == [("ant/nested/c.png", 1), ("bee/d.png", 0)]
 
 
 def test_unreadable_images_are_skipped_and_named(tmp_path):
     _write_image(tmp_path / "a" / "good.png")
     (tmp_path / "a" / "bad.jpg").write_bytes(b"not a jpeg")
-    folder = data.scan(tmp_path, num_classes=10)
-    dataset = data.ImageDataset(folder.samples, lambda image: torch.zeros(3, 2, 2))
-    images, labels, skipped = data.collate([dataset[i] for i in range(len(dataset))])
-    assert images.shape == (1, 3, 2, 2) and labels.tolist() == [0]
+    _, labels, skipped = _read_all(data.open_images(tmp_path, num_classes=10), lambda image: torch.zeros(3, 2, 2))
+    assert labels == [0]
     assert len(skipped) == 1 and "bad.jpg" in skipped[0]
 
 
 def test_folder_problems_are_reported(tmp_path):
-    with pytest.raises(VitpoolError, match="does not exist"):
-        data.scan(tmp_path / "missing", num_classes=10)
+    with pytest.raises(VitpoolError, match="nothing is there"):
+        data.open_images(tmp_path / "missing", num_classes=10)
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "notes.txt").write_text("x")
     with pytest.raises(VitpoolError, match="no images found"):
-        data.scan(tmp_path, num_classes=10)
+        data.open_images(tmp_path, num_classes=10)
     for name in "abc":
         _write_image(tmp_path / name / "x.png")
     with pytest.raises(VitpoolError, match="3 class folders but the model predicts 2"):
-        data.scan(tmp_path, num_classes=2)
+        data.open_images(tmp_path, num_classes=2)
 
 
 def test_limit_spreads_over_the_folder():

@@ -59,8 +59,8 @@ def test_graph_that_stops_at_the_fixed_point_gives_every_iterations_outputs(meth
     top_level_ifs = [n for n in onnx.load(stops.path, load_external_data=False).graph.node if n.op_type == "If"]
     assert len(top_level_ifs) == len(SCHEDULE["layers"])  # one chain of nested Ifs per pooling layer
     assert not any(n.op_type == "If" for n in onnx.load(every.path, load_external_data=False).graph.node)
-    folder = image_data.scan(imagenet_sample, 1000)
-    batches = [images for images, _, _ in image_data.loader(image_data.spread(folder.samples, 7), pooled, 1, workers=0)]
+    transform, _ = image_data.transform_for(pooled)
+    batches = [images for images, _, _ in image_data.open_images(imagenet_sample).batches(transform, 1, workers=0, limit=7)]
     # Real photos take 1 to 5 iterations per layer, so a condition that stops too early changes the logits.
     images = torch.cat(batches).numpy()
     sessions = export_module.session(every.path), export_module.session(stops.path)

@@ -266,7 +266,7 @@ def logits(model, x):
 def test_save_load_roundtrip(tmp_path, converted):
     target = tmp_path / "pooled"
     assert vitpool.save(converted, target) == target
-    assert sorted(p.name for p in target.iterdir()) == sorted([models.CONFIG_FILE, models.WEIGHTS_FILE])
+    assert sorted(p.name for p in target.iterdir()) == sorted(models.HUB_FILES)
     description = json.loads((target / models.CONFIG_FILE).read_text())
     assert description["base_model"] == TINY
     assert description["vitpool_version"] == vitpool.__version__
@@ -304,12 +304,10 @@ def test_save_refuses_existing_directory(tmp_path, converted):
     assert hidden_entries(tmp_path) == []
 
 
-def test_save_force_replaces_existing_directory(tmp_path, converted):
-    target = tmp_path / "taken"
-    target.mkdir()
-    (target / "keep.txt").write_text("old")
+def test_save_force_replaces_existing_model(tmp_path, converted, tiny_model):
+    target = vitpool.save(tiny_model, tmp_path / "taken")
     vitpool.save(converted, target, force=True)
-    assert sorted(p.name for p in target.iterdir()) == sorted([models.CONFIG_FILE, models.WEIGHTS_FILE])
+    assert sorted(p.name for p in target.iterdir()) == sorted(models.HUB_FILES)
     assert vitpool.load(target).vitpool_config == converted.vitpool_config
     assert hidden_entries(tmp_path) == []
 
@@ -320,26 +318,25 @@ def test_failed_save_leaves_nothing_behind(tmp_path, converted, monkeypatch, exi
 
     target = tmp_path / "out"
     if existing:
-        target.mkdir()
-        (target / "keep.txt").write_text("old")
+        vitpool.save(converted, target)
+        before = {p.name: p.read_bytes() for p in target.iterdir()}
 
     def broken_save_file(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save", broken_save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
     with pytest.raises((OSError, VitpoolError)):
         vitpool.save(converted, target, force=existing)
     assert hidden_entries(tmp_path) == []
     if existing:
-        assert [p.name for p in target.iterdir()] == ["keep.txt"]
-        assert (target / "keep.txt").read_text() == "old"
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     else:
         assert not target.exists()
 
 
 def test_save_creates_missing_parents(tmp_path, converted):
     target = vitpool.save(converted, tmp_path / "runs" / "nested" / "dir")
-    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors", "vitpool.json"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "vitpool.json"]
 
 
 def test_save_under_a_file_is_an_error(tmp_path, converted):
@@ -353,8 +350,6 @@ def test_save_under_a_file_is_an_error(tmp_path, converted):
 
 
 def test_real_deit_tiny_checkpoint_loads_strictly_and_classifies():
-    from PIL import Image
-
     from vitpool import data
 
     weights = require(REAL_WEIGHTS)
@@ -363,11 +358,9 @@ def test_real_deit_tiny_checkpoint_loads_strictly_and_classifies():
     assert_same_state(model.state_dict(), state)
     assert sum(v.numel() for v in state.values()) == 5_717_416
 
-    folder = data.scan(require(IMAGES), model.num_classes)
-    assert folder.mapping == "imagenet"
-    samples = data.spread(folder.samples, 16)
+    images = data.open_images(require(IMAGES), model.num_classes)
+    assert images.mapping == "imagenet"
     transform, _ = data.transform_for(model)
-    x = torch.stack([transform(Image.open(path).convert("RGB")) for path, _ in samples])
-    labels = torch.tensor([label for _, label in samples])
+    x, labels, _ = next(iter(images.batches(transform, 16, workers=0, limit=16)))
     top1 = (logits(model, x).argmax(-1) == labels).float().mean().item()
     assert top1 >= 0.5, f"real DeiT-Tiny got only {top1:.0%} top-1 on 16 sample images (about 80% expected)"

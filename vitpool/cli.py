@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -19,10 +20,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from vitpool.data import Preprocess, Source
 from vitpool.errors import VitpoolError, refuse_existing_output, writable_parent
 
 app = typer.Typer(
-    help="Token Pooling for timm Vision Transformers: convert, count MACs, evaluate, export to ONNX, benchmark, schedule, sweep, visualize, fine-tune.",
+    help="Token Pooling for timm Vision Transformers: convert, count MACs, evaluate, export to ONNX, benchmark, schedule, sweep, visualize, fine-tune, push to the Hugging Face Hub.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -30,7 +32,18 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-ModelArg = Annotated[str, typer.Argument(metavar="MODEL_OR_DIR", help="timm model name, alias (deit_tiny, deit_small, deit_base) or a directory written by `vitpool convert`.")]
+
+class WarningLines(logging.Handler):
+    """What vitpool logs as a warning (unreadable images and folders, class mapping): one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if main_process():
+            err.print(f"warning: {record.getMessage()}", markup=False, highlight=False, soft_wrap=True)
+
+
+logging.getLogger("vitpool").addHandler(WarningLines())
+
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL_OR_DIR", help="timm model name (with its pretrained tag), alias (deit_tiny, deit_small, deit_base), hf-hub:ORG/NAME or local-dir:DIR (timm's sources, also for models saved by vitpool), or a directory written by `vitpool convert`.")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Local weights: .safetensors, or .pth/.pt state dict (also under 'model'/'state_dict'); never unpickles code.")]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load timm's pretrained weights (needs the model hub) or keep random ones.")]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="kmedoids (default), wkmedoids (the paper's), wkmeans, kmeans, importance, random, grid, tome.")]
@@ -44,6 +57,12 @@ ProportionalOpt = Annotated[Optional[bool], typer.Option("--proportional/--no-pr
 BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Instead of --k/--layers: the fraction of the unpooled MACs to keep, e.g. 0.6 (pooling layers included; see README for the schedule family).")]
 TargetOpt = Annotated[Optional[float], typer.Option("--target-gmacs", help="Instead of --k/--layers: the GMACs to land on, within 1%.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only a JSON document on stdout.")]
+DATA_HELP = ("an image folder ROOT/<class>/<image> or a .tar of class folders (WordNet-id folders map to ImageNet-1k "
+             "classes, other folders to their sorted order); with --dataset wds/NAME the folder of the shards; with "
+             "hfds/NAME the datasets cache (optional).")
+DataOpt = Annotated[Optional[Path], typer.Option("--data", metavar="ROOT", help=f"Labelled images: {DATA_HELP}")]
+DataOption = functools.partial(typer.Option, rich_help_panel="Data (timm validate.py names)")
+SplitOpt = Annotated[str, DataOption("--split", help="The split, as timm names it: for an image folder, its subfolder of that name if there is one (val, valid, validation and train, training stand for each other), else --data itself; for wds/, a split of _info.json or a shard pattern such as 'val-{000000..000009}.tar'; for hfds/, the dataset's split.")]
 StopOpt = Annotated[bool, typer.Option("--stop-at-fixed-point", help="ONNX graphs skip the clustering iterations after a fixed point (If nodes): the same outputs, less pooling time in ONNX Runtime on the CPU at batch 1; ONNX Runtime's CUDA graphs do not capture If nodes.")]
 
 
@@ -114,6 +133,63 @@ def model_options(pretrained: bool = True, omit: tuple[str, ...] = (), **replace
     return decorate
 
 
+@dataclass(frozen=True)
+class DataFlags:
+    """timm's data options of a command, as parsed (None: the model's or the dataset's own)."""
+
+    dataset: str = ""
+    class_map: Path | None = None
+    img_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def source(self, root: Path | None, split: str) -> Source:
+        return Source(str(root) if root is not None else None, self.dataset, split,
+                      str(self.class_map) if self.class_map is not None else None)
+
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.img_size, self.crop_pct, self.interpolation, self.mean, self.std)
+
+
+RGB = Optional[tuple[float, float, float]]
+DATA_OPTIONS = {
+    "dataset": Annotated[str, DataOption("--dataset", metavar="NAME", help="How --data is read, as timm's create_dataset reads it: empty (default) for an image folder or a .tar, by what --data is; wds/NAME for WebDataset shards (.jpg/.png with .cls) in --data; hfds/NAME for a Hugging Face dataset, NAME a Hub id or a local directory, --data its cache. wds/ and hfds/ need the webdataset and datasets packages: pip install 'vitpool\\[data]' (make install adds them).")],
+    "class_map": Annotated[Optional[Path], DataOption("--class-map", metavar="FILE", help="timm's class map: a .txt with one class (folder) name per line in class-index order, or a .pkl {name: index}; folders it does not name are left out. Default: WordNet-id folders take ImageNet-1k indices, other folders their sorted order, hfds/ its own labels.")],
+    "img_size": Annotated[Optional[int], DataOption("--img-size", metavar="N", help="Input size (default: the one the model was built for; another needs a model made with dynamic_img_size).")],
+    "crop_pct": Annotated[Optional[float], DataOption("--crop-pct", help="Centre crop: resize to img-size / crop-pct, then crop img-size (default: the model's pretrained config, 0.9 for DeiT).")],
+    "interpolation": Annotated[Optional[str], DataOption("--interpolation", help="Resize interpolation: bilinear, bicubic, nearest, box, hamming or lanczos (default: the model's).")],
+    "mean": Annotated[RGB, DataOption("--mean", metavar="R G B", help="Normalization mean, as timm's three values: --mean 0.5 0.5 0.5 (default: the model's).")],
+    "std": Annotated[RGB, DataOption("--std", metavar="R G B", help="Normalization std, as timm's three values: --std 0.5 0.5 0.5 (default: the model's).")],
+}
+PREPROCESS_OPTIONS = ("img_size", "crop_pct", "interpolation", "mean", "std")
+
+
+def data_options(omit: tuple[str, ...] = ()):
+    """Give a command timm's data options in place of its `data_flags: DataFlags` parameter (as model_options
+    does for the model flags); `omit` leaves options out."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        options = {name: annotation for name, annotation in DATA_OPTIONS.items() if name not in omit}
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=getattr(DataFlags(), name))
+                 for name, annotation in options.items()]
+        parameters = []
+        for parameter in signature.parameters.values():
+            parameters += added if parameter.name == "data_flags" else [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            data_flags = DataFlags(**{name: kwargs.pop(name) for name in options})
+            return command(data_flags=data_flags, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        return wrapper
+
+    return decorate
+
+
 def main_process() -> bool:
     """False in the other processes torchrun starts (RANK > 0): they neither report nor print results."""
     return os.environ.get("RANK", "0") == "0"
@@ -174,7 +250,10 @@ def build(model_or_dir: str, flags: ModelFlags):
 
 def refuse_saved_model(model: str, command: str) -> None:
     """Commands that convert take the original model, not a directory written by `vitpool convert`."""
-    if Path(model).is_dir():
+    from vitpool.models import is_saved_model, split_source
+
+    source, target = split_source(model)
+    if source != "hf-hub" and is_saved_model(target):
         raise VitpoolError(f"{model} is a saved model; {command} takes a timm model name (with --checkpoint for local weights)")
 
 
@@ -190,10 +269,10 @@ def pooling_json(pooled) -> dict | None:
 @user_errors
 @model_options()
 def convert(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name (with its pretrained tag) or alias (deit_tiny, deit_small, deit_base), hf-hub:ORG/NAME or local-dir:DIR.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write (refused if it exists, unless --force).")],
     flags: ModelFlags,
-    calibrate: Annotated[Optional[Path], typer.Option("--calibrate", metavar="DIR", help="With --budget: search the schedule on these unlabelled images (any layout) as `vitpool schedule` does, instead of taking the budget family's; vitpool.json records what it was scored on.")] = None,
+    calibrate: Annotated[Optional[Path], typer.Option("--calibrate", metavar="DIR", help="With --budget: search the schedule on these unlabelled images (a folder of any layout, or a .tar) as `vitpool schedule` does, instead of taking the budget family's; vitpool.json records what it was scored on.")] = None,
     calibrate_limit: Annotated[int, typer.Option("--calibrate-limit", min=1, help="Calibration images, spread evenly over DIR.")] = 100,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes for --calibrate.")] = 2,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
@@ -272,39 +351,43 @@ def flops(
 @app.command("eval")
 @user_errors
 @model_options()
+@data_options()
 def eval_command(
     model_or_dir: ModelArg,
-    data_dir: Annotated[Path, typer.Option("--data", help="Image folder DIR/<class>/<image>; WordNet-id folders map to ImageNet-1k classes.")],
+    data_dir: DataOpt = None,
+    *,
     flags: ModelFlags,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate N images spread evenly over the folder.")] = None,
+    data_flags: DataFlags,
+    split: SplitOpt = "validation",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate N images spread evenly over the dataset (of a wds/ stream, its first N).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
     as_json: JsonOpt = False,
 ):
-    """Top-1/top-5 on an image folder; for a converted model also agreement with and KL from the unpooled model."""
+    """Top-1/top-5 on labelled images; for a converted model also agreement with and KL from the unpooled model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from vitpool.evaluate import evaluate
 
+    source = data_flags.source(data_dir, split)
     loaded, pooled = build(model_or_dir, flags)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("evaluating", total=None)
         result = evaluate(
             pooled if pooled is not None else loaded.model,
-            data_dir,
+            source,
             baseline=loaded.model if pooled is not None else None,
             limit=limit,
             batch_size=batch_size,
             workers=workers,
             on_batch=lambda done, total: progress.update(task, completed=done, total=total),
+            preprocess=data_flags.preprocess(),
         )
-    for skipped in result.skipped:
-        err.print(f"warning: skipped unreadable image {skipped}", highlight=False, soft_wrap=True)
     if as_json:
         emit_json({"model": loaded.name, "pooling": pooling_json(pooled), **result.to_json()})
         return
-    table = Table(title=f"{loaded.name} on {data_dir} ({result.n} images, {result.mapping} class mapping)")
+    table = Table(title=f"{loaded.name} on {source} ({result.n} images, {result.mapping} class mapping)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("top-1 (%)", f"{result.top1:.2f}")
@@ -319,14 +402,17 @@ def eval_command(
 @app.command()
 @user_errors
 @model_options()
+@data_options(omit=("class_map", *PREPROCESS_OPTIONS))
 def export(
     model_or_dir: ModelArg,
     out_file: Annotated[Path, typer.Option("--out", help="ONNX file to write (refused if it exists, unless --force).")],
     flags: ModelFlags,
+    data_flags: DataFlags,
     opset: Annotated[int, typer.Option("--opset", min=17, help="ONNX opset.")] = 18,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Example batch to trace with (at least 2 is used; the exported batch axis is dynamic).")] = 2,
     run_check: Annotated[bool, typer.Option("--check/--no-check", help="Compare ONNX Runtime with PyTorch before writing.")] = True,
-    data_dir: Annotated[Optional[Path], typer.Option("--data", help="Check on real images from this folder instead of random inputs.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data", metavar="ROOT", help=f"Check on real images instead of random inputs: {DATA_HELP}")] = None,
+    split: SplitOpt = "validation",
     limit: Annotated[int, typer.Option("--limit", min=1, help="Inputs to check on.")] = 32,
     min_agreement: Annotated[float, typer.Option("--min-agreement", min=0, max=100, help="Top-1 agreement (%) the check requires; K-Medoids near-ties may flip under other kernels.")] = 90.0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
@@ -336,11 +422,16 @@ def export(
     """Export to ONNX with the pooling in the graph and a dynamic batch axis, checked in ONNX Runtime."""
     from vitpool.export import LOGIT_ATOL, export as export_model
 
+    from vitpool.data import check_source
+
     refuse_existing_output(out_file, force)
+    source = data_flags.source(data_dir, split) if data_dir is not None or data_flags.dataset else None
+    if source is not None:
+        check_source(source)  # before the export, which takes a while
     loaded, pooled = build(model_or_dir, flags)
     with err.status("exporting to ONNX and checking it in ONNX Runtime", spinner="dots"):
         result = export_model(pooled if pooled is not None else loaded.model, out_file, opset, batch_size, run_check,
-                              data_dir, limit, min_agreement, force, stop_at_fixed_point)
+                              source, limit, min_agreement, force, stop_at_fixed_point)
     if as_json:
         emit_json({"model": loaded.name, "pooling": pooling_json(pooled), **result.to_json()})
         return
@@ -408,11 +499,15 @@ def bench(
 @app.command()
 @user_errors
 @model_options(omit=("k",), layers=Annotated[Optional[str], typer.Option("--layers", help="Comma list of the blocks to pool in (default: the budget family's layers, then 1, 2 and 3 layers spread).")])
+@data_options(omit=("class_map",))
 def schedule(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
-    data_dir: Annotated[Path, typer.Option("--data", help="Calibration images, unlabelled: any images under DIR.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name (with its pretrained tag) or alias (deit_tiny, deit_small, deit_base), hf-hub:ORG/NAME or local-dir:DIR.")],
     out_file: Annotated[Path, typer.Option("--out", help="JSON file for the schedule (refused if it exists, unless --force).")],
+    data_dir: Annotated[Optional[Path], typer.Option("--data", metavar="ROOT", help="Calibration images, unlabelled: a folder (any images under it), a .tar, or with --dataset the wds/ shards' folder or the hfds/ cache.")] = None,
+    *,
     flags: ModelFlags,
+    data_flags: DataFlags,
+    split: SplitOpt = "validation",
     limit: Annotated[int, typer.Option("--limit", min=1, help="Calibration images, spread evenly over the folder.")] = 100,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
@@ -430,15 +525,16 @@ def schedule(
         raise VitpoolError("schedule needs --budget (a fraction of the unpooled MACs, e.g. 0.6) or --target-gmacs")
     template = flags.template()
     refuse_saved_model(model, "schedule")
+    source = data_flags.source(data_dir, split)
     loaded, _ = build(model, flags.unpooled())
     with err.status("reading the calibration images", spinner="dots") as status:
-        images = load_images(loaded.model, data_dir, limit, workers=workers, labelled=False)
+        images = load_images(loaded.model, source, limit, workers=workers, labelled=False, preprocess=data_flags.preprocess())
         status.update("searching")
         result = search(loaded.model, images, template, flags.budget, flags.target_gmacs,
                         parse_int_list(flags.layers, "--layers") or None, on_step=lambda text: status.update(f"searching: {text}"),
                         family=flags.family())
     document = {"model": loaded.name, "budget": flags.budget, "target_gmacs": flags.target_gmacs, "calibration_images": len(images.labels),
-                "data": str(data_dir), **result.to_json()}
+                "data": str(source), **result.to_json()}
     write_atomically(out_file, json.dumps(document, indent=2) + "\n")
     if as_json:
         emit_json(document)
@@ -460,14 +556,18 @@ def schedule(
 @app.command()
 @user_errors
 @model_options(omit=("method", "k", "layers", "budget", "target_gmacs"))
+@data_options()
 def sweep(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name or alias (deit_tiny, deit_small, deit_base).")],
-    data_dir: Annotated[Path, typer.Option("--data", help="Image folder DIR/<class>/<image>; WordNet-id folders map to ImageNet-1k classes.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="timm model name (with its pretrained tag) or alias (deit_tiny, deit_small, deit_base), hf-hub:ORG/NAME or local-dir:DIR.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for results.json, results.csv and tradeoff.png; a rerun resumes it.")],
+    data_dir: DataOpt = None,
+    *,
     flags: ModelFlags,
+    data_flags: DataFlags,
+    split: SplitOpt = "validation",
     methods: Annotated[Optional[str], typer.Option("--methods", help="Comma list of methods (default: all of them, tome included).")] = None,
     budgets: Annotated[str, typer.Option("--budgets", help="Comma list of MAC budgets (fractions of the unpooled MACs).")] = "0.5,0.6,0.75,0.9",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Use N images spread evenly over the folder.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use N images spread evenly over the dataset (of a wds/ stream, its first N).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
     calibration: Annotated[Optional[int], typer.Option("--search", min=1, metavar="N", help="Also search each point's schedule (as `vitpool schedule`) on N of the images, and score every point on the others.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start again even if --out holds a sweep with other settings.")] = False,
@@ -482,8 +582,9 @@ def sweep(
     template = flags.template()
     refuse_saved_model(model, "sweep")
     loaded, _ = build(model, flags.unpooled())
-    settings = sweep_settings(loaded.name, flags.checkpoint, flags.pretrained, data_dir, limit, flags.preset or "vitpool",
-                              template, calibration)
+    source = data_flags.source(data_dir, split)
+    settings = sweep_settings(loaded.name, flags.checkpoint, flags.pretrained, source, limit, flags.preset or "vitpool",
+                              template, calibration, data_flags.preprocess())
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("sweep", total=None)
@@ -493,7 +594,7 @@ def sweep(
     if as_json:
         emit_json({"settings": results.settings, "reference": results.reference, "points": results.rows})
         return
-    table = Table(title=f"{loaded.name} on {data_dir}: {results.reference['n']} images, unpooled {results.reference['gmacs']:.3f} "
+    table = Table(title=f"{loaded.name} on {source}: {results.reference['n']} images, unpooled {results.reference['gmacs']:.3f} "
                         f"GMACs, top-1 {results.reference['top1']:.1f}%")
     table.box, table.show_edge = box.SIMPLE_HEAD, False  # narrow: K lists can be long
     for column in ("method", "budget", "schedule", "GMACs", "top-1", "agree", "KL"):  # top-5: results.csv
@@ -512,11 +613,13 @@ def sweep(
 @app.command()
 @user_errors
 @model_options(layers=Annotated[Optional[str], typer.Option("--layers", help="Comma list of blocks: with --k, where to pool (all drawn); for a converted model or --budget, which of its pooling layers to draw. Default: all.")])
+@data_options(omit=("dataset", "class_map"))
 def visualize(
     model_or_dir: ModelArg,
     image: Annotated[Path, typer.Argument(metavar="IMAGE", help="An image file (JPEG, PNG, ...).")],
     out_file: Annotated[Path, typer.Option("--out", help="PNG file to write (refused if it exists, unless --force).")],
     flags: ModelFlags,
+    data_flags: DataFlags,
     scale: Annotated[int, typer.Option("--scale", min=1, max=8, help="Upscale the model's input picture by this factor.")] = 2,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
     as_json: JsonOpt = False,
@@ -533,7 +636,7 @@ def visualize(
     loaded, pooled = build(model_or_dir, flags if flags.k is not None else replace(flags, layers=None))
     if pooled is None:
         raise VitpoolError("visualize shows a converted model's clusters: pass a converted directory, --k or --budget")
-    summary = draw(pooled, image, out_file, list(shown) or None, scale)
+    summary = draw(pooled, image, out_file, list(shown) or None, scale, data_flags.preprocess())
     if as_json:
         emit_json({"model": loaded.name, "pooling": pooling_json(pooled), **summary})
         return
@@ -549,13 +652,17 @@ Distill = functools.partial(typer.Option, rich_help_panel="Distillation from the
 @app.command()
 @user_errors
 @model_options()
+@data_options()
 def finetune(
     model_or_dir: ModelArg,
-    data_dir: Annotated[Path, typer.Option("--data", help="Training images: DIR/<class>/<image> (WordNet-id folders map to ImageNet-1k); with --distill-only any images under DIR.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder: the fine-tuned converted model, checkpoint.pt, finetune.json, log.jsonl.")],
-    val_dir: Annotated[Optional[Path], typer.Option("--val", help="Labelled image folder to validate on before training and after every epoch.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data", metavar="ROOT", help=f"Training images (with --distill-only any images, unlabelled): {DATA_HELP} Not wds/: training shuffles and resumes by index.")] = None,
+    val_dir: Annotated[Optional[Path], typer.Option("--val", metavar="ROOT", help="Labelled images to validate on before training and after every epoch, read as --data is (--dataset, --class-map); see --val-split.")] = None,
     *,
     flags: ModelFlags,
+    data_flags: DataFlags,
+    train_split: Annotated[str, DataOption("--train-split", help="The split of --data to train on, as --split elsewhere (timm train.py's name).")] = "train",
+    val_split: Annotated[Optional[str], DataOption("--val-split", help="The split to validate on (default validation): of --val, or, given without --val, of --data.")] = None,
     epochs: Annotated[int, Hyper("--epochs")] = 5,
     batch_size: Annotated[int, Hyper("--batch-size", "-b", help="Images per step and process.")] = 32,
     lr: Annotated[float, Hyper("--lr", help="Peak learning rate (AdamW).")] = 5e-5,
@@ -637,8 +744,11 @@ def finetune(
                 line += f"; val top-1 {val['top1']:.2f}%, agreement {val['agreement']:.2f}%, KL {val['kl']:.4f}"
             progress.console.print(line, highlight=False, soft_wrap=True)
 
-        result = run_finetune(pooled, loaded.model, data_dir, out_dir, settings, source, val_dir=val_dir, resume=resume,
-                              force=force, device=device, workers=workers, on_step=on_step, on_epoch=on_epoch)
+        validation = (data_flags.source(val_dir if val_dir is not None else data_dir, val_split or "validation")
+                      if val_dir is not None or val_split is not None else None)
+        result = run_finetune(pooled, loaded.model, data_flags.source(data_dir, train_split), out_dir, settings, source,
+                              val_dir=validation, resume=resume, force=force, device=device, workers=workers,
+                              on_step=on_step, on_epoch=on_epoch, preprocess=data_flags.preprocess())
     if not main_process():
         return
     if as_json:
@@ -654,6 +764,28 @@ def finetune(
         cells.append(f"{val['kl']:.4f}" if val else "")
         table.add_row(str(record["epoch"]), *cells)
     out.print(table)
+
+
+@app.command()
+@user_errors
+def push(
+    directory: Annotated[str, typer.Argument(metavar="DIR", help="A directory written by `vitpool convert` (or finetune).")],
+    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="The Hub repository to create or update, ORG/NAME.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Labelled images to measure top-1 and agreement with the unpooled model on, for the model card.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many images of --data.")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    token: Annotated[Optional[str], typer.Option("--token", help="Hub token (default: the one `hf auth login` stored, or HF_TOKEN).")] = None,
+    as_json: JsonOpt = False,
+):
+    """Upload a converted model to the Hugging Face Hub with a model card (pooling, MACs, accuracy); it then
+    loads as hf-hub:REPO_ID in vitpool and, unpooled, in timm."""
+    from vitpool.hub import push as push_model
+
+    url = push_model(directory, repo_id, data=str(data) if data else None, limit=limit, private=private, token=token)
+    if as_json:
+        emit_json({"repo_id": repo_id, "commit_url": url})
+    else:
+        out.print(f"pushed {directory} to {repo_id}: {url}", highlight=False, soft_wrap=True)
 
 
 def _onnxruntime_has_cuda() -> bool:

@@ -2,6 +2,7 @@
 every output goes through (never overwritten silently, never half-written)."""
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -26,17 +27,32 @@ def writable_parent(path) -> None:
         raise VitpoolError(f"cannot write {path}: no permission to write in {parent}")
 
 
+def normal_mode(directory: bool = False) -> int:
+    """The permissions a plain open() or mkdir() gives under the current umask (temporary files start private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def write_atomically(path: Path, text: str | bytes) -> None:
-    """Write a temporary sibling, then rename it into place: a reader never sees half a file."""
+    """Write a uniquely named temporary sibling, then rename it into place: a reader never sees half a file,
+    and concurrent writers never share a temporary file."""
     path = Path(path)
     writable_parent(path)
-    temporary = path.with_name(f".{path.name}.partial")
+    data = text.encode() if isinstance(text, str) else text
     try:
-        if isinstance(text, bytes):
-            temporary.write_bytes(text)
-        else:
-            temporary.write_text(text)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".partial", dir=path.parent)
+    except OSError as error:
+        raise VitpoolError(f"cannot write {path}: {error.strerror or error}") from None
+    temporary = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        temporary.chmod(normal_mode())
         temporary.replace(path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise VitpoolError(f"cannot write {path}: {error.strerror or error}") from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

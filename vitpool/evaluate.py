@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vitpool import data
-from vitpool.errors import VitpoolError
 
 
 @dataclass
@@ -96,17 +95,20 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 32,
     workers: int = 2,
-    on_batch: Callable[[int, int], None] | None = None,
+    on_batch: Callable[[int, int | None], None] | None = None,
+    preprocess: data.Preprocess = data.Preprocess(),
 ) -> EvalResult:
-    """Evaluate `model` on an image folder; with `baseline` (its unpooled original), compare the two image by image.
+    """Evaluate `model` on labelled images (`data_dir`: a data.Source, or the path of an image folder or .tar);
+    with `baseline` (its unpooled original), compare the two image by image.
 
-    `on_batch(done, total)` reports progress; unreadable images are skipped and listed in the result.
+    `on_batch(done, total)` reports progress; unreadable images are skipped with a warning and listed in the result.
     """
-    folder = data.scan(data_dir, model.num_classes)
-    samples = data.spread(folder.samples, limit)
-    batches = data.loader(samples, baseline if baseline is not None else model, batch_size, workers)
-    progress = (lambda done: on_batch(done, len(samples))) if on_batch else None
+    images = data.open_images(data_dir, model.num_classes)
+    transform, _ = data.transform_for(baseline if baseline is not None else model, preprocess)
+    total = images.size(limit)
+    batches = images.batches(transform, batch_size, workers, limit)
+    progress = (lambda done: on_batch(done, total)) if on_batch else None
     tally, skipped = count(model, baseline, batches, on_batch=progress)
     if tally.n == 0:
-        raise VitpoolError(f"none of the {len(samples)} images in {data_dir} could be read: {'; '.join(skipped[:3])}")
-    return tally.result(folder.mapping, skipped)
+        raise data.nothing_read(images, skipped)
+    return tally.result(images.mapping, skipped)

@@ -117,7 +117,8 @@ def session(path: str | Path, device: str = "cpu", threads: int | None = None, s
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def _check_batches(model, data: Path | None, limit: int, batch_size: int):
+def _check_batches(model, data, limit: int, batch_size: int):
+    """(what the inputs are, batches of them): `limit` images of `data` (a data.Source or a path), else seeded noise."""
     import torch
 
     if data is None:
@@ -126,15 +127,13 @@ def _check_batches(model, data: Path | None, limit: int, batch_size: int):
         return "random", list(images.split(batch_size))
     from vitpool import data as image_data
 
-    folder = image_data.scan(data, model.num_classes)
-    batches = []
-    for images, _, _ in image_data.loader(image_data.spread(folder.samples, limit), model, batch_size, workers=0):
-        if images is not None:
-            batches.append(images)
-    return str(data), batches
+    source = image_data.open_images(data, model.num_classes, labelled=False)
+    transform, _ = image_data.transform_for(model)
+    batches = [images for images, _, _ in source.batches(transform, batch_size, workers=0, limit=limit) if images is not None]
+    return str(source.source), batches
 
 
-def check(model, path: str | Path, data: Path | None = None, limit: int = 32, batch_size: int = 8,
+def check(model, path: str | Path, data=None, limit: int = 32, batch_size: int = 8,
           min_agreement: float = 90.0) -> ExportCheck:
     """Run the exported file in ONNX Runtime and PyTorch on the same inputs; compare logits and top-1."""
     import numpy as np
@@ -159,7 +158,7 @@ def check(model, path: str | Path, data: Path | None = None, limit: int = 32, ba
 
 
 def export(model, out: str | Path, opset: int = DEFAULT_OPSET, batch_size: int = 2, run_check: bool = True,
-           data: Path | None = None, limit: int = 32, min_agreement: float = 90.0, force: bool = False,
+           data=None, limit: int = 32, min_agreement: float = 90.0, force: bool = False,
            stop_at_fixed_point: bool = False) -> ExportResult:
     """Export, check in ONNX Runtime, and only then move the file to `out` (atomic; `force` to replace)."""
     out = Path(out)

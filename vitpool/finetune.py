@@ -22,7 +22,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vitpool import data, models
@@ -151,14 +151,16 @@ class Run:
     """What identifies a run: the model it starts from, the data and the training settings."""
 
     source: dict  # model spec, checkpoint, pooling configuration
-    train_dir: str
+    train_dir: str | None  # None: an hfds/ dataset in the default cache
     val_dir: str | None
     settings: TrainSettings
     world_size: int
+    data_options: dict = field(default_factory=dict)  # --dataset, splits, --class-map, preprocessing: those given
 
     def to_dict(self) -> dict:
         return {"source": self.source, "data": self.train_dir, "val": self.val_dir,
-                "settings": self.settings.to_dict(), "world_size": self.world_size}
+                "settings": self.settings.to_dict(), "world_size": self.world_size,
+                **({"data_options": self.data_options} if self.data_options else {})}
 
     def differences(self, saved: dict) -> list[str]:
         """`key: saved -> now` for each setting that differs from a saved run."""
@@ -208,13 +210,14 @@ def prepare_output(out_dir: Path, run: Run, resume: bool, force: bool) -> dict |
 
 def clear_output(out_dir: Path) -> None:
     """Remove what an earlier run wrote (only vitpool's own files: --force never empties a user's folder)."""
-    for name in (SETTINGS_FILE, CHECKPOINT_FILE, LOG_FILE, models.CONFIG_FILE, models.WEIGHTS_FILE):
+    for name in (SETTINGS_FILE, CHECKPOINT_FILE, LOG_FILE, models.CONFIG_FILE, models.TIMM_CONFIG_FILE, models.WEIGHTS_FILE):
         (out_dir / name).unlink(missing_ok=True)
 
 
-def training_transform(model, settings: TrainSettings):
-    """timm's training transform (random resized crop, flip, colour jitter, auto-augment, erasing) for `model`."""
-    config = data.data_config(model)
+def training_transform(model, settings: TrainSettings, preprocess: data.Preprocess = data.Preprocess()):
+    """timm's training transform (random resized crop, flip, colour jitter, auto-augment, erasing) for `model`,
+    at the size, interpolation, mean and std of its data config with `preprocess`'s overrides."""
+    config = data.data_config(model, preprocess)
     return models.import_timm().data.create_transform(
         input_size=config["input_size"], is_training=True, scale=settings.scale, hflip=settings.hflip,
         color_jitter=settings.color_jitter, auto_augment=settings.aa, re_prob=settings.reprob,
@@ -240,7 +243,8 @@ def make_task(student, teacher, settings: TrainSettings, device):
     )
 
 
-def validate(model, teacher, samples, process: Process, batch_size: int, workers: int) -> dict:
+def validate(model, teacher, images: data.Images, process: Process, batch_size: int, workers: int,
+             preprocess: data.Preprocess = data.Preprocess()) -> dict:
     """Top-1, top-5, agreement with and KL from the teacher; each process scores a share, the counts are summed."""
     import torch
     import torch.distributed as dist
@@ -248,7 +252,8 @@ def validate(model, teacher, samples, process: Process, batch_size: int, workers
     from vitpool.evaluate import Tally, count
 
     was_training = model.training
-    batches = data.loader(samples[process.rank :: process.world_size], model, batch_size, workers)
+    transform, _ = data.transform_for(model, preprocess)
+    batches = images.batches(transform, batch_size, workers, rank=process.rank, world_size=process.world_size)
     tally, _ = count(model, teacher, batches, device=process.device)
     model.train(was_training)
     counts = torch.tensor([tally.n, tally.top1, tally.top5, tally.agree, tally.baseline_top1, tally.kl_sum],
@@ -272,19 +277,22 @@ def write_outputs(out_dir: Path, model, history: list[dict]) -> None:
 def finetune(
     student,
     teacher,
-    train_dir: str | Path,
+    train_dir: str | Path | data.Source,
     out_dir: str | Path,
     settings: TrainSettings,
     source: dict,
-    val_dir: str | Path | None = None,
+    val_dir: str | Path | data.Source | None = None,
     resume: bool = False,
     force: bool = False,
     device: str | None = None,
     workers: int = 2,
     on_step: Callable[[int, int, int, dict], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    preprocess: data.Preprocess = data.Preprocess(),
 ) -> FinetuneResult:
     """Train the converted `student` (pooling fixed) from its current weights; `teacher` is its unpooled original.
+    `train_dir` and `val_dir` are data.Sources (an image folder, a .tar or hfds/; the training split defaults to
+    train) or paths of an image folder or .tar.
 
     `on_step(epoch, step, steps, stats)` and `on_epoch(record)` are called on rank 0 only.
     """
@@ -300,17 +308,20 @@ def finetune(
     out_dir = Path(out_dir)
     if settings.amp and settings.amp_dtype == "float16" and process.device.type != "cuda":
         raise VitpoolError("--amp-dtype float16 needs a CUDA GPU; on CPU use --amp-dtype bfloat16")
-    run = Run(source, str(Path(train_dir).resolve()), str(Path(val_dir).resolve()) if val_dir else None,
-              settings, process.world_size)
+    train_data = data.as_source(train_dir, split="train")
+    val_data = data.as_source(val_dir) if val_dir is not None else None
+    options = {**train_data.record("train"), **({"val_" + k: v for k, v in val_data.record().items()} if val_data else {}),
+               **preprocess.record()}
+    run = Run(source, train_data.location(), val_data.location() if val_data else None, settings, process.world_size, options)
     checkpoint = prepare_output(out_dir, run, resume, force)
-    if settings.distill_only:
-        train_samples = data.scan_unlabelled(train_dir)
-    else:
-        train_samples = data.scan(train_dir, student.num_classes).samples
-    val_samples = data.scan(val_dir, student.num_classes).samples if val_dir else None
-    steps = len(train_samples) // process.world_size // settings.batch_size
+    train_images = data.open_images(train_data, student.num_classes, labelled=not settings.distill_only)
+    if train_images.samples is None:
+        raise VitpoolError(f"finetune trains on an image folder, a .tar or hfds/: {train_data} is a stream, which cannot be "
+                           f"shuffled and resumed epoch by epoch here (it can be --val)")
+    val_images = data.open_images(val_data, student.num_classes) if val_data else None
+    steps = len(train_images.samples) // process.world_size // settings.batch_size
     if steps == 0:
-        raise VitpoolError(f"{train_dir} has {len(train_samples)} images, fewer than one batch of {settings.batch_size} "
+        raise VitpoolError(f"{train_data} has {len(train_images.samples)} images, fewer than one batch of {settings.batch_size} "
                            f"for each of {process.world_size} processes; lower --batch-size")
     if process.world_size > 1:
         dist.barrier()  # every process has checked the output before rank 0 writes to it
@@ -348,8 +359,8 @@ def finetune(
         task.prepare_distributed(device_ids=[process.device.index] if process.device.type == "cuda" else None)
     final = ema.module if ema is not None else student  # the weights the run hands on
 
-    if val_samples is not None and checkpoint is None:
-        record = {"epoch": 0, "val": validate(final, teacher, val_samples, process, settings.batch_size, workers)}
+    if val_images is not None and checkpoint is None:
+        record = {"epoch": 0, "val": validate(final, teacher, val_images, process, settings.batch_size, workers, preprocess)}
         history.append(record)
         if process.main and on_epoch:
             on_epoch(record)
@@ -361,7 +372,7 @@ def finetune(
         mixup = Mixup(mixup_alpha=settings.mixup, cutmix_alpha=settings.cutmix, label_smoothing=settings.smoothing,
                       num_classes=student.num_classes)
     autocast = (lambda: torch.autocast(process.device.type, dtype=getattr(torch, settings.amp_dtype))) if settings.amp else nullcontext
-    dataset = data.ImageDataset(train_samples, training_transform(student, settings))
+    dataset = train_images.decoded(training_transform(student, settings, preprocess))
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=process.world_size, rank=process.rank,
                                                   shuffle=True, seed=settings.seed, drop_last=True)
     updates = (first_epoch - 1) * updates_per_epoch
@@ -375,7 +386,7 @@ def finetune(
         sums = torch.zeros(4, dtype=torch.float64)  # loss, task loss, distillation loss, images
         skipped = 0
         started = time.perf_counter()
-        for step, (images, labels, bad) in enumerate(loader, start=1):
+        for step, (images, labels, bad) in enumerate(data.reading(loader), start=1):
             skipped += len(bad)
             last_of_update = step % settings.grad_accum_steps == 0 or step == steps
             if images is not None:
@@ -428,8 +439,8 @@ def finetune(
             "seconds": seconds,
             "skipped": skipped,
         }
-        if val_samples is not None:
-            record["val"] = validate(final, teacher, val_samples, process, settings.batch_size, workers)
+        if val_images is not None:
+            record["val"] = validate(final, teacher, val_images, process, settings.batch_size, workers, preprocess)
         history.append(record)
         if process.main:
             state = {"epoch": epoch, "model": unwrap_model(student).state_dict(), "optimizer": optimizer.state_dict(),

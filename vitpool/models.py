@@ -1,7 +1,10 @@
-"""Model names and aliases, timm pretrained and checkpoint loading, and saved converted models.
+"""Model names and aliases (timm names, `hf-hub:` and `local-dir:` sources), timm pretrained and checkpoint
+loading, and saved converted models.
 
-A saved model is a directory: `vitpool.json` (base timm model, its constructor arguments, the pooling
-configuration, vitpool's version) and `model.safetensors` (the weights). It is written to a temporary
+A saved model is a directory in timm's `save_for_hf` layout, so timm tooling reads the base model from it
+(`timm.create_model("local-dir:DIR")`): `config.json` (architecture, pretrained tag and preprocessing, model
+arguments) and `model.safetensors` (the weights; pooling has none of its own), plus `vitpool.json` (the pooling
+configuration, vitpool's version), from which vitpool rebuilds the pooling. It is written to a temporary
 sibling directory and renamed into place, so a failed save leaves nothing half-written.
 """
 
@@ -20,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from vitpool.config import PoolingConfig
-from vitpool.errors import VitpoolError, refuse_existing_output, writable_parent, write_atomically
+from vitpool.errors import VitpoolError, normal_mode, refuse_existing_output, writable_parent
 
 ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
@@ -29,6 +32,8 @@ ALIASES = {
 }
 CONFIG_FILE = "vitpool.json"
 WEIGHTS_FILE = "model.safetensors"
+TIMM_CONFIG_FILE = "config.json"
+HUB_FILES = (CONFIG_FILE, TIMM_CONFIG_FILE, WEIGHTS_FILE)
 FORMAT = "vitpool-converted-model"
 
 
@@ -42,10 +47,22 @@ def import_timm():
     return timm
 
 
+def split_source(name: str) -> tuple[str | None, str]:
+    """("hf-hub" | "local-dir" | None, the rest) for a model name, as timm's `create_model` reads it."""
+    source, colon, rest = name.partition(":")
+    if colon and source.lower() in ("hf-hub", "hf_hub", "local-dir"):
+        if not rest:
+            raise VitpoolError(f"model name {name!r} names no repository or folder after {source}:")
+        return source.lower().replace("_", "-"), rest
+    return None, name
+
+
 def resolve_name(name: str) -> str:
     """A timm model name from a name or alias; unknown names fail with close matches."""
     timm = import_timm()
     name = ALIASES.get(name, name)
+    if split_source(name)[0]:
+        return name  # timm reads the architecture from the source's config.json
     if not timm.is_model(name):
         import difflib
 
@@ -110,6 +127,19 @@ def load_weights(model, state: dict, source: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why huggingface_hub's endpoint cannot be reached (a TCP connection, no request), or None if it can."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError as error:
+        return error.strerror or str(error) or type(error).__name__
+    return None
+
+
 @contextmanager
 def _hub_offline_unless_reachable(timeout: float = 3.0) -> Iterator[None]:
     """Put huggingface_hub in offline (cache-only) mode while its endpoint cannot be reached.
@@ -119,14 +149,8 @@ def _hub_offline_unless_reachable(timeout: float = 3.0) -> Iterator[None]:
     """
     from huggingface_hub import constants
 
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        reachable = True
-    except OSError:
-        reachable = False
     previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = previous or not reachable
+    constants.HF_HUB_OFFLINE = previous or hub_unreachable(timeout) is not None
     try:
         yield
     finally:
@@ -139,21 +163,37 @@ def create_model(name: str, pretrained: bool = True, checkpoint: str | Path | No
     name = resolve_name(name)
     if checkpoint is not None:
         state = read_state_dict(checkpoint)
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _create_unloaded(timm, name, **kwargs)
         load_weights(model, state, f"checkpoint {checkpoint}")
     elif pretrained:
         try:
             with _hub_offline_unless_reachable():
                 model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as error:  # timm raises hub, HTTP, OS and runtime errors when offline
-            reason = " ".join(str(error).split()).split(". ")[0][:200] or type(error).__name__
             raise VitpoolError(
-                f"could not load pretrained weights for {name} (offline or no access to the model hub: "
-                f"{reason}); pass --checkpoint PATH for local weights or --no-pretrained for random weights"
+                f"could not load pretrained weights for {name} (offline, no access to the model hub, or no "
+                f"weights in the folder: {_first_sentence(error)}); pass --checkpoint PATH for local weights or "
+                f"--no-pretrained for random weights"
             ) from None
     else:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _create_unloaded(timm, name, **kwargs)
     return model.eval()
+
+
+def _create_unloaded(timm, name: str, **kwargs):
+    """timm's model without weights; a sourced name still reads its config.json (from the hub's cache offline)."""
+    if not split_source(name)[0]:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        with _hub_offline_unless_reachable():
+            return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as error:  # hub, HTTP, OS and JSON errors alike
+        raise VitpoolError(f"could not read the configuration of {name} (offline, no access to the model hub, or no "
+                           f"timm config.json there: {_first_sentence(error)})") from None
+
+
+def _first_sentence(error: Exception) -> str:
+    return " ".join(str(error).split()).split(". ")[0][:200] or type(error).__name__
 
 
 def architecture(model) -> str:
@@ -165,7 +205,7 @@ def architecture(model) -> str:
 
 
 def _constructor_kwargs(model) -> dict:
-    """Arguments that make timm.create_model rebuild the same shapes."""
+    """Arguments that make timm.create_model rebuild the same shapes (read where config.json is missing)."""
     return {"num_classes": int(model.num_classes), "img_size": [int(v) for v in model.patch_embed.img_size]}
 
 
@@ -187,38 +227,60 @@ def describe(model, calibration: dict | None = None) -> dict:
 
 
 def write_into(model, directory: str | Path, calibration: dict | None = None) -> None:
-    """Write a model's two files into an existing folder, each atomically (fine-tuning rewrites them every epoch)."""
-    from safetensors.torch import save as safetensors_bytes
-
+    """Write a model's files into an existing folder: timm's own `save_for_hf` (config.json, model.safetensors),
+    then vitpool.json. Each file is renamed into place, so a reader never sees half of one (fine-tuning rewrites
+    them every epoch)."""
+    timm = import_timm()
     directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    write_atomically(directory / WEIGHTS_FILE, safetensors_bytes(state, metadata={"format": "pt"}))
-    write_atomically(directory / CONFIG_FILE, json.dumps(describe(model, calibration), indent=2) + "\n")
+    writable_parent(directory / CONFIG_FILE)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".vitpool-", suffix=".tmp", dir=directory))
+    except OSError as error:
+        raise VitpoolError(f"cannot write {directory}: {error.strerror or error}") from None
+    try:
+        timm.models.save_for_hf(model, staging, safe_serialization=True)
+        (staging / CONFIG_FILE).write_text(json.dumps(describe(model, calibration), indent=2) + "\n")
+        for name in (WEIGHTS_FILE, TIMM_CONFIG_FILE, CONFIG_FILE):
+            (staging / name).chmod(normal_mode())  # safetensors writes its file private
+            os.replace(staging / name, directory / name)
+    except OSError as error:
+        raise VitpoolError(f"cannot write {directory}: {error.strerror or error}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save(model, directory: str | Path, force: bool = False, calibration: dict | None = None) -> Path:
-    """Write a (converted or plain) timm model as a self-describing directory, atomically."""
+    """Write a (converted or plain) timm model as a self-describing directory, atomically.
+
+    `force` replaces only a directory that holds a saved model, never a folder of the user's own files.
+    Without it, of two writers racing for the same directory one wins and the other is told it exists.
+    """
     directory = Path(directory)
     refuse_existing_output(directory, force)
-    if directory.exists() and not directory.is_dir():
-        raise VitpoolError(f"output {directory} exists and is not a directory")
+    if directory.exists() and not (directory.is_dir() and is_saved_model(directory)):
+        raise VitpoolError(f"output {directory} exists and is not a saved model, so --force does not replace it; "
+                           f"choose another path or remove it yourself")
     parent = directory.parent
     writable_parent(directory)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name[:200]}.", suffix=".tmp", dir=parent))
+        staging.chmod(normal_mode(directory=True))
     except OSError as error:
         raise VitpoolError(f"cannot write {directory}: {error.strerror or error}") from None
     try:
         write_into(model, staging, calibration)
-        if directory.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=parent))
+        if force and directory.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name[:200]}.", suffix=".old", dir=parent))
             os.replace(directory, retired / "x")
             os.replace(staging, directory)
             shutil.rmtree(retired, ignore_errors=True)
         else:
-            os.replace(staging, directory)
+            os.rename(staging, directory)  # fails if another writer got there first
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if directory.exists() and not force:
+            raise VitpoolError(f"output {directory} already exists (written meanwhile by another process); choose "
+                               f"another path or pass --force to replace it") from None
         raise VitpoolError(f"cannot write {directory}: {error.strerror or error}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -239,39 +301,114 @@ class Loaded:
     config: PoolingConfig | None
 
 
+POOLING_FIELD_TYPES = {"method": str, "k": list, "layers": list, "iters": int, "seed": int, "output": str,
+                       "proportional": bool, "position": str}
+
+
+def read_description(directory: Path) -> dict:
+    """A saved model's vitpool.json, checked field by field so that a damaged file is named, not a traceback."""
+    path = directory / CONFIG_FILE
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise VitpoolError(f"{path} could not be read: {error}") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        found = description.get("format") if isinstance(description, dict) else type(description).__name__
+        raise VitpoolError(f"{directory} is not a vitpool model directory ({CONFIG_FILE} format {found!r})")
+    problems = []
+    if not isinstance(description.get("base_model"), str):
+        problems.append("'base_model' must be a timm model name")
+    if not isinstance(description.get("model_kwargs", {}), dict):
+        problems.append("'model_kwargs' must be an object")
+    pooling = description.get("pooling")
+    if not isinstance(pooling, dict):
+        problems.append("'pooling' must be an object (the pooling configuration)")
+    else:
+        for name, kind in POOLING_FIELD_TYPES.items():
+            value = pooling.get(name)
+            if name in pooling and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+                                    or (kind is list and not all(isinstance(v, int) and not isinstance(v, bool) for v in value))):
+                problems.append(f"'pooling.{name}' must be {'a list of integers' if kind is list else 'a ' + kind.__name__}")
+    if problems:
+        raise VitpoolError(f"{path} is damaged: {'; '.join(problems)}; convert the model again")
+    return description
+
+
 def read_saved(directory: str | Path) -> Loaded:
     """The unpooled model and pooling configuration stored in a directory written by `save`."""
     directory = Path(directory)
-    try:
-        description = json.loads((directory / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise VitpoolError(f"{directory / CONFIG_FILE} could not be read: {error}") from None
-    if description.get("format") != FORMAT:
-        raise VitpoolError(f"{directory} is not a vitpool model directory (format {description.get('format')!r})")
+    description = read_description(directory)
     timm = import_timm()
-    model = timm.create_model(resolve_name(description["base_model"]), pretrained=False, **description.get("model_kwargs", {}))
+    if (directory / TIMM_CONFIG_FILE).is_file():
+        model = _create_unloaded(timm, f"local-dir:{directory}")
+    else:  # written before vitpool saved timm's config.json
+        model = timm.create_model(resolve_name(description["base_model"]), pretrained=False, **description.get("model_kwargs", {}))
     weights = directory / WEIGHTS_FILE
     load_weights(model, read_state_dict(weights), f"weights {weights}")
-    config = PoolingConfig.from_dict(description["pooling"])
+    try:
+        config = PoolingConfig.from_dict(description["pooling"])
+    except TypeError as error:
+        raise VitpoolError(f"{directory / CONFIG_FILE} is damaged: {error}; convert the model again") from None
     return Loaded(model.eval(), description["base_model"], config if config.k else None)
 
 
-def load(directory: str | Path):
-    """A model saved by `save`, converted again with its saved pooling configuration."""
+def _hub_snapshot(repo: str) -> Path | None:
+    """The local copy of a model saved by vitpool on the Hub (`repo` is `org/name` or `org/name@revision`);
+    None where the repository holds no vitpool.json, a plain timm model (offline: none in the local cache)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo_id, _, revision = repo.partition("@")
+    try:
+        with _hub_offline_unless_reachable():
+            hf_hub_download(repo_id, CONFIG_FILE, revision=revision or None)
+            return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=list(HUB_FILES)))
+    except EntryNotFoundError:
+        return None
+    except Exception as error:  # unknown repository, gated, HTTP, offline with nothing cached
+        raise VitpoolError(f"could not read hf-hub:{repo} (offline, no access to the model hub, or no such "
+                           f"repository: {_first_sentence(error)})") from None
+
+
+def saved_location(spec: str) -> Path | None:
+    """Where a saved vitpool model named by `spec` (a directory, `local-dir:DIR` or `hf-hub:REPO`) lies; None
+    if `spec` names something else (a timm name, or a folder of timm's own layout)."""
+    source, target = split_source(spec)
+    if source == "hf-hub":
+        return _hub_snapshot(target)
+    path = Path(target)
+    if is_saved_model(path):
+        return path
+    if source == "local-dir" and not (path / TIMM_CONFIG_FILE).is_file():
+        raise VitpoolError(f"{spec}: {path} is not a folder holding a saved model ({CONFIG_FILE}) or timm's "
+                           f"{TIMM_CONFIG_FILE} (as timm's save_for_hf writes it)")
+    return None
+
+
+def load(spec: str | Path):
+    """A model saved by `save` (a directory, `local-dir:DIR` or `hf-hub:REPO`), converted again with its saved
+    pooling configuration."""
     from vitpool.adapter import apply_pooling
 
-    loaded = read_saved(directory)
+    location = saved_location(str(spec))
+    if location is None:
+        raise VitpoolError(f"{spec} is not a model saved by vitpool (no {CONFIG_FILE}); for a plain timm model use "
+                           f"timm.create_model")
+    loaded = read_saved(location)
     return apply_pooling(loaded.model, loaded.config) if loaded.config else loaded.model
 
 
 def load_model_or_dir(spec: str, checkpoint: str | None = None, pretrained: bool = True) -> Loaded:
-    """MODEL_OR_DIR of every command: a saved directory, or a timm name/alias with its weight options."""
-    path = Path(spec)
-    if path.is_dir():
-        if not is_saved_model(path):
-            raise VitpoolError(f"{spec} is a directory but not a saved vitpool model (no {CONFIG_FILE} in it)")
+    """MODEL_OR_DIR of every command: a saved model (directory, `local-dir:`, `hf-hub:`), a folder in timm's
+    layout, or a timm name/alias (`hf-hub:` and `local-dir:` sources included) with its weight options."""
+    location = saved_location(spec)
+    if location is not None:
         if checkpoint is not None:
             raise VitpoolError(f"{spec} is a saved model with its own weights; --checkpoint applies to a model name")
-        return read_saved(path)
+        return read_saved(location)
+    if split_source(spec)[0] is None and Path(spec).is_dir():
+        if not (Path(spec) / TIMM_CONFIG_FILE).is_file():
+            raise VitpoolError(f"{spec} is a directory but not a saved model (no {CONFIG_FILE} or {TIMM_CONFIG_FILE} in it)")
+        spec = f"local-dir:{spec}"
     model = create_model(spec, pretrained=pretrained, checkpoint=checkpoint)
     return Loaded(model, architecture(model), None)

@@ -167,15 +167,14 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
 def calibrate(model, data_dir, template: PoolingConfig, budget: float | None, target_gmacs: float | None,
               family: str = LATE, limit: int = 100, workers: int = 2,
               on_step: Callable[[str], None] | None = None) -> tuple[SearchResult, dict]:
-    """`search` on up to `limit` unlabelled images under `data_dir` (any layout); the result and the record of
-    what it was scored on, for the converted model's vitpool.json."""
-    from pathlib import Path
-
+    """`search` on up to `limit` unlabelled images under `data_dir` (a folder of any layout, or a .tar); the result
+    and the record of what it was scored on, for the converted model's vitpool.json."""
+    from vitpool.data import as_source
     from vitpool.sweep import load_images
 
     images = load_images(model, data_dir, limit, workers=workers, labelled=False)
     found = search(model, images, template, budget, target_gmacs, on_step=on_step, family=family)
-    record = {"data": str(Path(data_dir).resolve()), "images": len(images.labels), "skipped": images.skipped,
+    record = {"data": as_source(data_dir).location(), "images": len(images.labels), "skipped": images.skipped,
               "budget": budget, "target_gmacs": target_gmacs, "mac_ratio": found.macs / found.baseline_macs,
               "kl": found.best.kl, "agreement": found.best.agreement, "evaluations": found.evaluations,
               "family": {"k": list(found.start.k), "layers": list(found.start.layers), "kl": found.start.kl,

@@ -41,35 +41,33 @@ class ImageSet:
 
 
 def load_images(model, data_dir, limit: int | None, batch_size: int = 50, workers: int = 2,
-                on_batch: Callable[[int, int], None] | None = None, labelled: bool = True) -> ImageSet:
-    """Read an image folder once (timm's preprocessing for `model`) and run the unpooled `model` on it.
-    Unlabelled (calibration) images are any images under `data_dir`, each with label 0."""
+                on_batch: Callable[[int, int | None], None] | None = None, labelled: bool = True,
+                preprocess: data.Preprocess = data.Preprocess()) -> ImageSet:
+    """Read images once (`data_dir`: a data.Source, or the path of an image folder or .tar; timm's preprocessing
+    for `model`) and run the unpooled `model` on them. Unlabelled (calibration) images may be any images, label 0."""
     import torch
 
-    if labelled:
-        folder = data.scan(data_dir, model.num_classes)
-        samples, mapping = data.spread(folder.samples, limit), folder.mapping
-    else:
-        samples, mapping = data.spread(data.scan_unlabelled(data_dir), limit), "unlabelled"
-    _, config = data.transform_for(model)
+    source = data.open_images(data_dir, model.num_classes, labelled)
+    transform, config = data.transform_for(model, preprocess)
+    total = source.size(limit)
     per_image = 4 * 3 * config["input_size"][1] * config["input_size"][2]
-    if len(samples) * per_image > MAX_IMAGE_BYTES:
-        raise VitpoolError(f"{len(samples)} images would take {len(samples) * per_image / 2**30:.1f} GB in memory; "
+    if total is not None and total * per_image > MAX_IMAGE_BYTES:
+        raise VitpoolError(f"{total} images would take {total * per_image / 2**30:.1f} GB in memory; "
                            f"pass --limit (e.g. --limit 1000) to sweep a spread-out subset")
     images, labels, reference, skipped = [], [], [], []
     model.eval()
     with torch.inference_mode():
-        for batch, batch_labels, bad in data.loader(samples, model, batch_size, workers):
+        for batch, batch_labels, bad in source.batches(transform, batch_size, workers, limit):
             skipped += bad
             if batch is not None:
                 images.append(batch)
                 labels.append(batch_labels)
                 reference.append(model(batch).float())
             if on_batch:
-                on_batch(sum(len(b) for b in labels) + len(skipped), len(samples))
+                on_batch(sum(len(b) for b in labels) + len(skipped), total)
     if not images:
-        raise VitpoolError(f"none of the {len(samples)} images in {data_dir} could be read: {'; '.join(skipped[:3])}")
-    return ImageSet(torch.cat(images), torch.cat(labels), torch.cat(reference), mapping, skipped)
+        raise data.nothing_read(source, skipped)
+    return ImageSet(torch.cat(images), torch.cat(labels), torch.cat(reference), source.mapping, skipped)
 
 
 def score(model, images: ImageSet, batch_size: int = 50):
@@ -86,14 +84,25 @@ def score(model, images: ImageSet, batch_size: int = 50):
 
 
 def sweep_settings(model_name: str, checkpoint, pretrained: bool, data_dir, limit: int | None, preset: str,
-                   template: PoolingConfig, calibration: int | None) -> dict:
+                   template: PoolingConfig, calibration: int | None, preprocess: data.Preprocess = data.Preprocess()) -> dict:
     """What a sweep's results depend on: a rerun with the same settings resumes it, other settings are refused.
     `template` holds the pooling setting every method shares (its method, K and layers are not used), and
-    `preset` names the budget family."""
+    `preset` names the budget family. Data options at their defaults are left out, so older sweeps resume."""
+    source = data.as_source(data_dir)
     return {"model": model_name, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-            "pretrained": pretrained if checkpoint is None else False, "data": str(Path(data_dir).resolve()),
+            "pretrained": pretrained if checkpoint is None else False, "data": source.location(), **source.record(),
+            **({"preprocess": preprocess.record()} if preprocess.record() else {}),
             "limit": limit, "preset": preset, "iters": template.iters, "output": template.output,
             "proportional": template.proportional, "position": template.position, "calibration": calibration}
+
+
+def settings_data(settings: dict) -> tuple[data.Source, data.Preprocess]:
+    """The images and preprocessing of a sweep's settings."""
+    source = data.Source(settings["data"], settings.get("dataset", ""), settings.get("split", "validation"),
+                         settings.get("class_map"))
+    preprocess = {key: tuple(value) if isinstance(value, list) else value
+                  for key, value in settings.get("preprocess", {}).items()}
+    return source, data.Preprocess(**preprocess)
 
 
 def settings_template(settings: dict) -> PoolingConfig:
@@ -228,7 +237,7 @@ def plot(results: Results, path: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
     n = reference["n"] if reference else 0
-    figure.suptitle(f"{settings['model']} on {Path(settings['data']).name} ({n} images), no fine-tuning")
+    figure.suptitle(f"{settings['model']} on {settings.get('dataset') or Path(settings['data']).name} ({n} images), no fine-tuning")
     figure.tight_layout(rect=(0, 0, 0.82, 1))  # the legend goes in the right-hand strip
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -268,7 +277,8 @@ def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: lis
     progress("reading images", total - len(todo), total)
     baseline_macs = total_macs(model)
     if todo or results.reference is None:
-        images = load_images(model, settings["data"], settings["limit"], workers=workers)
+        source, preprocess = settings_data(settings)
+        images = load_images(model, source, settings["limit"], workers=workers, preprocess=preprocess)
         calibration_images = None
         if calibration:
             calibration_images, images = split(images, calibration)

@@ -95,29 +95,30 @@ def input_picture(tensor, config: dict, scale: int):
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
-def read_image(path: Path, model):
+def read_image(path: Path, model, preprocess=None):
+    """The image as the model sees it (timm's evaluation transform, `preprocess` a data.Preprocess), and the config."""
     from PIL import Image
 
-    from vitpool.data import transform_for
+    from vitpool.data import Preprocess, transform_for
 
-    transform, config = transform_for(model)
+    transform, config = transform_for(model, preprocess or Preprocess())
     if not Path(path).is_file():
         raise VitpoolError(f"image {path} does not exist")
     try:
         with Image.open(path) as image:
             return transform(image.convert("RGB")), config
-    except (OSError, ValueError, SyntaxError) as error:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise VitpoolError(f"cannot read image {path}: {' '.join(str(error).split())[:120]}") from None
 
 
-def visualize(model, image_path: Path, out: Path, layers: list[int] | None = None, scale: int = 2) -> dict:
+def visualize(model, image_path: Path, out: Path, layers: list[int] | None = None, scale: int = 2, preprocess=None) -> dict:
     """Write the original image and one panel per chosen pooling layer side by side to `out` (PNG, atomically)."""
     from PIL import Image, ImageDraw
 
     from vitpool.adapter import token_grid
     from vitpool.errors import write_atomically
 
-    tensor, config = read_image(image_path, model)
+    tensor, config = read_image(image_path, model, preprocess)
     maps = patch_tokens(model, tensor)
     chosen = sorted(maps) if not layers else layers
     missing = [layer for layer in chosen if layer not in maps]
