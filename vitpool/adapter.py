@@ -1,7 +1,7 @@
-"""timm model surgery: pooling layers in chosen blocks of a `VisionTransformer`, timm's blocks untouched.
+"""timm model surgery: pooling layers in chosen blocks of a `VisionTransformer` or an `Eva`, timm's blocks untouched.
 
-`model.blocks` (an `nn.Sequential` of timm blocks) becomes a `PooledBlocks`, a Sequential with the same
-children, so state-dict keys and `model.blocks[i]` stay as they were. A block with a pooling layer gets a
+`model.blocks` (timm's Sequential or ModuleList of blocks) becomes a `PooledBlocks`, a Sequential with the
+same children, so state-dict keys and `model.blocks[i]` stay as they were. A block with a pooling layer gets a
 parameter-free `TokenPool` child that timm's own forward ignores; `PooledBlocks.forward` runs each timm
 block as is and then its pooling layer (after-block), or the block's two residual halves, attention and MLP,
 with the pooling layer between them (after-attention, ToMe's place); both carry how many original patches
@@ -15,6 +15,13 @@ forward hook on `attn.attn_drop` for the duration of that call: the same MACs as
 recomputation, at the price of an N x N probability matrix per head in memory and the fused kernel's
 speed in those blocks only. The hook keeps only the significance, so the probabilities are freed when
 timm's attention is done with them. `tome` reads the keys from `attn.k_norm` and keeps fused attention.
+
+Rotary position embeddings (Eva: EVA02, the RoPE ViTs, DINOv3, PE) rotate each patch token's query and key by
+its position. A pooled token gets, as its rotation, the mean of the rotations (sin and cos) of the original
+patches it stands for: rotation is linear in (sin, cos), so its query is then exactly the mean of what its
+patches' positions would make of that query; a token that stands for one patch keeps that patch's rotation.
+The means are carried from pooling layer to pooling layer as the sizes are (`pooling.merged_positions`).
+`FAMILIES` says, per timm model class, how its blocks are run and where its positions come from.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from __future__ import annotations
 import copy
 import types
 from collections.abc import Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
@@ -89,8 +98,10 @@ class TokenPool(nn.Module):
             return significance_from_attention(tapped, self.num_prefix_tokens)
         return tapped.mean(dim=1)[:, self.num_prefix_tokens :]
 
-    def forward(self, x: Tensor, size: Tensor, seen: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, P+N, C], size [B, N], `seen` what `read` kept -> pooled x, sizes and the assignment [B, N]."""
+    def forward(self, x: Tensor, size: Tensor, seen: Tensor | None = None,
+                positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """x [B, P+N, C], size [B, N], `seen` what `read` kept, rotary `positions` [L, B, H, N, D] or None ->
+        pooled x, sizes, the assignment [B, N] and the pooled tokens' positions."""
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
         method, k = self.method, self.k
         if method in NEEDS_ATTENTION:
@@ -109,7 +120,9 @@ class TokenPool(nn.Module):
         else:
             out = pooling.tome(patches, k, metric=seen, size=size, offset=self.num_prefix_tokens)
         sizes = pooling.merged_sizes(out.assign, size, k)
-        return torch.cat([prefix, out.tokens], dim=1), sizes, out.assign
+        if positions is not None:
+            positions = pooling.merged_positions(positions, out.assign, size, sizes)
+        return torch.cat([prefix, out.tokens], dim=1), sizes, out.assign, positions
 
     def extra_repr(self) -> str:
         iters = f", iters={self.iters}" if self.method in CLUSTERING_METHODS else ""
@@ -133,36 +146,49 @@ class PooledBlocks(nn.Sequential):
     attention mask [B, 1, 1, P+N] (0 for prefix tokens), which timm passes to the fused kernel as is.
     Gradient checkpointing lives here (`grad_checkpointing`, set through the model's `set_grad_checkpointing`):
     timm's own path, `checkpoint_seq` over the blocks, would run them without their pooling layers.
+    `rope` is an Eva's rotary embedding (one for all blocks, or one per block with `rope_per_block`).
     """
 
     grad_checkpointing = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor | None = None, rope_per_block: bool = False) -> Tensor:
         size = None
         bias = None
-        for block in self:
+        positions = rope_stack(rope, rope_per_block)
+        for i, block in enumerate(self):
+            extra = {} if positions is None else {"rope": positions[i if rope_per_block else 0]}
             pool = getattr(block, "token_pool", None)
             if pool is None:
-                x = self._run(_whole_block, block, x, bias)
+                x = self._run(_whole_block, block, x, bias, **extra)
                 continue
             attention, mlp = HALVES[type(block)] if pool.position == AFTER_ATTENTION else (_whole_block, None)
             with captured(pool, block) as seen:
-                x = self._run(attention, block, x, bias)
+                x = self._run(attention, block, x, bias, **extra)
             if size is None:
                 size = x.new_ones(x.shape[0], x.shape[1] - pool.num_prefix_tokens, dtype=torch.float32)
-            x, size, _ = pool(x, size, seen[0] if seen else None)
+            x, size, _, positions = pool(x, size, seen[0] if seen else None, positions)
             if mlp is not None:
                 x = self._run(mlp, block, x)
             if pool.proportional:
                 bias = size_bias(size, pool.num_prefix_tokens, x.dtype)
         return x
 
-    def _run(self, part, block: nn.Module, *args) -> Tensor:
-        """`part(block, *args)`; under gradient checkpointing its activations are recomputed in the backward pass
-        rather than kept (the pooling layers, between the parts, keep theirs: they hold no large ones)."""
+    def _run(self, part, block: nn.Module, *args, **kwargs) -> Tensor:
+        """`part(block, *args, **kwargs)`; under gradient checkpointing its activations are recomputed in the
+        backward pass rather than kept (the pooling layers, between the parts, keep theirs: they hold no large ones)."""
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return torch.utils.checkpoint.checkpoint(part, block, *args, use_reentrant=False)
-        return part(block, *args)
+            return torch.utils.checkpoint.checkpoint(part, block, *args, use_reentrant=False, **kwargs)
+        return part(block, *args, **kwargs)
+
+
+def rope_stack(rope: Tensor | None, per_block: bool) -> Tensor | None:
+    """timm's rotary embedding as [L, B, H, N, D]: L = depth for one per block, else 1; B, H may be 1.
+    timm gives [N, D] or [H, N, D] (per block: [depth, H, N, D]), with a batch axis after patch dropout."""
+    if rope is None:
+        return None
+    if per_block:  # [depth, H, N, D], or [depth, B, H, N, D]
+        return rope if rope.dim() == 5 else rope.unsqueeze(1)
+    return rope.reshape((1,) * (5 - rope.dim()) + tuple(rope.shape))  # [N, D], [H, N, D] or [B, 1, N, D]
 
 
 def _set_grad_checkpointing(model: nn.Module, enable: bool = True) -> None:
@@ -180,8 +206,8 @@ def _refuse_intermediates(model: nn.Module, *args, **kwargs):
     )
 
 
-def _whole_block(block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
-    return block(x) if bias is None else block(x, attn_mask=bias)
+def _whole_block(block: nn.Module, x: Tensor, bias: Tensor | None, **rope) -> Tensor:
+    return block(x, **rope) if bias is None else block(x, attn_mask=bias, **rope)
 
 
 def _pre_norm_attention(block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -200,10 +226,31 @@ def _post_norm_mlp(block: nn.Module, x: Tensor) -> Tensor:
     return x + block.drop_path2(block.norm2(block.mlp(x)))
 
 
+def _scaled(gamma: Tensor | None, x: Tensor) -> Tensor:
+    return x if gamma is None else gamma * x
+
+
+def _eva_attention(block: nn.Module, x: Tensor, bias: Tensor | None, rope: Tensor | None = None) -> Tensor:
+    return x + block.drop_path1(_scaled(block.gamma_1, block.attn(block.norm1(x), rope=rope, attn_mask=bias)))
+
+
+def _eva_mlp(block: nn.Module, x: Tensor) -> Tensor:
+    return x + block.drop_path2(_scaled(block.gamma_2, block.mlp(block.norm2(x))))
+
+
+def _eva_post_norm_attention(block: nn.Module, x: Tensor, bias: Tensor | None, rope: Tensor | None = None) -> Tensor:
+    return x + block.drop_path1(block.norm1(block.attn(x, rope=rope, attn_mask=bias)))
+
+
 def _halves() -> dict[type, tuple]:
-    vision_transformer = import_timm().models.vision_transformer
-    Block, ResPostBlock = vision_transformer.Block, vision_transformer.ResPostBlock
-    return {Block: (_pre_norm_attention, _pre_norm_mlp), ResPostBlock: (_post_norm_attention, _post_norm_mlp)}
+    models = import_timm().models
+    vision_transformer, eva = models.vision_transformer, models.eva
+    return {
+        vision_transformer.Block: (_pre_norm_attention, _pre_norm_mlp),
+        vision_transformer.ResPostBlock: (_post_norm_attention, _post_norm_mlp),
+        eva.EvaBlock: (_eva_attention, _eva_mlp),
+        eva.EvaBlockPostNorm: (_eva_post_norm_attention, _post_norm_mlp),
+    }
 
 
 HALVES = _halves()  # timm block class -> (attention half, MLP half), each its forward's residual line
@@ -224,24 +271,55 @@ UNSUPPORTED = {
                             "which pooled tokens no longer form",
     "NaFlexVit": "its patches arrive as a variable-length sequence with its own padding mask, which vitpool's "
                  "pooling layers do not carry yet",
-    "Eva": "its blocks rotate queries and keys by each patch's position (RoPE), which vitpool does not yet derive "
-           "for pooled tokens",
     "Beit": _RELATIVE_POSITIONS,
     "VisionTransformerRelPos": _RELATIVE_POSITIONS,
 }
 
 
+def _eva_features(model: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """Eva's forward_features with its blocks run by `PooledBlocks`, which pools the rotary embedding too
+    (timm's loops over the blocks itself, which would skip the pooling layers)."""
+    if attn_mask is not None or is_causal:
+        raise VitpoolError("a converted model takes no attention mask: its pooling layers change the token count")
+    x, rope = model._pos_embed(model.patch_embed(x))
+    x = model.blocks(model.norm_pre(x), rope=rope, rope_per_block=bool(getattr(model, "rope_mixed", False)))
+    return model.norm(x)
+
+
+def _eva_positions(model: nn.Module) -> Tensor | None:
+    """An Eva's rotary embedding at its input size and batch 1, as `PooledBlocks` carries it (for MAC counts)."""
+    with torch.no_grad():
+        tokens = model.patch_embed(torch.zeros(1, model.patch_embed.proj.in_channels, *model.patch_embed.img_size))
+        return rope_stack(model._pos_embed(tokens)[1], bool(getattr(model, "rope_mixed", False)))
+
+
+@dataclass(frozen=True)
+class Family:
+    """What vitpool needs of one timm model class beyond its blocks: a forward_features that runs
+    `model.blocks` as one call (None: timm's own does) and the rotary positions its blocks take (None: none)."""
+
+    forward_features: Callable | None = None
+    positions: Callable[[nn.Module], Tensor | None] = lambda model: None
+
+
+FAMILIES = {  # timm model class name -> Family; a subclass is its base class's family
+    "VisionTransformer": Family(),
+    "Eva": Family(_eva_features, _eva_positions),
+}
+
+
+def family_of(model: nn.Module) -> Family | None:
+    return next((FAMILIES[cls.__name__] for cls in type(model).__mro__ if cls.__name__ in FAMILIES), None)
+
+
 def check_model(model: nn.Module) -> None:
     kind = type(model).__name__
-    supported = "vitpool converts timm's VisionTransformer models (vit_*, deit_*, deit3_*)"
+    supported = "vitpool converts timm's VisionTransformer (vit_*, deit_*, deit3_*) and Eva (eva02_*, vit_*_rope_*, vit_*_dinov3, vit_pe_*) models"
     if kind in UNSUPPORTED:
         raise VitpoolError(f"{kind} models cannot be converted: {UNSUPPORTED[kind]}; {supported}")
     needed = ("blocks", "patch_embed", "num_prefix_tokens")
-    if not all(hasattr(model, name) for name in needed) or not isinstance(model.blocks, nn.Sequential):
-        raise VitpoolError(
-            f"{kind} is not a timm VisionTransformer (it needs an nn.Sequential of blocks, patch_embed and "
-            f"num_prefix_tokens); {supported}"
-        )
+    if family_of(model) is None or not all(hasattr(model, name) for name in needed):
+        raise VitpoolError(f"{kind} is not a model class vitpool knows; {supported}")
     if pooling_config(model) is not None:
         raise VitpoolError("this model is already converted; convert the original timm model instead")
 
@@ -301,6 +379,9 @@ def apply_pooling(model: nn.Module, config: PoolingConfig) -> nn.Module:
         if config.method in NEEDS_ATTENTION:
             block.attn.fused_attn = False
     model.blocks = PooledBlocks(*model.blocks)
+    features = family_of(model).forward_features
+    if features is not None:
+        model.forward_features = types.MethodType(features, model)
     model.blocks.grad_checkpointing = bool(getattr(model, "grad_checkpointing", False))
     model.grad_checkpointing = False  # timm's forward_features would bypass PooledBlocks.forward
     model.set_grad_checkpointing = types.MethodType(_set_grad_checkpointing, model)

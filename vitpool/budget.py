@@ -7,7 +7,7 @@ tokens in the i-th pooling layer, so that each keeps the same fraction r of the 
 `tome` never removes more than half of the tokens of a layer, and `grid` rounds K down to a count its token
 grid can make. The MACs of a schedule, pooling layers included, are the same
 fvcore counts as `vitpool flops`, estimated during the bisection on r from cached counts of the parts (one
-block or block half at N tokens, one pooling layer from N to K tokens, the final norm; within 0.1% of the
+block or block half at N tokens, one pooling layer from N to K tokens, the final norm and head; within 0.1% of the
 whole-model count)
 and counted on the whole converted model for the schedule chosen.
 """
@@ -22,7 +22,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from vitpool.adapter import HALVES, NEEDS_ATTENTION, TokenPool, apply_pooling, check_blocks, check_model, plan_for, token_grid
+from vitpool.adapter import (HALVES, NEEDS_ATTENTION, TokenPool, apply_pooling, check_blocks, check_model, family_of, plan_for,
+                             token_grid)
 from vitpool.config import AFTER_ATTENTION, EVERY_BLOCK, FAMILIES, LATE, PoolingConfig, default_layers, grid_shape
 from vitpool.errors import VitpoolError
 from vitpool.flops import analyse, total_macs
@@ -89,16 +90,18 @@ class _LiveOutputs(nn.Module):
     """A pooling layer's outputs that the model uses: the trace drops work whose results nothing reads.
 
     The tokens always; the sizes where later blocks use them (proportional attention) or a later `tome`
-    layer weights its merges by them.
+    layer weights its merges by them; the rotary positions of a model that has them.
     """
 
-    def __init__(self, layer: TokenPool, sizes_live: bool) -> None:
+    def __init__(self, layer: TokenPool, sizes_live: bool, positions: torch.Tensor | None) -> None:
         super().__init__()
         self.layer, self.sizes_live = layer, sizes_live
+        self.register_buffer("positions", positions, persistent=False)
 
     def forward(self, x, size, seen=None):
-        tokens, sizes, _ = self.layer(x, size, seen)
-        return (tokens, sizes) if self.sizes_live else tokens
+        tokens, sizes, _, positions = self.layer(x, size, seen, self.positions)
+        live = (tokens, sizes) if self.sizes_live else (tokens,)
+        return live + (positions,) if positions is not None else live if self.sizes_live else tokens
 
 
 class _Half(nn.Module):
@@ -111,6 +114,18 @@ class _Half(nn.Module):
     def forward(self, x):
         attention, mlp = HALVES[type(self.block)]
         return attention(self.block, x, None) if self.which == "attention" else mlp(self.block, x)
+
+
+class _Tail(nn.Module):
+    """What runs after the blocks: the final norm and the head, whose token pooling (an attention pool's keys and
+    values, a mean) costs in proportion to the tokens left."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_head(self.model.norm(x))
 
 
 class MacModel:
@@ -129,8 +144,9 @@ class MacModel:
         if len(shapes) != 1:
             raise VitpoolError("budget schedules need blocks of one shape; give --k and --layers instead")
         self.baseline = total_macs(model)
+        self.positions = family_of(model).positions(model)  # rotary positions [L, 1, H, N, D], pooled with the tokens
         tokens = self.num_patches + self.prefix
-        self.rest = self.baseline - self.depth * self.block(tokens) - self.norm(tokens)
+        self.rest = self.baseline - self.depth * self.block(tokens) - self.tail(tokens)
 
     def block(self, tokens: int) -> int:
         return self._per_token_count("block")(tokens)
@@ -138,18 +154,18 @@ class MacModel:
     def half(self, which: str, tokens: int) -> int:
         return self._per_token_count(which)(tokens)
 
-    def norm(self, tokens: int) -> int:
-        return self._per_token_count("norm")(tokens)
+    def tail(self, tokens: int) -> int:
+        return self._per_token_count("tail")(tokens)
 
     @lru_cache(maxsize=None)
     def _per_token_count(self, part: str) -> Callable[[int], int]:
-        """The MACs of `part` (a block, one of its halves or the final norm) as a function of its token count. Linear layers and norms are linear in it and
+        """The MACs of `part` (a block, one of its halves or the tail) as a function of its token count. Linear layers and norms are linear in it and
         attention's two products quadratic, so the quadratic through fvcore's counts at 1, 2 and 3 tokens gives
         every count (a bisection asks for dozens; each trace of a ViT-B block takes a second). It is checked
         against a fourth count; a part whose count is not such a quadratic is traced at every count."""
 
         block = self.model.blocks[0]
-        module = {"block": block, "norm": self.model.norm}.get(part) or _Half(block, part)
+        module = {"block": block, "tail": _Tail(self.model)}.get(part) or _Half(block, part)
 
         @lru_cache(maxsize=None)
         def traced(tokens: int) -> int:
@@ -181,7 +197,8 @@ class MacModel:
         else:
             seen = None
         inputs = (torch.rand(1, tokens, self.dim), torch.ones(1, stage.tokens_in)) + ((layer.read(seen),) if seen is not None else ())
-        return analyse(_LiveOutputs(layer, sizes_live), inputs)[0]
+        positions = self.positions[:, :, :, : stage.tokens_in] if self.positions is not None else None
+        return analyse(_LiveOutputs(layer, sizes_live, positions), inputs)[0]
 
     def total(self, config: PoolingConfig) -> int:
         """The MACs of `config` (the template's setting with its own K and layers)."""
@@ -198,7 +215,7 @@ class MacModel:
             if stage is not None:
                 macs += self.pool(stage, sizes_live=t.proportional or (t.method == "tome" and i != last))
                 tokens = stage.k
-        return macs + self.norm(tokens + self.prefix)
+        return macs + self.tail(tokens + self.prefix)
 
 
 def budget_target(macs: MacModel, budget: float | None, target_gmacs: float | None) -> float:

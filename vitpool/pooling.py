@@ -402,3 +402,15 @@ def merged_sizes(assign: Tensor, size: Tensor, k: int) -> Tensor:
     """How many original patches each output token stands for, given the input tokens' sizes."""
     index, size = _members(assign, size)
     return size.new_zeros(size.shape[0], k).scatter_add(1, index, size)
+
+
+def merged_positions(positions: Tensor, assign: Tensor, size: Tensor, merged: Tensor) -> Tensor:
+    """Each output token's rotary embedding [L, B, H, K, D]: the mean over the original patches it stands for,
+    from the input tokens' [L, B or 1, H, N, D], their sizes [B, N] and the output sizes `merged` [B, K]."""
+    index, weight = _members(assign, size)
+    layers, _, heads, n, width = positions.shape
+    batch, k = merged.shape
+    shape = (layers, batch, heads, n, width)
+    weighted = positions.expand(shape) * weight.view(1, batch, 1, n, 1).to(positions.dtype)
+    sums = positions.new_zeros(layers, batch, heads, k, width).scatter_add(3, index.view(1, batch, 1, n, 1).expand(shape), weighted)
+    return sums / merged.clamp_min(1).view(1, batch, 1, k, 1).to(positions.dtype)

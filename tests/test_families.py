@@ -1,0 +1,99 @@
+"""timm model families beyond VisionTransformer, with small random models: Eva (EVA02, the RoPE ViTs with one
+rotary embedding per block or per model, DINOv3 with registers). K = N changes nothing, pooled forwards are
+deterministic, save/load is exact, budgets land, and a pooled token's rotation is its patches' mean rotation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitpool
+from vitpool import pooling
+from vitpool.flops import count_macs
+from vitpool.models import create_model
+
+EVA = {  # timm name: small-model kwargs
+    "eva02_tiny_patch14_224": {"depth": 3},
+    "vit_small_patch16_rope_mixed_224": {"depth": 3, "embed_dim": 192, "num_heads": 3},
+    "vit_small_patch16_dinov3": {"depth": 3, "embed_dim": 192, "num_heads": 3},
+}
+
+
+@pytest.fixture(scope="module", params=list(EVA))
+def eva(request):
+    torch.manual_seed(0)
+    return create_model(request.param, pretrained=False, num_classes=10, **EVA[request.param]).eval()
+
+
+def images(model, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("method", ["kmedoids", "tome", "importance"])
+@pytest.mark.parametrize("position", ["after-attention", "after-block"])
+def test_keeping_every_token_changes_nothing(eva, method, position):
+    n = eva.patch_embed.num_patches
+    converted = vitpool.convert(eva, method=method, k=[n, n], layers=[0, 1], position=position)
+    x = images(eva)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), eva(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["kmedoids", "wkmeans", "tome", "random"])
+def test_pooled_forward_is_deterministic_and_saved_exactly(eva, method, tmp_path):
+    n = eva.patch_embed.num_patches
+    converted = vitpool.convert(eva, method=method, k=[n // 2, n // 4], layers=[0, 1])
+    x = images(eva)
+    with torch.no_grad():
+        first, features = converted(x), converted.forward_features(x)
+        assert torch.equal(first, converted(x))
+        assert features.shape[1] == eva.num_prefix_tokens + n // 4
+        vitpool.save(converted, tmp_path / "saved")
+        assert torch.equal(vitpool.load(tmp_path / "saved")(x), first)
+
+
+def test_the_rotation_follows_the_tokens(eva):
+    """The block after a pooling layer rotates each pooled token of each image by its own position."""
+    n = eva.patch_embed.num_patches
+    converted = vitpool.convert(eva, method="kmedoids", k=[n // 2], layers=[0], position="after-block")
+    seen = []
+    converted.blocks[1].attn.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs["rope"]), with_kwargs=True)
+    with torch.no_grad():
+        converted(images(eva))
+    rope = seen[0]
+    assert rope.shape[0] == 2 and rope.shape[-2] == n // 2  # per image, one row per pooled token
+
+
+def test_a_pooled_tokens_rotation_is_the_mean_of_its_patches():
+    """Rotation is linear in (sin, cos): the mean embedding rotates a query into the mean of its rotations."""
+    from timm.layers import apply_rot_embed_cat
+
+    torch.manual_seed(0)
+    n, width = 6, 8
+    angles = (torch.rand(n, width // 2) * 6).repeat_interleave(2, dim=-1)  # timm's interleaved layout
+    positions = torch.cat([angles.sin(), angles.cos()], dim=-1).view(1, 1, 1, n, 2 * width)
+    assign = torch.tensor([[0, 1, 1, 2, -1, 2]])  # patch 4 dropped
+    size = torch.tensor([[1.0, 1.0, 2.0, 1.0, 1.0, 3.0]])
+    merged = pooling.merged_sizes(assign, size, 3)
+    pooled = pooling.merged_positions(positions, assign, size, merged)[0, 0, 0]
+    query = torch.randn(width)
+    rotated = apply_rot_embed_cat(query.expand(n, width), positions[0, 0, 0])
+    torch.testing.assert_close(apply_rot_embed_cat(query.expand(3, width), pooled)[1], (rotated[1] + 2 * rotated[2]) / 3)
+    torch.testing.assert_close(apply_rot_embed_cat(query.expand(3, width), pooled)[2], (rotated[3] + 3 * rotated[5]) / 4)
+    assert torch.equal(pooled[0], positions[0, 0, 0, 0])  # a token of one patch keeps its rotation exactly
+
+
+def test_budgets_land_on_eva(eva):
+    for budget in (0.5, 0.75):
+        converted = vitpool.convert(eva, budget=budget)
+        assert abs(count_macs(converted, eva).ratio - budget) <= 0.01 * budget
+
+
+def test_onnx_export_matches_pytorch(tmp_path):
+    from vitpool.export import export
+
+    torch.manual_seed(0)
+    model = create_model("eva02_tiny_patch14_224", pretrained=False, depth=2, num_classes=10).eval()
+    converted = vitpool.convert(model, k=[128, 64], layers=[0, 1])
+    result = export(converted, tmp_path / "eva.onnx", limit=4)
+    assert result.check.passed and result.check.agreement == 100.0 and result.check.max_abs_diff < 1e-4
