@@ -9,6 +9,7 @@ import torch
 
 import vitpool
 from vitpool import pooling
+from vitpool.errors import VitpoolError
 from vitpool.flops import count_macs
 from vitpool.models import create_model
 
@@ -97,3 +98,63 @@ def test_onnx_export_matches_pytorch(tmp_path):
     converted = vitpool.convert(model, k=[128, 64], layers=[0, 1])
     result = export(converted, tmp_path / "eva.onnx", limit=4)
     assert result.check.passed and result.check.agreement == 100.0 and result.check.max_abs_diff < 1e-4
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "eva02_tiny_patch14_224"])
+def test_fractions_of_the_incoming_tokens_pool_any_input_size(name, tmp_path):
+    model = create_model(name, pretrained=False, depth=4, dynamic_img_size=True, num_classes=10).eval()
+    converted = vitpool.convert(model, k=[0.67, 0.45, 0.3], layers=[1, 2, 3])
+    patch = model.patch_embed.patch_size[0]
+    vitpool.save(converted, tmp_path / "saved")
+    reloaded = vitpool.load(tmp_path / "saved")
+    assert reloaded.vitpool_config.k == (0.67, 0.45, 0.3)
+    for side in (10, 14, 18):
+        x = torch.randn(2, 3, side * patch, side * patch)
+        tokens = side * side
+        for fraction in (0.67, 0.45, 0.3):
+            tokens = max(1, round(fraction * tokens))
+        with torch.no_grad():
+            features = converted.forward_features(x)
+            assert features.shape[1] == model.num_prefix_tokens + tokens
+            assert torch.equal(reloaded.forward_features(x), features)
+
+
+def test_counts_planned_for_one_size_refuse_an_input_they_do_not_fit():
+    model = create_model("deit_tiny_patch16_224", pretrained=False, depth=3, dynamic_img_size=True).eval()
+    counted = vitpool.convert(model, k=[100, 50], layers=[0, 1])
+    with pytest.raises(VitpoolError, match=r"brings 49 patch tokens .* planned for 196 \(K=100\).* fractions"):
+        counted(torch.randn(1, 3, 112, 112))
+    assert counted.forward_features(torch.randn(1, 3, 288, 288)).shape[1] == 1 + 50  # K fits: pooled as asked
+    selected = vitpool.convert(model, k=[100], layers=[0], method="random")
+    with pytest.raises(VitpoolError, match="fixed order and grid are counted for the model's own input size"):
+        selected(torch.randn(1, 3, 288, 288))
+
+
+@pytest.mark.parametrize("k, message", [
+    ([0.5, 100], "all token counts .* or all fractions"),
+    ([1.5], "all token counts .* or all fractions"),
+    ([0.0], "all token counts .* or all fractions"),
+])
+def test_k_is_counts_or_fractions_not_both(k, message):
+    model = create_model("deit_tiny_patch16_224", pretrained=False, depth=3)
+    with pytest.raises(VitpoolError, match=message):
+        vitpool.convert(model, k=k, layers=list(range(len(k))))
+    with pytest.raises(VitpoolError, match="planned for one token count"):
+        vitpool.convert(model, k=[0.5], layers=[0], method="grid")
+
+
+def test_the_command_line_takes_fractions():
+    from vitpool.config import parse_k
+
+    assert parse_k("0.67,0.45,0.3") == (0.67, 0.45, 0.3) and parse_k("128,96") == (128, 96)
+    for text in ("0.5,x", "0.5,100", "1.5"):
+        with pytest.raises(VitpoolError, match="--k must be|all token counts"):
+            parse_k(text)
+    from typer.testing import CliRunner
+
+    from vitpool.cli import app
+
+    result = CliRunner().invoke(app, ["flops", "deit_tiny", "--k", "0.5,0.5", "--layers", "3,6", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = __import__("json").loads(result.stdout)
+    assert [block["tokens_out"] for block in report["blocks"]][3:7] == [99, 99, 99, 50]  # 196 -> 98 -> 49, CLS kept

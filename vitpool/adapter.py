@@ -38,7 +38,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from vitpool import pooling
-from vitpool.config import AFTER_ATTENTION, CLUSTERING_METHODS, MEDOID_METHODS, PoolingConfig, PoolingStage, plan_stages
+from vitpool.config import AFTER_ATTENTION, CLUSTERING_METHODS, MEDOID_METHODS, PoolingConfig, PoolingStage, kept, plan_stages
 from vitpool.errors import VitpoolError
 from vitpool.models import import_timm
 
@@ -71,6 +71,7 @@ class TokenPool(nn.Module):
         self.output = output
         self.proportional = proportional
         self.k = stage.k
+        self.fraction = stage.fraction
         self.tokens_in = stage.tokens_in
         self.grid_in = stage.grid_in
         self.grid_out = stage.grid_out
@@ -103,7 +104,7 @@ class TokenPool(nn.Module):
         """x [B, P+N, C], size [B, N], `seen` what `read` kept, rotary `positions` [L, B, H, N, D] or None ->
         pooled x, sizes, the assignment [B, N] and the pooled tokens' positions."""
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
-        method, k = self.method, self.k
+        method, k = self.method, self.tokens_kept(int(patches.shape[1]))
         if method in NEEDS_ATTENTION:
             significance = seen
             counted = size if self.proportional else None  # tokens count as the patches they stand for
@@ -124,10 +125,24 @@ class TokenPool(nn.Module):
             positions = pooling.merged_positions(positions, out.assign, size, sizes)
         return torch.cat([prefix, out.tokens], dim=1), sizes, out.assign, positions
 
+    def tokens_kept(self, tokens: int) -> int:
+        """K for `tokens` patch tokens arriving: the planned count, or the fraction of them."""
+        if self.fraction is not None:
+            return kept(self.fraction, tokens, self.method)
+        if tokens == self.tokens_in or (self.k <= tokens and self.method not in ("random", "grid")):
+            return self.k
+        what = "its fixed order and grid are" if self.method in ("random", "grid") else "K is"
+        raise VitpoolError(
+            f"this input brings {tokens} patch tokens to a {self.method} pooling layer planned for {self.tokens_in} "
+            f"(K={self.k}): {what} counted for the model's own input size; convert with --k as fractions of the "
+            f"incoming tokens (e.g. 0.67,0.45,0.3) to pool any size"
+        )
+
     def extra_repr(self) -> str:
         iters = f", iters={self.iters}" if self.method in CLUSTERING_METHODS else ""
         extra = (", output=mean" if self.output == "mean" else "") + (", proportional" if self.proportional else "")
-        return f"method={self.method}, {self.position}, tokens_in={self.tokens_in}, k={self.k}{iters}{extra}"
+        k = f"k={self.fraction} of tokens_in" if self.fraction is not None else f"k={self.k}"
+        return f"method={self.method}, {self.position}, tokens_in={self.tokens_in}, {k}{iters}{extra}"
 
 
 def significance_from_attention(attention: Tensor, num_prefix_tokens: int) -> Tensor:

@@ -47,7 +47,7 @@ ModelArg = Annotated[str, typer.Argument(metavar="MODEL_OR_DIR", help="timm mode
 CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Local weights: .safetensors, or .pth/.pt state dict (also under 'model'/'state_dict'); never unpickles code.")]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load timm's pretrained weights (needs the model hub) or keep random ones.")]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="kmedoids (default), wkmedoids (the paper's), wkmeans, kmeans, importance, random, grid, tome.")]
-KOpt = Annotated[Optional[str], typer.Option("--k", help="Comma list of patch-token counts to keep (prefix tokens excluded), e.g. 160,128,96.")]
+KOpt = Annotated[Optional[str], typer.Option("--k", help="Comma list of patch-token counts to keep (prefix tokens excluded), e.g. 160,128,96, or of fractions of the tokens reaching each layer, e.g. 0.67,0.45,0.3 (any input size of a dynamic_img_size model).")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Comma list of the 0-based blocks each K applies in. Default: spread evenly (3 values on 12 blocks: 3,6,9 after attention, 2,5,8 after the block).")]
 ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (at most; default 2, the paper preset 5).")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", help="K-Medoids outputs: mean (default: each cluster's weighted mean) or medoid (the paper's, --preset paper).")]
@@ -213,7 +213,7 @@ def user_errors(command):
 def build(model_or_dir: str, flags: ModelFlags):
     """(unpooled model, converted model or None) from MODEL_OR_DIR and the model and pooling flags."""
     from vitpool.adapter import apply_pooling, check_model
-    from vitpool.config import default_layers, parse_int_list
+    from vitpool.config import default_layers, parse_int_list, parse_k
     from vitpool.models import load_model_or_dir
 
     method, k, layers, iters, budget, target_gmacs = flags.method, flags.k, flags.layers, flags.iters, flags.budget, flags.target_gmacs
@@ -223,7 +223,7 @@ def build(model_or_dir: str, flags: ModelFlags):
                      "--target-gmacs": target_gmacs, "--output": flags.output, "--proportional": flags.proportional,
                      "--position": flags.position, "--preset": flags.preset}
     given = [flag for flag, value in pooling_flags.items() if value is not None]
-    k_values, layer_values = parse_int_list(k, "--k"), parse_int_list(layers, "--layers")
+    k_values, layer_values = parse_k(k), parse_int_list(layers, "--layers")
     loaded = load_model_or_dir(model_or_dir, str(flags.checkpoint) if flags.checkpoint else None, flags.pretrained)
     if loaded.config is not None and given:
         raise VitpoolError(

@@ -6,6 +6,7 @@ Kept free of torch so that the CLI can parse and check flags before importing an
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 
 from vitpool.errors import VitpoolError
@@ -26,7 +27,8 @@ class PoolingConfig:
     """Everything that describes a conversion: which method, how many patch tokens to keep after which blocks.
 
     `k[i]` is the number of patch tokens (prefix tokens such as CLS excluded) kept in block `layers[i]`
-    (0-based). `iters` is the fixed iteration count of the clustering methods; `seed` draws the `random`
+    (0-based), or, as a number in (0, 1), the fraction of the patch tokens reaching it: fractions pool any
+    input size of a `dynamic_img_size` model alike, where counts are planned at the size it was built for. `iters` is the fixed iteration count of the clustering methods; `seed` draws the `random`
     baseline's fixed token order. `output` is what the K-Medoids methods emit: the medoid token, or the
     (weighted) mean of its cluster. `proportional` lets a token that stands for s patches count as s patches:
     log(s) is added to its attention logits in every block after a pooling layer (ToMe's proportional
@@ -39,7 +41,7 @@ class PoolingConfig:
     """
 
     method: str = "kmedoids"
-    k: tuple[int, ...] = ()
+    k: tuple[int, ...] | tuple[float, ...] = ()
     layers: tuple[int, ...] = ()
     iters: int = 2
     seed: int = 0
@@ -106,13 +108,41 @@ def preset_named(name: str) -> Preset:
 
 @dataclass(frozen=True)
 class PoolingStage:
-    """One pooling layer as it will sit in a model: after `layer`, `tokens_in` patch tokens become `k`."""
+    """One pooling layer as it will sit in a model: after `layer`, `tokens_in` patch tokens become `k` (at the
+    model's own input size; with a `fraction`, `k` follows the tokens that arrive)."""
 
     layer: int
     tokens_in: int
     k: int
     grid_in: tuple[int, int] | None = field(default=None)
     grid_out: tuple[int, int] | None = field(default=None)
+    fraction: float | None = None
+
+
+def kept(fraction: float, tokens: int, method: str) -> int:
+    """The tokens a fraction keeps of `tokens`: rounded, at least one (for `tome`, at least half)."""
+    return max(1, round(fraction * tokens), tokens - tokens // 2 if method == "tome" else 1)
+
+
+def parse_k(text: str | None) -> tuple[int, ...] | tuple[float, ...]:
+    """--k: a comma list of token counts ("128,96,64") or of fractions of the incoming tokens ("0.67,0.45")."""
+    if text is None or not text.strip() or "." not in text:
+        return parse_int_list(text, "--k")
+    try:
+        return check_k(tuple(float(part) for part in text.split(",")))
+    except ValueError:
+        raise VitpoolError(f"--k must be a comma list of token counts (128,96,64) or of fractions (0.67,0.45); got {text!r}") from None
+
+
+def check_k(k) -> tuple[int, ...] | tuple[float, ...]:
+    """K values as counts (ints) or as fractions in (0, 1), not mixed."""
+    k = tuple(k)
+    if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in k):
+        return tuple(int(v) for v in k)
+    if all(isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < 1 for v in k):
+        return tuple(float(v) for v in k)
+    raise VitpoolError(f"K values are all token counts (integers) or all fractions of the incoming tokens in (0, 1); "
+                       f"got {', '.join(map(str, k))}")
 
 
 def parse_int_list(text: str | None, flag: str) -> tuple[int, ...]:
@@ -186,10 +216,16 @@ def plan_stages(config: PoolingConfig, depth: int, num_patches: int, grid: tuple
             raise VitpoolError(f"block index {layer} is out of range: this model has blocks 0..{depth - 1}")
     if list(config.layers) != sorted(set(config.layers)):
         raise VitpoolError(f"--layers must be strictly increasing block indices; got {list(config.layers)}")
+    check_k(config.k)
     stages = []
     tokens = num_patches
     current_grid: tuple[int, int] | None = grid
-    for k, layer in zip(config.k, config.layers):
+    for value, layer in zip(config.k, config.layers):
+        fraction = value if isinstance(value, float) else None
+        if fraction is not None and config.method in ("random", "grid"):
+            raise VitpoolError(f"{config.method} pooling is planned for one token count (its fixed order, its grid); "
+                               f"give --k as token counts")
+        k = kept(fraction, tokens, config.method) if fraction is not None else value
         if k < 1:
             raise VitpoolError(f"K must be at least 1; got {k} after block {layer}")
         if k > tokens:
@@ -207,7 +243,7 @@ def plan_stages(config: PoolingConfig, depth: int, num_patches: int, grid: tuple
             if current_grid is None:
                 raise VitpoolError("grid pooling needs tokens on a grid")
             grid_out = grid_shape(k, current_grid)
-        stages.append(PoolingStage(layer, tokens, k, current_grid if config.method == "grid" else None, grid_out))
+        stages.append(PoolingStage(layer, tokens, k, current_grid if config.method == "grid" else None, grid_out, fraction))
         tokens, current_grid = k, grid_out
     return stages
 
@@ -232,7 +268,7 @@ def make_config(
         output = base.output if method in (None, base.method) or method in MEDOID_METHODS else "medoid"
     given = {"method": method, "iters": iters, "output": output, "proportional": proportional, "position": position}
     config = replace(base, seed=int(seed), **{name: value for name, value in given.items() if value is not None})
-    k = tuple(int(v) for v in k)
+    k = check_k(k)
     if layers is None or (len(layers) == 0 and k):
         if depth is None:
             raise VitpoolError("the blocks to pool in (--layers) are needed when the model depth is unknown")

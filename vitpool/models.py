@@ -305,6 +305,13 @@ POOLING_FIELD_TYPES = {"method": str, "k": list, "layers": list, "iters": int, "
                        "proportional": bool, "position": str}
 
 
+def _numbers(values: list, fractions: bool) -> bool:
+    """All integers, or (where `fractions`) all numbers in (0, 1)."""
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return True
+    return fractions and all(isinstance(v, float) and 0 < v < 1 for v in values)
+
+
 def read_description(directory: Path) -> dict:
     """A saved model's vitpool.json, checked field by field so that a damaged file is named, not a traceback."""
     path = directory / CONFIG_FILE
@@ -327,8 +334,9 @@ def read_description(directory: Path) -> dict:
         for name, kind in POOLING_FIELD_TYPES.items():
             value = pooling.get(name)
             if name in pooling and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))
-                                    or (kind is list and not all(isinstance(v, int) and not isinstance(v, bool) for v in value))):
-                problems.append(f"'pooling.{name}' must be {'a list of integers' if kind is list else 'a ' + kind.__name__}")
+                                    or (kind is list and not _numbers(value, fractions=name == "k"))):
+                listed = "a list of integers" + (" or of fractions in (0, 1)" if name == "k" else "")
+                problems.append(f"'pooling.{name}' must be {listed if kind is list else 'a ' + kind.__name__}")
     if problems:
         raise VitpoolError(f"{path} is damaged: {'; '.join(problems)}; convert the model again")
     return description
