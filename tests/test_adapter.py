@@ -271,8 +271,6 @@ def test_forward_intermediates_is_refused_not_run_without_pooling(tiny_model):
 
 UNSUPPORTED_FAMILIES = {  # timm name: (small-model kwargs, class)
     "swin_tiny_patch4_window7_224": ({"depths": (1, 1, 1, 1)}, "SwinTransformer"),
-    "beit_base_patch16_224": ({"depth": 2, "embed_dim": 96, "num_heads": 2}, "Beit"),
-    "vit_relpos_small_patch16_224": ({"depth": 2}, "VisionTransformerRelPos"),
     "samvit_base_patch16": ({"depth": 2, "embed_dim": 96, "num_heads": 2, "img_size": 256}, "VisionTransformerSAM"),
 }
 

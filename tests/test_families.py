@@ -1,6 +1,9 @@
 """timm model families beyond VisionTransformer, with small random models: Eva (EVA02, the RoPE ViTs with one
-rotary embedding per block or per model, DINOv3 with registers). K = N changes nothing, pooled forwards are
-deterministic, save/load is exact, budgets land, and a pooled token's rotation is its patches' mean rotation."""
+rotary embedding per block or per model, DINOv3 with registers), Beit and VisionTransformerRelPos (relative
+position biases: per block, MLP-made, shared). K = N changes nothing, pooled forwards are deterministic,
+save/load is exact, budgets land, ONNX agrees; a pooled token's rotation is its patches' mean rotation, and a
+pair of pooled tokens gets the mean bias of the pairs of patches they stand for. `dynamic_img_size` models
+take K as fractions of the incoming tokens."""
 
 from __future__ import annotations
 
@@ -13,44 +16,66 @@ from vitpool.errors import VitpoolError
 from vitpool.flops import count_macs
 from vitpool.models import create_model
 
+SMALL = {"depth": 3, "embed_dim": 192, "num_heads": 3}
 EVA = {  # timm name: small-model kwargs
     "eva02_tiny_patch14_224": {"depth": 3},
-    "vit_small_patch16_rope_mixed_224": {"depth": 3, "embed_dim": 192, "num_heads": 3},
-    "vit_small_patch16_dinov3": {"depth": 3, "embed_dim": 192, "num_heads": 3},
+    "vit_small_patch16_rope_mixed_224": SMALL,
+    "vit_small_patch16_dinov3": SMALL,
 }
+RELATIVE = {
+    "beitv2_base_patch16_224": SMALL,  # a relative position table per block, CLS
+    "vit_relpos_small_patch16_224": SMALL,  # an MLP over log coordinates per block, no CLS
+    "vit_relpos_medium_patch16_cls_224": SMALL,  # the same with CLS
+    "vit_srelpos_small_patch16_224": SMALL,  # one shared by all blocks
+}
+FAMILY_MODELS = {**EVA, **RELATIVE}
+
+
+def small(name: str):
+    torch.manual_seed(0)
+    return create_model(name, pretrained=False, num_classes=10, **FAMILY_MODELS[name]).eval()
 
 
 @pytest.fixture(scope="module", params=list(EVA))
 def eva(request):
-    torch.manual_seed(0)
-    return create_model(request.param, pretrained=False, num_classes=10, **EVA[request.param]).eval()
+    return small(request.param)
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_MODELS))
+def family_model(request):
+    return small(request.param)
+
+
+def methods_for(model, methods):
+    """Beit's attention exposes no keys for tome to read (it is refused, tested below)."""
+    return [m for m in methods if not (m == "tome" and type(model).__name__ == "Beit")]
 
 
 def images(model, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("method", ["kmedoids", "tome", "importance"])
 @pytest.mark.parametrize("position", ["after-attention", "after-block"])
-def test_keeping_every_token_changes_nothing(eva, method, position):
-    n = eva.patch_embed.num_patches
-    converted = vitpool.convert(eva, method=method, k=[n, n], layers=[0, 1], position=position)
-    x = images(eva)
-    with torch.no_grad():
-        torch.testing.assert_close(converted(x), eva(x), rtol=1e-5, atol=1e-5)
+def test_keeping_every_token_changes_nothing(family_model, position):
+    n = family_model.patch_embed.num_patches
+    x = images(family_model)
+    for method in methods_for(family_model, ["kmedoids", "tome", "importance"]):
+        converted = vitpool.convert(family_model, method=method, k=[n, n], layers=[0, 1], position=position)
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), family_model(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["kmedoids", "wkmeans", "tome", "random"])
-def test_pooled_forward_is_deterministic_and_saved_exactly(eva, method, tmp_path):
-    n = eva.patch_embed.num_patches
-    converted = vitpool.convert(eva, method=method, k=[n // 2, n // 4], layers=[0, 1])
-    x = images(eva)
-    with torch.no_grad():
-        first, features = converted(x), converted.forward_features(x)
-        assert torch.equal(first, converted(x))
-        assert features.shape[1] == eva.num_prefix_tokens + n // 4
-        vitpool.save(converted, tmp_path / "saved")
-        assert torch.equal(vitpool.load(tmp_path / "saved")(x), first)
+def test_pooled_forward_is_deterministic_and_saved_exactly(family_model, tmp_path):
+    n = family_model.patch_embed.num_patches
+    x = images(family_model)
+    for method in methods_for(family_model, ["kmedoids", "wkmeans", "tome", "random"]):
+        converted = vitpool.convert(family_model, method=method, k=[n // 2, n // 4], layers=[0, 1])
+        with torch.no_grad():
+            first, features = converted(x), converted.forward_features(x)
+            assert torch.equal(first, converted(x))
+            assert features.shape[1] == family_model.num_prefix_tokens + n // 4
+            vitpool.save(converted, tmp_path / method)
+            assert torch.equal(vitpool.load(tmp_path / method)(x), first)
 
 
 def test_the_rotation_follows_the_tokens(eva):
@@ -84,20 +109,58 @@ def test_a_pooled_tokens_rotation_is_the_mean_of_its_patches():
     assert torch.equal(pooled[0], positions[0, 0, 0, 0])  # a token of one patch keeps its rotation exactly
 
 
-def test_budgets_land_on_eva(eva):
+def test_budgets_land_and_the_mac_model_counts_what_fvcore_counts(family_model):
+    from vitpool.budget import MacModel
+    from vitpool.flops import total_macs
+
     for budget in (0.5, 0.75):
-        converted = vitpool.convert(eva, budget=budget)
-        assert abs(count_macs(converted, eva).ratio - budget) <= 0.01 * budget
+        converted = vitpool.convert(family_model, budget=budget)
+        assert abs(count_macs(converted, family_model).ratio - budget) <= 0.01 * budget
+    config = converted.vitpool_config
+    counted = total_macs(converted)
+    assert abs(MacModel(family_model, config).total(config) - counted) <= 1e-5 * counted
 
 
-def test_onnx_export_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beitv2_base_patch16_224", "vit_relpos_medium_patch16_cls_224"])
+def test_onnx_export_matches_pytorch(name, tmp_path):
     from vitpool.export import export
 
-    torch.manual_seed(0)
-    model = create_model("eva02_tiny_patch14_224", pretrained=False, depth=2, num_classes=10).eval()
-    converted = vitpool.convert(model, k=[128, 64], layers=[0, 1])
-    result = export(converted, tmp_path / "eva.onnx", limit=4)
+    converted = vitpool.convert(small(name), k=[120, 60], layers=[0, 1])
+    result = export(converted, tmp_path / "model.onnx", limit=4)
     assert result.check.passed and result.check.agreement == 100.0 and result.check.max_abs_diff < 1e-4
+
+
+def test_a_pair_of_pooled_tokens_gets_the_mean_bias_of_its_pairs_of_patches():
+    torch.manual_seed(0)
+    bias = torch.randn(1, 2, 1 + 5, 1 + 5)  # CLS and 5 patches, 2 heads
+    origin = torch.tensor([[0, 1, 0, -1, 1]])  # patches 0, 2 -> token 0; 1, 4 -> token 1; 3 dropped
+    size = torch.tensor([[2.0, 2.0]])
+    pooled = pooling.merged_pair_bias(bias, origin, size)
+    assert pooled.shape == (1, 2, 3, 3)
+    members = {1: [1, 3], 2: [2, 5]}  # pooled token (after CLS) -> its patches' rows in `bias`
+    for a, rows in members.items():
+        for b, cols in members.items():
+            torch.testing.assert_close(pooled[0, :, a, b], bias[0][:, rows][:, :, cols].mean(dim=(1, 2)))
+        torch.testing.assert_close(pooled[0, :, 0, a], bias[0, :, 0, rows].mean(dim=1))  # CLS to a pooled token
+    assert torch.equal(pooled[0, :, 0, 0], bias[0, :, 0, 0])  # CLS stands for itself
+
+
+def test_blocks_after_pooling_add_the_pooled_bias_not_their_own():
+    """timm's own bias method is bypassed only for the call, so the block is unchanged afterwards."""
+    model = small("beitv2_base_patch16_224")
+    converted = vitpool.convert(model, k=[98], layers=[0], position="after-block")
+    seen = []
+    attention = converted.blocks[1].attn
+    attention.register_forward_hook(lambda module, _i, _o: seen.append(module._get_rel_pos_bias().shape))
+    with torch.no_grad():
+        converted(images(model, 1))
+    assert seen == [(1, 3, 1 + 98, 1 + 98)]  # pooled to the 98 tokens, per image, with log sizes
+    assert "_get_rel_pos_bias" not in vars(attention) and attention._get_rel_pos_bias().shape[-1] == 1 + 196
+
+
+def test_tome_on_beit_is_refused_in_one_line():
+    with pytest.raises(VitpoolError, match="block 0 is a Block, whose attention keys vitpool cannot read for --method tome"):
+        vitpool.convert(small("beitv2_base_patch16_224"), k=[98], layers=[0], method="tome")
 
 
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "eva02_tiny_patch14_224"])

@@ -27,6 +27,7 @@ The means are carried from pooling layer to pooling layer as the sizes are (`poo
 from __future__ import annotations
 
 import copy
+import functools
 import types
 from collections.abc import Iterator
 from collections.abc import Callable
@@ -161,39 +162,98 @@ class PooledBlocks(nn.Sequential):
     attention mask [B, 1, 1, P+N] (0 for prefix tokens), which timm passes to the fused kernel as is.
     Gradient checkpointing lives here (`grad_checkpointing`, set through the model's `set_grad_checkpointing`):
     timm's own path, `checkpoint_seq` over the blocks, would run them without their pooling layers.
-    `rope` is an Eva's rotary embedding (one for all blocks, or one per block with `rope_per_block`).
+    `rope` is an Eva's rotary embedding (one for all blocks, or one per block with `rope_per_block`);
+    `pair_bias` says how the blocks of a model with relative position biases take them, `shared_bias` the
+    model-wide one.
     """
 
     grad_checkpointing = False
 
-    def forward(self, x: Tensor, rope: Tensor | None = None, rope_per_block: bool = False) -> Tensor:
-        size = None
-        bias = None
+    def forward(self, x: Tensor, rope: Tensor | None = None, rope_per_block: bool = False,
+                pair_bias: PairBias | None = None, shared_bias: Tensor | None = None) -> Tensor:
+        size = bias = origin = None
         positions = rope_stack(rope, rope_per_block)
         for i, block in enumerate(self):
-            extra = {} if positions is None else {"rope": positions[i if rope_per_block else 0]}
             pool = getattr(block, "token_pool", None)
+            kwargs = {} if bias is None or pair_bias is not None else {"attn_mask": bias}
+            if positions is not None:
+                kwargs["rope"] = positions[i if rope_per_block else 0]
+            override = None
+            if pair_bias is not None:
+                override = pair_bias.arguments(block, shared_bias, origin, size, bias, kwargs)
             if pool is None:
-                x = self._run(_whole_block, block, x, bias, **extra)
+                x = self._run(_whole_block, block, x, override=override, **kwargs)
                 continue
             attention, mlp = HALVES[type(block)] if pool.position == AFTER_ATTENTION else (_whole_block, None)
             with captured(pool, block) as seen:
-                x = self._run(attention, block, x, bias, **extra)
+                x = self._run(attention, block, x, override=override, **kwargs)
             if size is None:
                 size = x.new_ones(x.shape[0], x.shape[1] - pool.num_prefix_tokens, dtype=torch.float32)
-            x, size, _, positions = pool(x, size, seen[0] if seen else None, positions)
+            x, merged, assign, positions = pool(x, size, seen[0] if seen else None, positions)
+            if pair_bias is not None:
+                origin = assign if origin is None else torch.where(origin >= 0, assign.gather(1, origin.clamp_min(0)), -1)
+            size = merged
             if mlp is not None:
                 x = self._run(mlp, block, x)
             if pool.proportional:
                 bias = size_bias(size, pool.num_prefix_tokens, x.dtype)
         return x
 
-    def _run(self, part, block: nn.Module, *args, **kwargs) -> Tensor:
-        """`part(block, *args, **kwargs)`; under gradient checkpointing its activations are recomputed in the
-        backward pass rather than kept (the pooling layers, between the parts, keep theirs: they hold no large ones)."""
+    def _run(self, part, block: nn.Module, *args, override: tuple | None = None, **kwargs) -> Tensor:
+        """`part(block, *args, **kwargs)`, with a bias method of the block's overridden for the call where given;
+        under gradient checkpointing its activations are recomputed in the backward pass rather than kept (the
+        pooling layers, between the parts, keep theirs: they hold no large ones)."""
+        if override is not None:
+            part = functools.partial(_overridden, part, override)
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             return torch.utils.checkpoint.checkpoint(part, block, *args, use_reentrant=False, **kwargs)
         return part(block, *args, **kwargs)
+
+
+def _overridden(part, override: tuple, block: nn.Module, *args, **kwargs) -> Tensor:
+    """`part` run while `owner.method()` returns `value` (a pooled bias in place of the one timm would build)."""
+    owner, method, value = override
+    setattr(owner, method, lambda: value)
+    try:
+        return part(block, *args, **kwargs)
+    finally:
+        delattr(owner, method)
+
+
+@dataclass(frozen=True)
+class PairBias:
+    """How a family's attention adds a bias for every pair of tokens (relative positions, Beit and RelPos): the
+    block keyword for the model-wide bias, and the block's own bias as (module, method name), or None.
+
+    After pooling, a pair of pooled tokens gets the mean of the biases between the original tokens they stand
+    for (`pooling.merged_pair_bias`), plus log sizes with proportional attention: the block's own bias method
+    returns it for that call (its attention has no mask argument), or the keyword carries it."""
+
+    keyword: str
+    own: Callable[[nn.Module], tuple[nn.Module, str] | None]
+
+    def full(self, block: nn.Module, shared: Tensor | None) -> Tensor | None:
+        """The bias the block adds at the original tokens [1, H, P+N, P+N]: its own and the shared one."""
+        owner = self.own(block)
+        own = getattr(type(owner[0]), owner[1])(owner[0]) if owner is not None else None
+        return own if shared is None else shared if own is None else own + shared
+
+    def arguments(self, block: nn.Module, shared: Tensor | None, origin: Tensor | None, size: Tensor | None,
+                  bias: Tensor | None, kwargs: dict) -> tuple | None:
+        """Put the block's pair bias into `kwargs`, or return the override that delivers it."""
+        if origin is None:  # no pooling yet: timm's own biases
+            kwargs[self.keyword] = shared
+            return None
+        full = self.full(block, shared)
+        total = pooling.merged_pair_bias(full, origin, size) if full is not None else None
+        if bias is not None:
+            total = bias if total is None else total + bias
+        owner = self.own(block)
+        if owner is None:
+            kwargs[self.keyword] = total
+            return None
+        kwargs[self.keyword] = None
+        return (*owner, total)
 
 
 def rope_stack(rope: Tensor | None, per_block: bool) -> Tensor | None:
@@ -221,20 +281,20 @@ def _refuse_intermediates(model: nn.Module, *args, **kwargs):
     )
 
 
-def _whole_block(block: nn.Module, x: Tensor, bias: Tensor | None, **rope) -> Tensor:
-    return block(x, **rope) if bias is None else block(x, attn_mask=bias, **rope)
+def _whole_block(block: nn.Module, x: Tensor, **attention) -> Tensor:
+    return block(x, **attention)
 
 
-def _pre_norm_attention(block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
-    return x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
+def _pre_norm_attention(block: nn.Module, x: Tensor, **attention) -> Tensor:
+    return x + block.drop_path1(block.ls1(block.attn(block.norm1(x), **attention)))
 
 
 def _pre_norm_mlp(block: nn.Module, x: Tensor) -> Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def _post_norm_attention(block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
-    return x + block.drop_path1(block.norm1(block.attn(x, attn_mask=bias)))
+def _post_norm_attention(block: nn.Module, x: Tensor, **attention) -> Tensor:
+    return x + block.drop_path1(block.norm1(block.attn(x, **attention)))
 
 
 def _post_norm_mlp(block: nn.Module, x: Tensor) -> Tensor:
@@ -245,26 +305,26 @@ def _scaled(gamma: Tensor | None, x: Tensor) -> Tensor:
     return x if gamma is None else gamma * x
 
 
-def _eva_attention(block: nn.Module, x: Tensor, bias: Tensor | None, rope: Tensor | None = None) -> Tensor:
-    return x + block.drop_path1(_scaled(block.gamma_1, block.attn(block.norm1(x), rope=rope, attn_mask=bias)))
+def _gamma_attention(block: nn.Module, x: Tensor, **attention) -> Tensor:
+    return x + block.drop_path1(_scaled(block.gamma_1, block.attn(block.norm1(x), **attention)))
 
 
-def _eva_mlp(block: nn.Module, x: Tensor) -> Tensor:
+def _gamma_mlp(block: nn.Module, x: Tensor) -> Tensor:
     return x + block.drop_path2(_scaled(block.gamma_2, block.mlp(block.norm2(x))))
 
 
-def _eva_post_norm_attention(block: nn.Module, x: Tensor, bias: Tensor | None, rope: Tensor | None = None) -> Tensor:
-    return x + block.drop_path1(block.norm1(block.attn(x, rope=rope, attn_mask=bias)))
-
-
 def _halves() -> dict[type, tuple]:
+    """Keyword arguments (attn_mask, rope, relative position biases) go to the block's attention."""
     models = import_timm().models
-    vision_transformer, eva = models.vision_transformer, models.eva
+    vit, eva, beit, relpos = models.vision_transformer, models.eva, models.beit, models.vision_transformer_relpos
     return {
-        vision_transformer.Block: (_pre_norm_attention, _pre_norm_mlp),
-        vision_transformer.ResPostBlock: (_post_norm_attention, _post_norm_mlp),
-        eva.EvaBlock: (_eva_attention, _eva_mlp),
-        eva.EvaBlockPostNorm: (_eva_post_norm_attention, _post_norm_mlp),
+        vit.Block: (_pre_norm_attention, _pre_norm_mlp),
+        vit.ResPostBlock: (_post_norm_attention, _post_norm_mlp),
+        eva.EvaBlock: (_gamma_attention, _gamma_mlp),
+        eva.EvaBlockPostNorm: (_post_norm_attention, _post_norm_mlp),
+        beit.Block: (_gamma_attention, _gamma_mlp),
+        relpos.RelPosBlock: (_pre_norm_attention, _pre_norm_mlp),
+        relpos.ResPostRelPosBlock: (_post_norm_attention, _post_norm_mlp),
     }
 
 
@@ -277,7 +337,6 @@ def size_bias(size: Tensor, num_prefix_tokens: int, dtype: torch.dtype) -> Tenso
     return logs.to(dtype)[:, None, None, :]
 
 
-_RELATIVE_POSITIONS = "its blocks add a relative position bias for every pair of tokens, which vitpool does not yet derive for pooled tokens"
 # timm model class -> why vitpool refuses it (one line each; a family vitpool learns to convert leaves this table)
 UNSUPPORTED = {
     "SwinTransformer": "token pooling does not apply: its stages attend within windows of a fixed token grid and "
@@ -286,8 +345,6 @@ UNSUPPORTED = {
                             "which pooled tokens no longer form",
     "NaFlexVit": "its patches arrive as a variable-length sequence with its own padding mask, which vitpool's "
                  "pooling layers do not carry yet",
-    "Beit": _RELATIVE_POSITIONS,
-    "VisionTransformerRelPos": _RELATIVE_POSITIONS,
 }
 
 
@@ -308,18 +365,53 @@ def _eva_positions(model: nn.Module) -> Tensor | None:
         return rope_stack(model._pos_embed(tokens)[1], bool(getattr(model, "rope_mixed", False)))
 
 
+BEIT_BIAS = PairBias("shared_rel_pos_bias", lambda block: (block.attn, "_get_rel_pos_bias")
+                     if block.attn.relative_position_bias_table is not None else None)
+RELPOS_BIAS = PairBias("shared_rel_pos", lambda block: (block.attn.rel_pos, "get_bias") if block.attn.rel_pos is not None else None)
+
+
+def _beit_features(model: nn.Module, x: Tensor) -> Tensor:
+    """Beit's forward_features with its blocks run by `PooledBlocks`, which pools the relative position biases."""
+    x = model.patch_embed(x)
+    x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    x = model.pos_drop(x if model.pos_embed is None else x + model.pos_embed)
+    shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+    return model.norm(model.blocks(x, pair_bias=BEIT_BIAS, shared_bias=shared))
+
+
+def _beit_shared(model: nn.Module) -> Tensor | None:
+    return model.rel_pos_bias() if model.rel_pos_bias is not None else None
+
+
+def _relpos_features(model: nn.Module, x: Tensor) -> Tensor:
+    """VisionTransformerRelPos's forward_features with its blocks run by `PooledBlocks` (relative biases pooled)."""
+    x = model.patch_embed(x)
+    if model.cls_token is not None:
+        x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    return model.norm(model.blocks(x, pair_bias=RELPOS_BIAS, shared_bias=_relpos_shared(model)))
+
+
+def _relpos_shared(model: nn.Module) -> Tensor | None:
+    return model.shared_rel_pos.get_bias() if model.shared_rel_pos is not None else None
+
+
 @dataclass(frozen=True)
 class Family:
     """What vitpool needs of one timm model class beyond its blocks: a forward_features that runs
-    `model.blocks` as one call (None: timm's own does) and the rotary positions its blocks take (None: none)."""
+    `model.blocks` as one call (None: timm's own does), the rotary positions its blocks take, and how its
+    blocks take relative position biases (with the model-wide one)."""
 
     forward_features: Callable | None = None
     positions: Callable[[nn.Module], Tensor | None] = lambda model: None
+    pair_bias: PairBias | None = None
+    shared_bias: Callable[[nn.Module], Tensor | None] = lambda model: None
 
 
 FAMILIES = {  # timm model class name -> Family; a subclass is its base class's family
     "VisionTransformer": Family(),
     "Eva": Family(_eva_features, _eva_positions),
+    "Beit": Family(_beit_features, pair_bias=BEIT_BIAS, shared_bias=_beit_shared),
+    "VisionTransformerRelPos": Family(_relpos_features, pair_bias=RELPOS_BIAS, shared_bias=_relpos_shared),
 }
 
 
@@ -329,7 +421,8 @@ def family_of(model: nn.Module) -> Family | None:
 
 def check_model(model: nn.Module) -> None:
     kind = type(model).__name__
-    supported = "vitpool converts timm's VisionTransformer (vit_*, deit_*, deit3_*) and Eva (eva02_*, vit_*_rope_*, vit_*_dinov3, vit_pe_*) models"
+    supported = ("vitpool converts timm's VisionTransformer (vit_*, deit_*, deit3_*), Eva (eva02_*, vit_*_rope_*, "
+                 "vit_*_dinov3, vit_pe_*), Beit (beit*) and VisionTransformerRelPos (vit_relpos_*, vit_srelpos_*) models")
     if kind in UNSUPPORTED:
         raise VitpoolError(f"{kind} models cannot be converted: {UNSUPPORTED[kind]}; {supported}")
     needed = ("blocks", "patch_embed", "num_prefix_tokens")

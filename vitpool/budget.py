@@ -22,8 +22,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from vitpool.adapter import (HALVES, NEEDS_ATTENTION, TokenPool, apply_pooling, check_blocks, check_model, family_of, plan_for,
-                             token_grid)
+from vitpool.adapter import (HALVES, NEEDS_ATTENTION, PairBias, TokenPool, _overridden, _whole_block, apply_pooling, check_blocks,
+                             check_model, family_of, plan_for, token_grid)
 from vitpool.config import AFTER_ATTENTION, EVERY_BLOCK, FAMILIES, LATE, PoolingConfig, default_layers, grid_shape
 from vitpool.errors import VitpoolError
 from vitpool.flops import analyse, total_macs
@@ -104,16 +104,25 @@ class _LiveOutputs(nn.Module):
         return live + (positions,) if positions is not None else live if self.sizes_live else tokens
 
 
-class _Half(nn.Module):
-    """One residual half of a timm block, "attention" or "mlp", as `PooledBlocks` runs it."""
+class _Part(nn.Module):
+    """A timm block, or one of its residual halves ("attention", "mlp"), as `PooledBlocks` runs it; a block
+    with its own relative position bias adds zeros of the traced token count instead (no MACs either way)."""
 
-    def __init__(self, block: nn.Module, which: str) -> None:
+    def __init__(self, block: nn.Module, which: str, pair_bias: PairBias | None) -> None:
         super().__init__()
-        self.block, self.which = block, which
+        self.block, self.which, self.pair_bias = block, which, pair_bias
 
     def forward(self, x):
-        attention, mlp = HALVES[type(self.block)]
-        return attention(self.block, x, None) if self.which == "attention" else mlp(self.block, x)
+        attention, mlp = HALVES[type(self.block)] if self.which != "block" else (_whole_block, None)
+        if self.which == "mlp":
+            return mlp(self.block, x)
+        if self.pair_bias is None:
+            return attention(self.block, x)
+        owner, tokens = self.pair_bias.own(self.block), x.shape[1]
+        if owner is None:
+            return attention(self.block, x, **{self.pair_bias.keyword: None})
+        zeros = x.new_zeros(1, self.block.attn.num_heads, tokens, tokens)
+        return _overridden(attention, (*owner, zeros), self.block, x, **{self.pair_bias.keyword: None})
 
 
 class _Tail(nn.Module):
@@ -144,7 +153,12 @@ class MacModel:
         if len(shapes) != 1:
             raise VitpoolError("budget schedules need blocks of one shape; give --k and --layers instead")
         self.baseline = total_macs(model)
-        self.positions = family_of(model).positions(model)  # rotary positions [L, 1, H, N, D], pooled with the tokens
+        self.family = family_of(model)
+        self.positions = self.family.positions(model)  # rotary positions [L, 1, H, N, D], pooled with the tokens
+        bias = self.family.pair_bias
+        with torch.no_grad():
+            biased = bias is not None and bias.full(model.blocks[0], self.family.shared_bias(model)) is not None
+        self.bias_heads = model.blocks[0].attn.num_heads if biased else 0  # relative position biases pooled per block
         tokens = self.num_patches + self.prefix
         self.rest = self.baseline - self.depth * self.block(tokens) - self.tail(tokens)
 
@@ -165,7 +179,7 @@ class MacModel:
         against a fourth count; a part whose count is not such a quadratic is traced at every count."""
 
         block = self.model.blocks[0]
-        module = {"block": block, "tail": _Tail(self.model)}.get(part) or _Half(block, part)
+        module = _Tail(self.model) if part == "tail" else _Part(block, part, self.family.pair_bias)
 
         @lru_cache(maxsize=None)
         def traced(tokens: int) -> int:
@@ -181,11 +195,11 @@ class MacModel:
 
         return quadratic if quadratic(17) == traced(17) else traced
 
-    def pool(self, stage, sizes_live: bool = False) -> int:
-        return self._pool(replace(stage, layer=0), sizes_live)
+    def pool(self, stage, sizes_live: bool = False, positions_live: bool = True) -> int:
+        return self._pool(replace(stage, layer=0), sizes_live, positions_live)
 
     @lru_cache(maxsize=None)
-    def _pool(self, stage, sizes_live: bool) -> int:
+    def _pool(self, stage, sizes_live: bool, positions_live: bool) -> int:
         t = self.template
         layer = TokenPool(t.method, stage, self.prefix, t.iters, seed=0, output=t.output)
         tokens = stage.tokens_in + self.prefix
@@ -197,8 +211,13 @@ class MacModel:
         else:
             seen = None
         inputs = (torch.rand(1, tokens, self.dim), torch.ones(1, stage.tokens_in)) + ((layer.read(seen),) if seen is not None else ())
-        positions = self.positions[:, :, :, : stage.tokens_in] if self.positions is not None else None
+        positions = self.positions[:, :, :, : stage.tokens_in] if self.positions is not None and positions_live else None
         return analyse(_LiveOutputs(layer, sizes_live, positions), inputs)[0]
+
+    def pair_bias_pooling(self, tokens: int) -> int:
+        """`pooling.merged_pair_bias`'s two scatter-adds for a block after pooling, at batch 1."""
+        full = self.num_patches + self.prefix
+        return self.bias_heads * full * (full + tokens + self.prefix)
 
     def total(self, config: PoolingConfig) -> int:
         """The MACs of `config` (the template's setting with its own K and layers)."""
@@ -208,12 +227,15 @@ class MacModel:
         tokens, macs = self.num_patches, self.rest
         for i in range(self.depth):
             stage = stages.get(i)
+            if tokens < self.num_patches or min(stages, default=i) < i:  # after a pooling layer
+                macs += self.pair_bias_pooling(tokens)
             if stage is None or t.position != AFTER_ATTENTION:
                 macs += self.block(tokens + self.prefix)
             else:
                 macs += self.half("attention", tokens + self.prefix) + self.half("mlp", stage.k + self.prefix)
             if stage is not None:
-                macs += self.pool(stage, sizes_live=t.proportional or (t.method == "tome" and i != last))
+                macs += self.pool(stage, sizes_live=t.proportional or (t.method == "tome" and i != last),
+                                  positions_live=i < self.depth - 1)  # rotary positions, for the blocks after
                 tokens = stage.k
         return macs + self.tail(tokens + self.prefix)
 

@@ -414,3 +414,23 @@ def merged_positions(positions: Tensor, assign: Tensor, size: Tensor, merged: Te
     weighted = positions.expand(shape) * weight.view(1, batch, 1, n, 1).to(positions.dtype)
     sums = positions.new_zeros(layers, batch, heads, k, width).scatter_add(3, index.view(1, batch, 1, n, 1).expand(shape), weighted)
     return sums / merged.clamp_min(1).view(1, batch, 1, k, 1).to(positions.dtype)
+
+
+def merged_pair_bias(bias: Tensor, origin: Tensor, size: Tensor) -> Tensor:
+    """An attention bias between every pair of original tokens [1 or B, H, P+N, P+N] for the pooled tokens
+    [B, H, P+K, P+K]: each pair gets the mean over the pairs of original tokens the two stand for. `origin`
+    [B, N] is each original patch's pooled token (-1: dropped), `size` [B, K] how many patches each stands for;
+    prefix tokens stand for themselves. Two scatter-adds (rows, then columns): no N x K matrix is multiplied."""
+    batch, k = size.shape
+    heads, total = bias.shape[1], bias.shape[-1]
+    prefix = total - origin.shape[1]
+    index, weight = _members(origin, torch.ones_like(origin, dtype=bias.dtype))
+    ones = bias.new_ones(batch, prefix)
+    index = torch.cat([torch.arange(prefix, device=origin.device).expand(batch, prefix), index + prefix], dim=1)
+    weight = torch.cat([ones, weight], dim=1)
+    rows = bias.new_zeros(batch, heads, prefix + k, total).scatter_add(
+        2, index[:, None, :, None].expand(batch, heads, total, total), bias.expand(batch, heads, total, total) * weight[:, None, :, None])
+    pairs = bias.new_zeros(batch, heads, prefix + k, prefix + k).scatter_add(
+        3, index[:, None, None, :].expand(batch, heads, prefix + k, total), rows * weight[:, None, None, :])
+    counts = torch.cat([ones, size.to(bias.dtype)], dim=1).clamp_min(1)
+    return pairs / (counts[:, None, :, None] * counts[:, None, None, :])
