@@ -284,13 +284,39 @@ def test_unsupported_families_get_one_reason_not_a_traceback(name):
             vitpool.convert(model, **request)
 
 
-def test_parallel_blocks_refuse_methods_that_read_attention_and_pool_with_the_others():
+@pytest.mark.parametrize("name", ["vit_small_patch16_18x2_224", "vit_pwee_patch16_reg1_gap_256"])
+def test_parallel_blocks_pool_after_the_block_with_every_method(name):
+    """Attention and MLP run side by side, so pooling goes after the block; significance and keys are read from
+    each attention branch (ParallelThingsBlock: their mean) or from the block itself (ParallelScalingBlock)."""
     torch.manual_seed(0)
-    model = create_model("vit_small_patch16_18x2_224", pretrained=False, depth=2).eval()
-    for method, position in (("kmedoids", "after-block"), ("tome", "after-block")):
-        with pytest.raises(VitpoolError, match="block 0 is a ParallelThingsBlock, whose attention .* cannot read"):
-            vitpool.convert(model, k=[98], layers=[0], method=method, position=position)
+    model = create_model(name, pretrained=False, depth=2).eval()
+    n = model.patch_embed.num_patches
+    x = _image(2, model)
     with pytest.raises(VitpoolError, match="cannot split between attention and MLP"):
-        vitpool.convert(model, k=[98], layers=[0], method="random", position="after-attention")
-    pooled = vitpool.convert(model, k=[98], layers=[0], method="random", position="after-block")
-    assert pooled.forward_features(_image(1, model)).shape[1] == 1 + 98
+        vitpool.convert(model, k=[n // 2], layers=[0], method="random", position="after-attention")
+    for method in ("kmedoids", "wkmeans", "importance", "tome", "random"):
+        same = vitpool.convert(model, k=[n], layers=[0], method=method, position="after-block")
+        pooled = vitpool.convert(model, k=[n // 2], layers=[0], method=method, position="after-block")
+        with torch.no_grad():
+            torch.testing.assert_close(same(x), model(x), rtol=1e-5, atol=1e-5)
+            assert pooled.forward_features(x).shape[1] == model.num_prefix_tokens + n // 2
+            assert torch.equal(pooled(x), pooled(x))
+
+
+def test_a_parallel_blocks_significance_is_the_mean_over_its_attention_branches():
+    from vitpool.adapter import TokenPool, captured, combined
+
+    torch.manual_seed(0)
+    model = create_model("vit_small_patch16_18x2_224", pretrained=False, depth=1).eval()
+    block = vitpool.convert(model, k=[98], layers=[0], method="kmedoids", position="after-block").blocks[0]
+    branches = [branch.attn.attn_drop for branch in block.attns]
+    probabilities = []
+    handles = [module.register_forward_hook(lambda _m, _i, out: probabilities.append(out)) for module in branches]
+    tokens = torch.randn(2, 197, model.embed_dim)
+    with torch.no_grad(), captured(block.token_pool, block) as seen:
+        block(tokens)
+    for handle in handles:
+        handle.remove()
+    assert len(seen) == 2 and isinstance(block.token_pool, TokenPool)
+    expected = torch.stack([p.sum(dim=2).mean(dim=1)[:, 1:] for p in probabilities]).mean(dim=0)
+    torch.testing.assert_close(combined(seen), expected)

@@ -221,3 +221,13 @@ def test_the_command_line_takes_fractions():
     assert result.exit_code == 0, result.stderr
     report = __import__("json").loads(result.stdout)
     assert [block["tokens_out"] for block in report["blocks"]][3:7] == [99, 99, 99, 50]  # 196 -> 98 -> 49, CLS kept
+
+
+def test_onnx_export_of_parallel_blocks_matches_pytorch(tmp_path):
+    from vitpool.export import export
+
+    torch.manual_seed(0)
+    model = create_model("vit_pwee_patch16_reg1_gap_256", pretrained=False, depth=2, num_classes=10).eval()
+    converted = vitpool.convert(model, k=[128, 64], layers=[0, 1], position="after-block")
+    result = export(converted, tmp_path / "model.onnx", limit=4)
+    assert result.check.passed and result.check.agreement == 100.0 and result.check.max_abs_diff < 1e-4

@@ -48,17 +48,29 @@ NEEDS_ATTENTION = CLUSTERING_METHODS + ("importance",)
 
 @contextmanager
 def captured(pool: TokenPool | None, block: nn.Module) -> Iterator[list[Tensor]]:
-    """Collect what `pool` reads of its tapped module's output while `block` runs; nothing is kept after."""
+    """Collect what `pool` reads of its tapped modules' outputs while `block` runs; nothing is kept after."""
     seen: list[Tensor] = []
-    tapped = pool.tap(block) if pool is not None else None
-    if tapped is None:
-        yield seen
-        return
-    handle = tapped.register_forward_hook(lambda _module, _inputs, output: seen.append(pool.read(output)))
+    tapped = pool.tap(block) if pool is not None else []
+    handles = [module.register_forward_hook(lambda _module, _inputs, output, heads=heads: seen.append(pool.read(output, heads)))
+               for module, heads in tapped]
     try:
         yield seen
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def attention_modules(block: nn.Module) -> list[nn.Module]:
+    """The modules that compute a block's attention: timm's `attn`, each branch's of a ParallelThingsBlock, or
+    the block itself where it computes its own (ParallelScalingBlock)."""
+    if hasattr(block, "attns"):
+        return [branch.attn for branch in block.attns]
+    return [block.attn] if hasattr(block, "attn") else [block]
+
+
+def combined(seen: list[Tensor]) -> Tensor | None:
+    """What a pooling layer read: one tensor, or the mean over a parallel block's attention branches."""
+    return None if not seen else seen[0] if len(seen) == 1 else torch.stack(seen).mean(dim=0)
 
 
 class TokenPool(nn.Module):
@@ -84,21 +96,22 @@ class TokenPool(nn.Module):
             # same output, and export sees a constant rather than a random op.
             self.register_buffer("random_scores", torch.rand(stage.tokens_in, generator=generator), persistent=False)
 
-    def tap(self, block: nn.Module) -> nn.Module | None:
-        """The submodule of `block` whose output this method needs, if any."""
+    def tap(self, block: nn.Module) -> list[tuple[nn.Module, int]]:
+        """The submodules of `block` whose outputs this method needs (one per attention branch), each with the
+        axis of its heads: keys are normed as [B, H, N, D], or as [B, N, H, D] where the block computes its own."""
         if self.method in NEEDS_ATTENTION:
-            return block.attn.attn_drop
+            return [(attention.attn_drop, 1) for attention in attention_modules(block)]
         if self.method == "tome":
-            return block.attn.k_norm
-        return None
+            return [(attention.k_norm, 2 if attention is block else 1) for attention in attention_modules(block)]
+        return []
 
-    def read(self, tapped: Tensor) -> Tensor:
+    def read(self, tapped: Tensor, heads: int = 1) -> Tensor:
         """What this layer needs of the tapped output, taken as the block runs so that the block frees the rest
         as usual: the significance [B, N] of the attention probabilities (held until the block's end, they
         raised DeiT-S's batch-32 tensor peak from 121.5 to 139.2 MB), or `tome`'s keys averaged over heads."""
         if self.method in NEEDS_ATTENTION:
             return significance_from_attention(tapped, self.num_prefix_tokens)
-        return tapped.mean(dim=1)[:, self.num_prefix_tokens :]
+        return tapped.mean(dim=heads)[:, self.num_prefix_tokens :]
 
     def forward(self, x: Tensor, size: Tensor, seen: Tensor | None = None,
                 positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -189,7 +202,7 @@ class PooledBlocks(nn.Sequential):
                 x = self._run(attention, block, x, override=override, **kwargs)
             if size is None:
                 size = x.new_ones(x.shape[0], x.shape[1] - pool.num_prefix_tokens, dtype=torch.float32)
-            x, merged, assign, positions = pool(x, size, seen[0] if seen else None, positions)
+            x, merged, assign, positions = pool(x, size, combined(seen), positions)
             if pair_bias is not None:
                 origin = assign if origin is None else torch.where(origin >= 0, assign.gather(1, origin.clamp_min(0)), -1)
             size = merged
@@ -441,9 +454,9 @@ def check_blocks(model: nn.Module, layers, config: PoolingConfig) -> None:
 
 
 def _check_readable(block: nn.Module, layer: int, method: str) -> None:
-    """The methods that read a block's attention need timm's `Attention` there (`attn` with `attn_drop` or `k_norm`)."""
+    """The methods that read a block's attention need modules to read: `attn_drop` (probabilities) or `k_norm` (keys)."""
     needed = "attn_drop" if method in NEEDS_ATTENTION else "k_norm" if method == "tome" else None
-    if needed is not None and not hasattr(getattr(block, "attn", None), needed):
+    if needed is not None and not all(hasattr(attention, needed) for attention in attention_modules(block)):
         what = "attention probabilities" if needed == "attn_drop" else "attention keys"
         raise VitpoolError(
             f"block {layer} is a {type(block).__name__}, whose {what} vitpool cannot read for --method {method}; "
@@ -485,7 +498,8 @@ def apply_pooling(model: nn.Module, config: PoolingConfig) -> nn.Module:
         block.token_pool = TokenPool(config.method, stage, model.num_prefix_tokens, config.iters, config.seed,
                                      config.output, config.proportional, config.position)
         if config.method in NEEDS_ATTENTION:
-            block.attn.fused_attn = False
+            for attention in attention_modules(block):
+                attention.fused_attn = False
     model.blocks = PooledBlocks(*model.blocks)
     features = family_of(model).forward_features
     if features is not None:

@@ -22,8 +22,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from vitpool.adapter import (HALVES, NEEDS_ATTENTION, PairBias, TokenPool, _overridden, _whole_block, apply_pooling, check_blocks,
-                             check_model, family_of, plan_for, token_grid)
+from vitpool.adapter import (HALVES, NEEDS_ATTENTION, PairBias, TokenPool, _overridden, _whole_block, apply_pooling,
+                             attention_modules, check_blocks, check_model, family_of, plan_for, token_grid)
 from vitpool.config import AFTER_ATTENTION, EVERY_BLOCK, FAMILIES, LATE, PoolingConfig, default_layers, grid_shape
 from vitpool.errors import VitpoolError
 from vitpool.flops import analyse, total_macs
@@ -203,7 +203,7 @@ class MacModel:
         t = self.template
         layer = TokenPool(t.method, stage, self.prefix, t.iters, seed=0, output=t.output)
         tokens = stage.tokens_in + self.prefix
-        attn = self.model.blocks[stage.layer].attn
+        attn = attention_modules(self.model.blocks[stage.layer])[0]
         if t.method in NEEDS_ATTENTION:
             seen = torch.rand(1, attn.num_heads, tokens, tokens).softmax(-1)
         elif t.method == "tome":
