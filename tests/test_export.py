@@ -9,7 +9,7 @@ import torch
 
 import vitpool
 from vitpool import export as export_module
-from vitpool.config import METHODS, POSITIONS
+from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK, METHODS
 from vitpool.errors import VitpoolError
 from vitpool.models import create_model
 
@@ -17,8 +17,12 @@ SCHEDULE = {"k": [128, 88, 56], "layers": [2, 5, 8]}
 GRID_SCHEDULE = {"k": [121, 81, 49], "layers": [2, 5, 8]}
 
 
-@pytest.mark.parametrize("position", POSITIONS)
-@pytest.mark.parametrize("method", METHODS)
+# Every method after attention (the default place, the block run as two halves), and after the block the
+# default method, a selection and tome: the pooling layer is the same module in both places.
+EXPORTED = [(method, AFTER_ATTENTION) for method in METHODS] + [(method, AFTER_BLOCK) for method in ("kmedoids", "importance", "tome")]
+
+
+@pytest.mark.parametrize("method, position", EXPORTED)
 def test_every_method_exports_and_agrees_with_pytorch_on_real_images(method, position, real_deit_tiny, imagenet_sample, tmp_path):
     pooled = vitpool.convert(real_deit_tiny, method=method, position=position,
                              **(GRID_SCHEDULE if method == "grid" else SCHEDULE))
@@ -105,13 +109,13 @@ def test_export_command_json_and_refusal(tmp_path):
     target = tmp_path / "out" / "m.onnx"
     args = [str(vitpool_cli), "export", "deit_tiny", "--no-pretrained", "--method", "importance", "--k", "100",
             "--layers", "4", "--limit", "4", "--out", str(target)]
-    run = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr
     document = json.loads(run.stdout)
     assert document["path"] == str(target) and document["input_shape"] == ["batch", 3, 224, 224]
     assert document["check"]["passed"] and document["check"]["n"] == 4 and document["pooling"]["k"] == [100]
     before = target.read_bytes()
-    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=900)
     lines = [line for line in again.stderr.splitlines() if line.strip()]
     assert again.returncode == 2 and len(lines) == 1 and "already exists" in lines[0] and "--force" in lines[0]
     assert target.read_bytes() == before

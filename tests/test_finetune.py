@@ -27,7 +27,7 @@ ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "HF_H
 TRAIN = ["--epochs", "3", "-b", "4", "--lr", "1e-4", "--warmup-epochs", "1", "--workers", "1", "--seed", "7"]
 
 
-def vitpool(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+def vitpool(*args, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "vitpool"), *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
@@ -170,7 +170,7 @@ def test_torchrun_two_processes_train_identical_weights(small, tmp_path):
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
                                start_new_session=True)
     try:
-        output, _ = process.communicate(timeout=180)
+        output, _ = process.communicate(timeout=900)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks, so nothing outlives the test
         output, _ = process.communicate()

@@ -69,17 +69,17 @@ def test_schedule_command_saves_flags_that_other_commands_accept(folder, tmp_pat
     out = tmp_path / "not" / "yet" / "schedule.json"  # folders are created, as for every output
     done = subprocess.run([str(VITPOOL), "schedule", "deit_tiny", "--no-pretrained", "--data", str(folder), "--budget", "0.75",
                            "--iters", "1", "--limit", "4", "--workers", "0", "--out", str(out), "--json"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
     assert json.loads(out.read_text()) == document
     assert document["calibration_images"] == 4 and abs(document["mac_ratio"] - 0.75) <= 0.0075
     flops = subprocess.run([str(VITPOOL), "flops", "deit_tiny", *document["flags"].split(), "--iters", "1", "--json"],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=900)
     assert flops.returncode == 0, flops.stderr
     assert json.loads(flops.stdout)["gmacs"] == pytest.approx(document["gmacs"])
     again = subprocess.run([str(VITPOOL), "schedule", "deit_tiny", "--no-pretrained", "--data", str(folder), "--budget", "0.75",
-                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+                            "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert again.returncode == 2 and "already exists" in again.stderr and json.loads(out.read_text()) == document
 
 
