@@ -120,3 +120,20 @@ def test_output_mean_applies_to_the_k_medoids_methods_and_leaves_the_others_alon
     assert all("error" not in row for row in means.rows), means.rows
     assert means.rows[0]["kl"] == medoids.rows[0]["kl"]  # importance: the same model either way
     assert means.rows[1]["kl"] != medoids.rows[1]["kl"]  # wkmedoids: cluster means, not medoids
+
+
+def test_a_sweep_does_not_resume_into_changed_images(tiny_model, folder, tmp_path):
+    """Reruns match on the images read, not only on the path: a class folder added since is refused."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    out = tmp_path / "sweep"
+    run(tiny_model, data, out, ["grid"], [0.9])
+    before = (out / "results.json").read_bytes()
+    noise_folder(data, ("eel",), 2, (240, 260), seed=7)
+    with pytest.raises(VitpoolError, match="are not the ones .* was swept on .* --force"):
+        run(tiny_model, data, out, ["grid", "random"], [0.9])
+    assert (out / "results.json").read_bytes() == before
+    again = run(tiny_model, data, out, ["grid", "random"], [0.9], force=True)
+    assert again.reference["n"] == 8 and len(again.rows) == 2

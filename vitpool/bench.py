@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import platform
 import statistics
@@ -224,6 +225,20 @@ def _summary(times: list[float], batch: int) -> dict:
             "images_per_s": 1e3 * batch / statistics.median(ordered)}
 
 
+def check_memory(model, batch: int, device: str) -> None:
+    """One line for a batch whose input images alone exceed the memory free on `device` (activations need more)."""
+    import torch
+
+    needed = batch * model.patch_embed.proj.in_channels * math.prod(model.patch_embed.img_size) * 4
+    if device == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    if free is not None and needed > free:
+        raise VitpoolError(f"--batch-size {batch} needs {needed / 2**30:.1f} GiB for its input images alone (more for "
+                           f"the activations), and {device} has {free / 2**30:.1f} GiB free; use a smaller batch")
+
+
 def bench(
     baseline,
     pooled,
@@ -258,6 +273,7 @@ def bench(
         raise VitpoolError(f"unknown precision {precision!r}: use bf16 or fp16 with --amp")
     if precision != "fp32" and device != "cuda":
         raise VitpoolError(f"--amp {precision} is for CUDA; drop it on the CPU")
+    check_memory(baseline, max(batch_sizes), device)
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()

@@ -89,11 +89,12 @@ class ModelFlags:
 
     def template(self):
         """The pooling setting asked for, K and layers aside: the preset's where a flag is not given."""
-        from vitpool.config import check_method_and_output, make_config
+        from vitpool.config import check_budget, check_method_and_output, make_config
 
         template = make_config(self.method, layers=(), iters=self.iters, output=self.output, proportional=self.proportional,
                                position=self.position, preset=self.preset or "vitpool")
         check_method_and_output(template.method, template.output, template.position)
+        check_budget(self.budget, self.target_gmacs)
         return template
 
     def family(self) -> str:
@@ -224,6 +225,7 @@ def build(model_or_dir: str, flags: ModelFlags):
                      "--position": flags.position, "--preset": flags.preset}
     given = [flag for flag, value in pooling_flags.items() if value is not None]
     k_values, layer_values = parse_k(k), parse_int_list(layers, "--layers")
+    template = flags.template()  # checks the flags before the model loads
     loaded = load_model_or_dir(model_or_dir, str(flags.checkpoint) if flags.checkpoint else None, flags.pretrained)
     if loaded.config is not None and given:
         raise VitpoolError(
@@ -233,7 +235,6 @@ def build(model_or_dir: str, flags: ModelFlags):
     if loaded.config is None and given and not k_values and budget is None and target_gmacs is None:
         raise VitpoolError(f"{', '.join(given)} given without --k: say how many tokens to keep, e.g. --k 160,128,96")
     config = loaded.config
-    template = flags.template()
     if config is None and (budget is not None or target_gmacs is not None):
         from vitpool.budget import solve
 
@@ -408,7 +409,7 @@ def export(
     out_file: Annotated[Path, typer.Option("--out", help="ONNX file to write (refused if it exists, unless --force).")],
     flags: ModelFlags,
     data_flags: DataFlags,
-    opset: Annotated[int, typer.Option("--opset", min=17, help="ONNX opset.")] = 18,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (17 up to what the installed onnx knows).")] = 18,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Example batch to trace with (at least 2 is used; the exported batch axis is dynamic).")] = 2,
     run_check: Annotated[bool, typer.Option("--check/--no-check", help="Compare ONNX Runtime with PyTorch before writing.")] = True,
     data_dir: Annotated[Optional[Path], typer.Option("--data", metavar="ROOT", help=f"Check on real images instead of random inputs: {DATA_HELP}")] = None,
@@ -420,11 +421,12 @@ def export(
     as_json: JsonOpt = False,
 ):
     """Export to ONNX with the pooling in the graph and a dynamic batch axis, checked in ONNX Runtime."""
-    from vitpool.export import LOGIT_ATOL, export as export_model
+    from vitpool.export import LOGIT_ATOL, check_opset, export as export_model
 
     from vitpool.data import check_source
 
     refuse_existing_output(out_file, force)
+    check_opset(opset)
     source = data_flags.source(data_dir, split) if data_dir is not None or data_flags.dataset else None
     if source is not None:
         check_source(source)  # before the export, which takes a while
@@ -471,6 +473,8 @@ def bench(
     if runtime is None:
         runtime = "torch,onnxruntime" if device != "cuda" or _onnxruntime_has_cuda() else "torch"
     runtimes = [r.strip() for r in runtime.split(",") if r.strip()]
+    if not runtimes:
+        raise VitpoolError(f"--runtime takes a comma list of torch, torch-compile, onnxruntime; got {runtime!r}")
     loaded, pooled = build(model_or_dir, flags)
     if pooled is None:
         raise VitpoolError("bench compares a converted model with its original: pass a converted directory, --k or --budget")
@@ -795,4 +799,20 @@ def _onnxruntime_has_cuda() -> bool:
 
 
 def main() -> None:
-    app()
+    """The console script: typer's app, with click's usage errors (a value that does not parse or is out of
+    range, a missing or unknown option) as the one `error:` line and exit code 2 every other error gets."""
+    click = sys.modules[typer.BadParameter.__module__]  # the click typer runs on (its own copy in typer 0.2x)
+    help_only = getattr(click, "NoArgsIsHelpError", ())
+    try:
+        code = app(standalone_mode=False)
+    except help_only as error:
+        error.show()
+        code = error.exit_code
+    except click.UsageError as error:
+        command = error.ctx.command_path if error.ctx is not None else "vitpool"
+        err.print(f"[bold red]error:[/] {error.format_message()} (see {command} --help)", highlight=False, soft_wrap=True)
+        code = 2
+    except typer.Abort:
+        err.print("Aborted!")
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

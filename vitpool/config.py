@@ -190,6 +190,14 @@ def grid_shape(k: int, grid: tuple[int, int]) -> tuple[int, int]:
     return min(shapes, key=lambda s: (round(abs(math.log(s[0] / s[1]) - aspect), 9), s))
 
 
+def check_budget(budget: float | None, target_gmacs: float | None) -> None:
+    """A budget in (0, 1] and a positive GMACs target (commands check this before any slow work)."""
+    if budget is not None and not 0 < budget <= 1:
+        raise VitpoolError(f"--budget is a fraction of the unpooled model's MACs, in (0, 1]; got {budget}")
+    if target_gmacs is not None and not 0 < target_gmacs < float("inf"):
+        raise VitpoolError(f"--target-gmacs is the GMACs to land on, a positive number; got {target_gmacs}")
+
+
 def check_method_and_output(method: str, output: str, position: str = AFTER_BLOCK) -> None:
     """The method, output kind and position exist (commands check this before any slow work)."""
     if method not in METHODS:

@@ -13,6 +13,7 @@ not bit-equality; the file is only moved into place once the check has passed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -21,12 +22,13 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vitpool.errors import VitpoolError, refuse_existing_output
+from vitpool.errors import VitpoolError, refuse_existing_output, remove_leftovers, temporary_prefix
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
 DEFAULT_OPSET = 18
+MIN_OPSET = 17  # the dynamo exporter builds opset 18 and converts down to 17 at the lowest
 LOGIT_ATOL = 1e-3
 
 
@@ -78,7 +80,7 @@ def to_onnx(model, path: str | Path, opset: int = DEFAULT_OPSET, batch_size: int
 
     example = _example_input(model, batch_size)
     with (warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), torch.no_grad(),
-          graphs_stop_at_fixed_point(stop_at_fixed_point)):
+          graphs_stop_at_fixed_point(stop_at_fixed_point), _quiet("onnxscript.version_converter")):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model.eval(),
@@ -91,6 +93,38 @@ def to_onnx(model, path: str | Path, opset: int = DEFAULT_OPSET, batch_size: int
             verbose=False,
         )
         program.save(str(path))
+    written = written_opset(path)
+    if written != opset:  # the exporter keeps the opset it built when it cannot convert
+        raise VitpoolError(f"the exporter cannot convert this model to opset {opset} (it stays at {written}); choose another --opset, "
+                           f"such as {DEFAULT_OPSET}")
+
+
+def written_opset(path: str | Path) -> int:
+    import onnx
+
+    imports = onnx.load(str(path), load_external_data=False).opset_import
+    return next(entry.version for entry in imports if entry.domain in ("", "ai.onnx"))
+
+
+def check_opset(opset: int) -> None:
+    """One line for an opset outside what the exporter builds and the installed onnx knows."""
+    import onnx
+
+    highest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= highest:
+        raise VitpoolError(f"--opset {opset}: choose {MIN_OPSET} to {highest} (the installed onnx knows opsets up to {highest})")
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence a logger that prints a traceback for a failure this module reports in one line itself."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def session(path: str | Path, device: str = "cpu", threads: int | None = None, spin_after_run: bool = True):
@@ -163,11 +197,13 @@ def export(model, out: str | Path, opset: int = DEFAULT_OPSET, batch_size: int =
     """Export, check in ONNX Runtime, and only then move the file to `out` (atomic; `force` to replace)."""
     out = Path(out)
     refuse_existing_output(out, force)
+    check_opset(opset)
     if out.is_dir():
         raise VitpoolError(f"output {out} is a directory; give a file name such as model.onnx")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        remove_leftovers(out)
+        handle, staging = tempfile.mkstemp(prefix=temporary_prefix(out), suffix=".tmp", dir=out.parent)
         os.close(handle)
     except OSError as error:
         raise VitpoolError(f"cannot write {out}: {error.strerror or error}") from None

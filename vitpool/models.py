@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from vitpool.config import PoolingConfig
-from vitpool.errors import VitpoolError, normal_mode, refuse_existing_output, writable_parent
+from vitpool.errors import VitpoolError, normal_mode, refuse_existing_output, remove_leftovers, temporary_prefix, writable_parent
 
 ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
@@ -262,15 +262,16 @@ def save(model, directory: str | Path, force: bool = False, calibration: dict | 
                            f"choose another path or remove it yourself")
     parent = directory.parent
     writable_parent(directory)
+    remove_leftovers(directory)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name[:200]}.", suffix=".tmp", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(directory), suffix=".tmp", dir=parent))
         staging.chmod(normal_mode(directory=True))
     except OSError as error:
         raise VitpoolError(f"cannot write {directory}: {error.strerror or error}") from None
     try:
         write_into(model, staging, calibration)
         if force and directory.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name[:200]}.", suffix=".old", dir=parent))
+            retired = Path(tempfile.mkdtemp(prefix=temporary_prefix(directory), suffix=".old", dir=parent))
             os.replace(directory, retired / "x")
             os.replace(staging, directory)
             shutil.rmtree(retired, ignore_errors=True)

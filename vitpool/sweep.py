@@ -70,6 +70,16 @@ def load_images(model, data_dir, limit: int | None, batch_size: int = 50, worker
     return ImageSet(torch.cat(images), torch.cat(labels), torch.cat(reference), source.mapping, skipped)
 
 
+def image_hash(images: ImageSet) -> str:
+    """A fingerprint of the images as the model sees them, with their labels: a resumed sweep must read the same."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(images.images.contiguous().numpy().tobytes())
+    digest.update(images.labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def score(model, images: ImageSet, batch_size: int = 50):
     """EvalResult of `model` on the images, compared with the unpooled logits."""
     import torch
@@ -114,7 +124,7 @@ def settings_template(settings: dict) -> PoolingConfig:
 def parse_methods(text: str | None) -> list[str]:
     if text is None:
         return list(METHODS)
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))  # each once, in order
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise VitpoolError(f"--methods takes a comma list of {', '.join(METHODS)}; got {text!r}")
@@ -123,7 +133,7 @@ def parse_methods(text: str | None) -> list[str]:
 
 def parse_budgets(text: str) -> list[float]:
     try:
-        budgets = [float(b) for b in text.split(",") if b.strip()]
+        budgets = list(dict.fromkeys(float(b) for b in text.split(",") if b.strip()))  # each once, in order
     except ValueError:
         budgets = []
     if not budgets or not all(0 < b <= 1 for b in budgets):
@@ -249,7 +259,7 @@ def split(images: ImageSet, calibration: int) -> tuple[ImageSet, ImageSet]:
     """(calibration images spread over the set, the rest): searched schedules are scored on images they never saw."""
     n = len(images.labels)
     if not 0 < calibration < n:
-        raise VitpoolError(f"--calibration {calibration} must leave images to evaluate on: the folder gives {n}")
+        raise VitpoolError(f"--search {calibration} must leave images to evaluate on: the data gives {n}; lower --search or raise --limit")
     chosen = sorted({(i * n) // calibration for i in range(calibration)})
     rest = [i for i in range(n) if i not in set(chosen)]
     return images.subset(chosen), images.subset(rest)
@@ -279,6 +289,10 @@ def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: lis
     if todo or results.reference is None:
         source, preprocess = settings_data(settings)
         images = load_images(model, source, settings["limit"], workers=workers, preprocess=preprocess)
+        fingerprint = image_hash(images)
+        if results.reference is not None and results.reference.get("image_hash", fingerprint) != fingerprint:
+            raise VitpoolError(f"the images of {source} are not the ones {out_dir} was swept on (files were added, removed "
+                               f"or changed); pass --force to start the sweep again, or another --out")
         calibration_images = None
         if calibration:
             calibration_images, images = split(images, calibration)
@@ -286,7 +300,7 @@ def sweep(model, settings: dict, out_dir: Path, methods: list[str], budgets: lis
             tally = Tally()
             tally.add(images.reference, images.labels)
             results.reference = {"gmacs": baseline_macs / 1e9, "mac_ratio": 1.0, **metrics_row(tally.result()),
-                                 "skipped": images.skipped}
+                                 "skipped": images.skipped, "image_hash": fingerprint}
             results.save()
         for done, (method, budget, schedule) in enumerate(todo, start=total - len(todo)):
             progress(f"{method} at {budget:g}" + (" (searching)" if schedule == "searched" else ""), done, total)

@@ -103,7 +103,8 @@ def read_image(path: Path, model, preprocess=None):
 
     transform, config = transform_for(model, preprocess or Preprocess())
     if not Path(path).is_file():
-        raise VitpoolError(f"image {path} does not exist")
+        what = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise VitpoolError(f"image {path} {what}: give one image file (JPEG, PNG, ...)")
     try:
         with Image.open(path) as image:
             return transform(image.convert("RGB")), config
