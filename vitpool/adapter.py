@@ -210,6 +210,8 @@ class PooledBlocks(nn.Sequential):
                 x = self._run(mlp, block, x)
             if pool.proportional:
                 bias = size_bias(size, pool.num_prefix_tokens, x.dtype)
+        if x.is_cuda and size is not None:
+            pooling.check_finite(x, every_device=True)  # one host sync per forward pass, not one per pooling layer
         return x
 
     def _run(self, part, block: nn.Module, *args, override: tuple | None = None, **kwargs) -> Tensor:

@@ -80,9 +80,11 @@ def _unchanged(*state: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.clone() for t in state)
 
 
-def check_finite(x: Tensor) -> None:
-    """Reject NaN/inf tokens eagerly: clustering would silently assign them to cluster 0."""
-    if not _is_tracing() and not bool(torch.isfinite(x).all()):
+def check_finite(x: Tensor, every_device: bool = False) -> None:
+    """Reject NaN/inf tokens eagerly: clustering would silently assign them to cluster 0. On a GPU the check
+    would stall every pooling layer on a host sync, so there it runs once per forward pass (`every_device`,
+    from `PooledBlocks` on its output, which a NaN anywhere upstream reaches)."""
+    if (every_device or not x.is_cuda) and not _is_tracing() and not bool(torch.isfinite(x).all()):
         raise ValueError(
             "token pooling received NaN or infinite tokens; check the model input and weights "
             "(an fp16 overflow upstream is a common cause)"
