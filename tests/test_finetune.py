@@ -200,6 +200,8 @@ def refusals(model_dir: Path, images: Path, root: Path) -> dict[str, tuple[list,
         "batch_too_large": (["--out", root / "x", "-b", "1000"], ["fewer than one batch", "--batch-size"]),
         "bad_scale": (["--out", root / "x", "--scale", "0.5"], ["--scale"]),
         "bad_epochs": (["--out", root / "x", "--epochs", "0"], ["--epochs must be positive"]),
+        "infinite_lr": (["--out", root / "x", "--lr", "inf"], ["--lr must be a finite number > 0; got inf"]),
+        "nan_warmup_lr": (["--out", root / "x", "--warmup-lr", "nan"], ["--warmup-lr must be a finite number >= 0; got nan"]),
         "parent_is_file": (["--out", root / "afile" / "out"], ["cannot write", "afile"]),
     }
 
@@ -226,3 +228,138 @@ def test_bad_input_is_one_line_and_writes_nothing(small, tmp_path):
         assert done.returncode == 2 and done.stdout == "" and len(lines) == 1, f"{name}: {done.stderr}"
         assert lines[0].startswith("error:") and all(f in lines[0] for f in expect), f"{name}: {lines[0]}"
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+FLOAT_SETTINGS = {  # field: (flag, a value outside its range besides NaN and infinity)
+    "lr": ("--lr", 0.0), "warmup_lr": ("--warmup-lr", -1e-6), "min_lr": ("--min-lr", -1e-6),
+    "weight_decay": ("--weight-decay", -0.1), "clip_grad": ("--clip-grad", 0.0),
+    "distill_loss_weight": ("--distill-loss-weight", -1.0), "task_loss_weight": ("--task-loss-weight", -1.0),
+    "kd_temperature": ("--kd-temperature", 0.0), "smoothing": ("--smoothing", 1.0), "mixup": ("--mixup", -0.5),
+    "cutmix": ("--cutmix", -0.5), "model_ema_decay": ("--model-ema-decay", 1.0), "reprob": ("--reprob", 1.5),
+    "hflip": ("--hflip", -0.1), "color_jitter": ("--color-jitter", -0.4),
+}
+
+
+def test_every_float_setting_must_be_a_finite_number_in_its_range():
+    from dataclasses import fields
+
+    from vitpool.errors import VitpoolError
+    from vitpool.finetune import TrainSettings
+
+    floats = {f.name for f in fields(TrainSettings) if "float" in str(f.type) and f.name != "scale"}
+    assert floats == FLOAT_SETTINGS.keys()  # a new float setting needs its check (and a case here)
+    TrainSettings(clip_grad=1.0).check()
+    for name, (flag, outside) in FLOAT_SETTINGS.items():
+        for value in (float("nan"), float("inf"), float("-inf"), outside):
+            with pytest.raises(VitpoolError) as error:
+                TrainSettings(**{name: value}).check()
+            message = str(error.value)
+            assert message.startswith(f"{flag} must be ") and message.endswith(f"; got {value}") and "\n" not in message
+    for scale in ((float("nan"), 1.0), (0.08, float("inf"))):
+        with pytest.raises(VitpoolError, match="--scale"):
+            TrainSettings(scale=scale).check()
+
+
+def test_a_diverging_first_update_stops_the_run_keeping_the_start(small, tmp_path):
+    """A learning rate past float32 makes AdamW's first update overflow (the loss before it is finite; torch
+    raises or writes infinities): the run stops in one line and OUT keeps the model it started from, loadable,
+    and no checkpoint."""
+    import torch
+
+    from vitpool import load
+
+    model_dir, images, _ = small
+    out = tmp_path / "out"
+    done = vitpool("finetune", model_dir, "--data", images, "--out", out, *TRAIN, "--lr", "1e39", "--warmup-epochs", "0")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and done.stdout == "" and len(lines) == 1, done.stderr
+    expect = ("at epoch 1, step 1", "keeps the model it started from", "lower --lr")
+    assert lines[0].startswith("error:") and all(f in lines[0] for f in expect), lines[0]
+    assert not (out / "checkpoint.pt").exists()
+    assert same_tensors(tensors(out / "model.safetensors"), tensors(model_dir / "model.safetensors"))
+    with torch.inference_mode():
+        assert torch.isfinite(load(out)(torch.randn(2, 3, 64, 64))).all()
+
+
+DIVERGING_SCRIPT = """
+import sys
+import timm.optim
+import torch
+real = timm.optim.create_optimizer_v2
+def create(*args, **kwargs):  # an optimizer whose 15th update (epoch 2, step 3 of 12) leaves a NaN weight
+    optimizer = real(*args, **kwargs)
+    updates = [0]
+    def poison(optimizer, args, kwargs):
+        updates[0] += 1
+        if updates[0] == 15:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+    optimizer.register_step_post_hook(poison)
+    return optimizer
+timm.optim.create_optimizer_v2 = create
+from vitpool.cli import main
+sys.argv = ["vitpool", *sys.argv[1:]]
+main()
+"""
+
+
+def test_weights_gone_non_finite_stop_the_run_keeping_the_last_finished_epoch(small, tmp_path):
+    import torch
+
+    from vitpool import load
+
+    model_dir, images, _ = small
+    script = tmp_path / "diverge.py"
+    script.write_text(DIVERGING_SCRIPT)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(script), "finetune", model_dir, "--data", images, "--out", out, *TRAIN],
+                          capture_output=True, text=True, env=ENV, timeout=900)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and done.stdout == "" and len(errors) == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in done.stderr, done.stderr
+    expect = ("NaN or infinite in the update at epoch 2, step 3", "keeps epoch 1's model", "lower --lr")
+    assert all(f in errors[0] for f in expect), errors[0]
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1
+    assert same_tensors(tensors(out / "model.safetensors"), {k: v.contiguous() for k, v in state["model"].items()})
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+    with torch.inference_mode():
+        assert torch.isfinite(load(out)(torch.randn(2, 3, 64, 64))).all()
+
+
+class Stop(Exception):
+    pass
+
+
+def test_the_number_of_loader_workers_does_not_change_the_weights(small, tmp_path):
+    """Each image's augmentation is drawn from (seed, epoch, index): a run with -j 0 equals one that trained its
+    first epoch with two workers and was resumed with one."""
+    import torch
+
+    from vitpool import models
+    from vitpool.finetune import TrainSettings, finetune
+
+    model_dir, images, _ = small
+    settings = TrainSettings(epochs=2, batch_size=4, lr=1e-4, mixup=0.8, cutmix=1.0, reprob=0.5, seed=5)
+    source = {"model": str(model_dir)}
+
+    def train(out, workers, resume=False, on_epoch=None):
+        return finetune(models.load(model_dir), models.read_saved(model_dir).model, images, out, settings, source,
+                        resume=resume, workers=workers, on_epoch=on_epoch)
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:  # epoch 1's checkpoint and model are written: as if killed there
+            raise Stop
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does for the commands: the loader workers share few cores
+    try:
+        train(tmp_path / "whole", workers=0)
+        with pytest.raises(Stop):
+            train(tmp_path / "cut", workers=2, on_epoch=stop_after_first)
+        assert torch.load(tmp_path / "cut" / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"] == 1
+        train(tmp_path / "cut", workers=1, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert same_tensors(tensors(tmp_path / "cut" / "model.safetensors"), tensors(tmp_path / "whole" / "model.safetensors"))
+    assert epochs_without_timing(tmp_path / "cut" / "log.jsonl") == epochs_without_timing(tmp_path / "whole" / "log.jsonl")

@@ -108,4 +108,4 @@ def test_readme_python_example_runs_as_written(deit_tiny_weights, tmp_path):
     shape, description = run.stdout.splitlines()
     assert shape == "torch.Size([2, 1000])"
     assert description.startswith("kmedoids, 2 iterations, mean outputs") and "after-attention" in description
-    assert (project / "runs" / "deit_tiny_pooled" / "vitpool.json").is_file()
+    assert (project / "runs" / "deit_tiny_example" / "vitpool.json").is_file()

@@ -6,9 +6,14 @@ mixup, optimizer, scheduler and EMA are timm's factories. One process, or many u
 
 The output folder is always a converted model every command loads (the latest epoch's weights), next to
 `checkpoint.pt` (all `--resume` needs), `finetune.json` (the run's settings) and `log.jsonl` (one line per
-epoch). Every epoch takes its randomness (shuffle, augmentation, mixup, loader workers) from (seed, epoch,
-rank) alone, instead of carrying generator states across epochs: so a run resumed after epoch e trains
-epoch e+1 exactly as an uninterrupted run does, for any number of processes.
+epoch). Every epoch takes its randomness (shuffle, mixup, loader workers) from (seed, epoch, rank) and each
+image's augmentation from (seed, epoch, index) alone, instead of carrying generator states across epochs: so
+a run resumed after epoch e trains epoch e+1 exactly as an uninterrupted run does, for any number of
+processes, and the number of loader workers (`-j`) does not change the weights.
+
+Settings are checked before any work (every float finite and in its range), and the weights after every
+update: a run whose weights become NaN or infinite stops with one line, its output holding the last finished
+epoch's model.
 """
 
 from __future__ import annotations
@@ -69,12 +74,40 @@ class TrainSettings:
     scale: tuple[float, float] = (0.08, 1.0)
 
     def check(self) -> None:
-        """One clear line for each kind of impossible setting."""
-        positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--grad-accum-steps": self.grad_accum_steps,
-                    "--lr": self.lr, "--kd-temperature": self.kd_temperature}
+        """One clear line for each kind of impossible setting; every float must be a finite number in its range."""
+        positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--grad-accum-steps": self.grad_accum_steps}
         for flag, value in positive.items():
             if not value > 0:
                 raise VitpoolError(f"{flag} must be positive; got {value}")
+        # (flag, value, lowest, lowest allowed?, highest or None, highest allowed?)
+        numbers = [
+            ("--lr", self.lr, 0, False, None, False),
+            ("--warmup-lr", self.warmup_lr, 0, True, None, False),
+            ("--min-lr", self.min_lr, 0, True, None, False),
+            ("--weight-decay", self.weight_decay, 0, True, None, False),
+            ("--clip-grad", self.clip_grad, 0, False, None, False),
+            ("--distill-loss-weight", self.distill_loss_weight, 0, True, None, False),
+            ("--task-loss-weight", self.task_loss_weight, 0, True, None, False),
+            ("--kd-temperature", self.kd_temperature, 0, False, None, False),
+            ("--smoothing", self.smoothing, 0, True, 1, False),
+            ("--mixup", self.mixup, 0, True, None, False),  # Beta-distribution alphas; 0: off
+            ("--cutmix", self.cutmix, 0, True, None, False),
+            ("--model-ema-decay", self.model_ema_decay, 0, False, 1, False),
+            ("--reprob", self.reprob, 0, True, 1, True),
+            ("--hflip", self.hflip, 0, True, 1, True),
+            ("--color-jitter", self.color_jitter, 0, True, None, False),
+        ]
+        for flag, value, low, low_ok, high, high_ok in numbers:
+            if value is None:  # --clip-grad not given
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and (value >= low if low_ok else value > low)
+                    and (high is None or (value <= high if high_ok else value < high))):
+                if high is None:
+                    allowed = f"a finite number {'>=' if low_ok else '>'} {low}"
+                else:
+                    allowed = f"a number in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+                raise VitpoolError(f"{flag} must be {allowed}; got {value}")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise VitpoolError(f"--warmup-epochs must be between 0 and --epochs ({self.epochs}); got {self.warmup_epochs}")
         if self.distill_only and not self.distill:
@@ -83,16 +116,8 @@ class TrainSettings:
             raise VitpoolError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}; got {self.amp_dtype!r}")
         if self.clip_mode not in CLIP_MODES:
             raise VitpoolError(f"--clip-mode must be one of {', '.join(CLIP_MODES)}; got {self.clip_mode!r}")
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            raise VitpoolError(f"--clip-grad must be positive; got {self.clip_grad}")
-        if not 0 <= self.smoothing < 1 or not 0 <= self.reprob <= 1 or not 0 <= self.hflip <= 1:
-            raise VitpoolError("--smoothing must be in [0, 1), --reprob and --hflip in [0, 1]")
-        if self.mixup < 0 or self.cutmix < 0:
-            raise VitpoolError("--mixup and --cutmix are Beta-distribution alphas: 0 (off) or positive")
         if (self.mixup or self.cutmix) and self.batch_size % 2:
             raise VitpoolError(f"--mixup/--cutmix mix pairs of images: --batch-size must be even; got {self.batch_size}")
-        if not 0 < self.model_ema_decay < 1:
-            raise VitpoolError(f"--model-ema-decay must be in (0, 1); got {self.model_ema_decay}")
         low, high = self.scale
         if not 0 < low <= high <= 1:
             raise VitpoolError(f"--scale takes two crop-area fractions 0 < MIN <= MAX <= 1, e.g. 0.08,1; got {low},{high}")
@@ -144,6 +169,53 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> int:
     numpy.random.seed(value)
     torch.manual_seed(value)
     return value
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training image's augmentation in one epoch: (seed, epoch, index) alone, well mixed."""
+    import numpy
+
+    return int(numpy.random.SeedSequence((seed % 2**64, epoch, index)).generate_state(1)[0])
+
+
+class SeededItems:
+    """The training dataset with each image's augmentation drawn from (seed, epoch, its index) alone: which loader
+    worker decodes it, or the main process with `-j 0`, does not matter, so the number of workers does not change
+    the weights. Python's, NumPy's and torch's CPU generators are seeded for the item and then restored, so that
+    with `-j 0` the main process's randomness (mixup, dropout) is what it is with workers."""
+
+    def __init__(self, dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        import numpy
+        import torch
+
+        value = item_seed(self.seed, self.epoch, index)
+        states = random.getstate(), numpy.random.get_state(), torch.default_generator.get_state()
+        random.seed(value)
+        numpy.random.seed(value)
+        torch.default_generator.manual_seed(value)  # not torch.manual_seed: that would reseed CUDA's generators too
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(states[0])
+            numpy.random.set_state(states[1])
+            torch.default_generator.set_state(states[2])
+
+
+def all_finite(tensors: list) -> bool:
+    """Whether every value of `tensors` is finite, in a few kernels: the largest magnitude of each tensor (which,
+    unlike a sum or 2-norm, overflows for no finite weights), then one check and one synchronisation."""
+    import torch
+
+    if not tensors:
+        return True
+    with torch.no_grad():
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all())
 
 
 @dataclass
@@ -372,13 +444,24 @@ def finetune(
         mixup = Mixup(mixup_alpha=settings.mixup, cutmix_alpha=settings.cutmix, label_smoothing=settings.smoothing,
                       num_classes=student.num_classes)
     autocast = (lambda: torch.autocast(process.device.type, dtype=getattr(torch, settings.amp_dtype))) if settings.amp else nullcontext
-    dataset = train_images.decoded(training_transform(student, settings, preprocess))
+    dataset = SeededItems(train_images.decoded(training_transform(student, settings, preprocess)), settings.seed)
+    trained = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=process.world_size, rank=process.rank,
                                                   shuffle=True, seed=settings.seed, drop_last=True)
     updates = (first_epoch - 1) * updates_per_epoch
+
+    def kept(epoch: int) -> str:
+        """What OUT holds while `epoch` runs: nothing of it is written before it finishes."""
+        return f"epoch {epoch - 1}'s model" if epoch > 1 else "the model it started from"
+
+    def diverged(what: str, epoch: int, step: int) -> VitpoolError:
+        return VitpoolError(f"{what} at epoch {epoch}, step {step} (learning rate {optimizer.param_groups[0]['lr']:.3g}); "
+                            f"{out_dir} keeps {kept(epoch)}: start anew with a lower --lr (or --clip-grad) and --force")
+
     for epoch in range(first_epoch, settings.epochs + 1):
         loader_seed = seed_epoch(settings.seed, epoch, process.rank)
         sampler.set_epoch(epoch)
+        dataset.epoch = epoch  # before the loader starts this epoch's workers, which take a copy of the dataset
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=settings.batch_size, sampler=sampler, num_workers=workers, collate_fn=data.collate,
             drop_last=True, generator=torch.Generator().manual_seed(loader_seed), persistent_workers=False,
@@ -398,25 +481,39 @@ def finetune(
                     images, targets = mixup(images, labels)
                 with nullcontext() if last_of_update else task.no_sync():
                     with autocast():
-                        out = task(images, targets)
+                        try:
+                            out = task(images, targets)
+                        except ValueError as error:  # token pooling refuses NaN/inf tokens: huge weights overflowed
+                            if updates == 0 or "NaN or infinite" not in str(error):
+                                raise
+                            raise diverged(f"the model's activations became NaN or infinite ({str(error).split(';')[0]})",
+                                           epoch, step) from None
                     loss = out["loss"] / settings.grad_accum_steps
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 parts = (out["loss"], out.get("task_loss", out["loss"]), out.get("kd_loss"))  # without a teacher all is label loss
                 losses = [float(part.detach()) if part is not None else 0.0 for part in parts]
                 if not math.isfinite(losses[0]):
-                    raise VitpoolError(f"the loss became {losses[0]} at epoch {epoch}, step {step}; lower --lr or set --clip-grad")
+                    raise VitpoolError(f"the loss became {losses[0]} at epoch {epoch}, step {step}; {out_dir} keeps "
+                                       f"{kept(epoch)}: start anew with a lower --lr (or --clip-grad) and --force")
                 sums += torch.tensor([*losses, len(images)], dtype=torch.float64)
             if last_of_update:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 if settings.clip_grad is not None:
                     dispatch_clip_grad(task.get_clip_parameters(), settings.clip_grad, mode=settings.clip_mode)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                try:
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                except RuntimeError as error:  # e.g. a step size past float32: "value cannot be converted ... overflow"
+                    if "overflow" not in str(error):
+                        raise
+                    raise diverged(f"the update overflowed ({' '.join(str(error).split())[:100]})", epoch, step) from None
                 optimizer.zero_grad(set_to_none=True)
+                if not all_finite(trained):
+                    raise diverged("the weights became NaN or infinite in the update", epoch, step)
                 updates += 1
                 scheduler.step_update(num_updates=updates)
                 task.update_ema(step=updates)
