@@ -123,3 +123,19 @@ def test_help_and_success_keep_their_exit_codes(monkeypatch, capsys):
 def test_unknown_command_is_one_line(monkeypatch, capsys):
     code, lines, _ = run_main(monkeypatch, capsys, "frobnicate")
     assert code == 2 and len(lines) == 1 and "No such command" in lines[0]
+
+
+def test_a_saved_model_with_nan_weights_is_named_not_a_traceback(monkeypatch, capsys, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "m"
+    assert run_main(monkeypatch, capsys, "convert", *TINY, "--k", "100", "--out", out)[0] == 0
+    weights = load_file(out / "model.safetensors")
+    weights["blocks.3.mlp.fc1.weight"][0, 0] = float("nan")
+    save_file(weights, out / "model.safetensors")
+    images = tmp_path / "images"
+    code, lines, _ = run_main(monkeypatch, capsys, "eval", out, "--data", images)
+    assert code == 2 and len(lines) == 1, lines
+    assert "holds NaN or infinite values (first in blocks.3.mlp.fc1.weight)" in lines[0]
+    assert torch.isnan(load_file(out / "model.safetensors")["blocks.3.mlp.fc1.weight"]).any()  # left as it was

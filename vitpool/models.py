@@ -124,6 +124,12 @@ def load_weights(model, state: dict, source: str) -> None:
             f"{source} does not match the model: {len(wrong)} tensors have other shapes, e.g. {k} is "
             f"{tuple(state[k].shape)} in the file and {tuple(own[k].shape)} in the model"
         )
+    import torch
+
+    damaged = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if damaged is not None:
+        raise VitpoolError(f"{source} holds NaN or infinite values (first in {damaged}): the weights are damaged; "
+                           f"use other weights, or convert or fine-tune the model again")
     model.load_state_dict(state, strict=True)
 
 
