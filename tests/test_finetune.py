@@ -365,3 +365,27 @@ def test_the_number_of_loader_workers_does_not_change_the_weights(small, tmp_pat
         torch.set_num_threads(threads)
     assert same_tensors(tensors(tmp_path / "cut" / "model.safetensors"), tensors(tmp_path / "whole" / "model.safetensors"))
     assert epochs_without_timing(tmp_path / "cut" / "log.jsonl") == epochs_without_timing(tmp_path / "whole" / "log.jsonl")
+
+
+def test_nproc_per_node_trains_in_processes_and_fails_in_one_line(small, tmp_path):
+    """`--nproc-per-node` launches the processes itself (torch's elastic launcher, as torchrun --standalone):
+    a bad flag is the processes' one line and exit code, without torchrun's ChildFailedError report."""
+    model_dir, images, _ = small
+    bad = vitpool("finetune", model_dir, "--data", images, "--out", tmp_path / "bad", *TRAIN, "--lr", "inf",
+                  "--nproc-per-node", "2")
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert bad.returncode == 2 and lines == ["error: --lr must be a finite number > 0; got inf"], bad.stderr
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "out"
+    done = vitpool("finetune", model_dir, "--data", images, "--out", out, *TRAIN, "--epochs", "1", "--nproc-per-node=2",
+                   "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "finetune.json").read_text())["world_size"] == 2
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_without_option_keeps_every_other_argument():
+    from vitpool.cli import without_option
+
+    argv = ["finetune", "m", "--nproc-per-node", "2", "--lr", "1", "--nproc-per-node=4", "--out", "x"]
+    assert without_option(argv, "--nproc-per-node") == ["finetune", "m", "--lr", "1", "--out", "x"]

@@ -697,6 +697,7 @@ def finetune(
     scale: Annotated[str, Augment("--scale", help="Random-resized-crop area range MIN,MAX.")] = "0.08,1.0",
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when present).")] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Data-loading processes.")] = 2,
+    nproc_per_node: Annotated[Optional[int], typer.Option("--nproc-per-node", min=1, help="Train in N processes on this machine, as `torchrun --standalone --nproc_per_node N` does (NCCL on GPUs, gloo on the CPU), exiting as they do with their one error line and without torchrun's failure report. For several machines, run the command under torchrun.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last finished epoch (same settings).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start anew in an existing --out (its earlier run's files are removed).")] = False,
     as_json: JsonOpt = False,
@@ -704,7 +705,10 @@ def finetune(
     """Fine-tune a converted model, distilled from its unpooled original; runs unchanged under torchrun."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vitpool.finetune import TrainSettings, finetune as run_finetune
+    from vitpool.finetune import TrainSettings, finetune as run_finetune, launch_processes
+
+    if nproc_per_node is not None and "RANK" not in os.environ:
+        raise typer.Exit(launch_processes(nproc_per_node, without_option(sys.argv[1:], "--nproc-per-node")))
 
     try:
         scale_range = tuple(float(v) for v in scale.split(","))
@@ -792,6 +796,19 @@ def push(
         out.print(f"pushed {directory} to {repo_id}: {url}", highlight=False, soft_wrap=True)
 
 
+def without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` without `name VALUE` or `name=VALUE`."""
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == name:
+            skip = True
+        elif not argument.startswith(f"{name}="):
+            kept.append(argument)
+    return kept
+
+
 def _onnxruntime_has_cuda() -> bool:
     import onnxruntime
 
@@ -816,3 +833,7 @@ def main() -> None:
         err.print("Aborted!")
         code = 1
     sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":  # the processes `finetune --nproc-per-node` starts
+    main()

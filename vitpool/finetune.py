@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -169,6 +170,26 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> int:
     numpy.random.seed(value)
     torch.manual_seed(value)
     return value
+
+
+def launch_processes(nproc: int, argv: list[str]) -> int:
+    """Run `vitpool ARGV` in `nproc` processes on this machine, as `torchrun --standalone` would (torch's own
+    elastic launcher), and return their exit code: each process prints its own one-line error (rank 0 only),
+    so torchrun's failure report, which would follow it, is left out."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # as torchrun sets it
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the report, and its warnings
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"vitpool-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "vitpool.cli", *argv)
+    except ChildFailedError as error:
+        return error.failures[min(error.failures)].exitcode or 1
+    return 0
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
