@@ -188,7 +188,8 @@ def launch_processes(nproc: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "vitpool.cli", *argv)
     except ChildFailedError as error:
-        return error.failures[min(error.failures)].exitcode or 1
+        codes = [failure.exitcode for _, failure in sorted(error.failures.items())]
+        return next((code for code in codes if code > 0), 1)  # the others were stopped by a signal (negative codes)
     return 0
 
 
