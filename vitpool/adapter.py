@@ -390,8 +390,7 @@ def _beit_features(model: nn.Module, x: Tensor) -> Tensor:
     x = model.patch_embed(x)
     x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
     x = model.pos_drop(x if model.pos_embed is None else x + model.pos_embed)
-    shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
-    return model.norm(model.blocks(x, pair_bias=BEIT_BIAS, shared_bias=shared))
+    return model.norm(model.blocks(x, pair_bias=BEIT_BIAS, shared_bias=_beit_shared(model)))
 
 
 def _beit_shared(model: nn.Module) -> Tensor | None:

@@ -109,29 +109,33 @@ MODEL_OPTIONS = {"checkpoint": CheckpointOpt, "pretrained": PretrainedOpt, "meth
                  "position": PositionOpt, "preset": PresetOpt, "budget": BudgetOpt, "target_gmacs": TargetOpt}
 
 
-def model_options(pretrained: bool = True, omit: tuple[str, ...] = (), **replaced):
-    """Give a command the shared model and pooling options (typer has no option groups) in place of its
-    `flags: ModelFlags` parameter; `replaced` swaps an option's annotation, `omit` leaves options out."""
+def option_group(parameter: str, group: type, options: dict, defaults: dict):
+    """Give a command `options` (name -> annotation, typer has no option groups) in place of its `parameter`,
+    which receives them as one `group` object; `defaults` are the options' defaults."""
 
     def decorate(command):
         signature = inspect.signature(command, eval_str=True)  # the module postpones annotations; typer needs them
-        options = {name: replaced.get(name, annotation) for name, annotation in MODEL_OPTIONS.items() if name not in omit}
-        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                   default=pretrained if name == "pretrained" else None)
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=defaults[name])
                  for name, annotation in options.items()]
         parameters = []
-        for parameter in signature.parameters.values():
-            parameters += added if parameter.name == "flags" else [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+        for existing in signature.parameters.values():
+            parameters += added if existing.name == parameter else [existing.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
 
         @functools.wraps(command)
         def wrapper(**kwargs):
-            flags = ModelFlags(**{name: kwargs.pop(name) for name in options})
-            return command(flags=flags, **kwargs)
+            return command(**{parameter: group(**{name: kwargs.pop(name) for name in options})}, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=parameters)
         return wrapper
 
     return decorate
+
+
+def model_options(pretrained: bool = True, omit: tuple[str, ...] = (), **replaced):
+    """The shared model and pooling options in place of a command's `flags: ModelFlags` parameter; `replaced`
+    swaps an option's annotation, `omit` leaves options out."""
+    options = {name: replaced.get(name, annotation) for name, annotation in MODEL_OPTIONS.items() if name not in omit}
+    return option_group("flags", ModelFlags, options, {name: pretrained if name == "pretrained" else None for name in options})
 
 
 @dataclass(frozen=True)
@@ -168,27 +172,9 @@ PREPROCESS_OPTIONS = ("img_size", "crop_pct", "interpolation", "mean", "std")
 
 
 def data_options(omit: tuple[str, ...] = ()):
-    """Give a command timm's data options in place of its `data_flags: DataFlags` parameter (as model_options
-    does for the model flags); `omit` leaves options out."""
-
-    def decorate(command):
-        signature = inspect.signature(command, eval_str=True)
-        options = {name: annotation for name, annotation in DATA_OPTIONS.items() if name not in omit}
-        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=getattr(DataFlags(), name))
-                 for name, annotation in options.items()]
-        parameters = []
-        for parameter in signature.parameters.values():
-            parameters += added if parameter.name == "data_flags" else [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
-
-        @functools.wraps(command)
-        def wrapper(**kwargs):
-            data_flags = DataFlags(**{name: kwargs.pop(name) for name in options})
-            return command(data_flags=data_flags, **kwargs)
-
-        wrapper.__signature__ = signature.replace(parameters=parameters)
-        return wrapper
-
-    return decorate
+    """timm's data options in place of a command's `data_flags: DataFlags` parameter; `omit` leaves options out."""
+    options = {name: annotation for name, annotation in DATA_OPTIONS.items() if name not in omit}
+    return option_group("data_flags", DataFlags, options, {name: getattr(DataFlags(), name) for name in options})
 
 
 def main_process() -> bool:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vitpool.errors import VitpoolError
+from vitpool.models import import_timm
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,6 @@ class Preprocess:
                 raise VitpoolError(f"{flag} takes one value or one per RGB channel, e.g. {flag} 0.5 0.5 0.5; got {len(values)}")
         if self.std is not None and min(self.std) <= 0:
             raise VitpoolError(f"--std must be positive; got {' '.join(map(str, self.std))}")
-
-
-def import_timm():
-    from vitpool.models import import_timm as load
-
-    return load()
 
 
 def data_config(model, preprocess: Preprocess = Preprocess()) -> dict:
