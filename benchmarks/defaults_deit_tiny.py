@@ -34,6 +34,9 @@ VARIANTS = {
     "vitpool preset (the default)": ({}, None, None),
     "paper preset": ({"preset": "paper"}, None, None),
     "tome preset (ToMe as published)": ({"preset": "tome"}, None, None),
+    "tome preset with the last block trimmed": ({"preset": "tome", "trim_last": True}, None, None),
+    "default, last block not trimmed": ({"trim_last": False}, None, None),
+    "earlier default (every other block from 3, not trimmed)": ({"trim_last": False}, None, (3, 5, 7, 9, 11)),
     "default, after the block": ({"position": "after-block"}, None, None),
     "default, weighted K-Medoids": ({"method": "wkmedoids"}, None, None),
     "default, medoid outputs": ({"output": "medoid"}, None, None),
@@ -42,7 +45,7 @@ VARIANTS = {
     "default, pooling in blocks 3, 6, 9": ({}, None, (3, 6, 9)),
     "default, pooling in blocks 4, 8": ({}, None, (4, 8)),
     "default, pooling in blocks 2, 5, 8": ({}, None, (2, 5, 8)),
-    "default, pooling in every block from 3": ({}, None, tuple(range(3, 12))),
+    "default, pooling in every other block from 3": ({}, None, (3, 5, 7, 9)),
     "default, pooling in every other block from 1": ({}, None, (1, 3, 5, 7, 9, 11)),
 }
 

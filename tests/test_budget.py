@@ -40,13 +40,14 @@ def test_solved_schedule_lands_within_one_percent(name, method, budget, target_g
     converted = vitpool.convert(model, method=method, k=config.k, layers=config.layers)
     assert total_macs(converted) == reached  # the figure reported is the whole converted model's count
     assert abs(reached - target) <= 0.01 * target
-    assert config.layers == (3, 5, 7, 9, 11) and list(config.k) == sorted(config.k, reverse=True)
+    assert config.layers == tuple(range(3, 11)) and list(config.k) == sorted(config.k, reverse=True)
 
 
 def test_families_place_their_layers():
-    assert family_layers(12, LATE, AFTER_ATTENTION) == (3, 5, 7, 9, 11)
-    assert family_layers(12, LATE, AFTER_BLOCK) == (3, 5, 7, 9)  # pooling after the last block saves nothing
-    assert family_layers(24, LATE, AFTER_ATTENTION) == tuple(range(6, 24, 2))
+    assert family_layers(12, LATE, AFTER_ATTENTION) == tuple(range(3, 12))
+    assert family_layers(12, LATE, AFTER_ATTENTION, trimmed=True) == tuple(range(3, 11))
+    assert family_layers(12, LATE, AFTER_BLOCK) == tuple(range(3, 11))  # pooling after the last block saves nothing
+    assert family_layers(24, LATE, AFTER_ATTENTION) == tuple(range(6, 24))
     assert family_layers(12, SPREAD, AFTER_BLOCK) == (2, 5, 8)
     assert family_layers(12, EVERY_BLOCK, AFTER_ATTENTION) == tuple(range(12))
     assert family_layers(12, EVERY_BLOCK, AFTER_BLOCK) == tuple(range(11))
@@ -98,3 +99,38 @@ def test_every_block_family_is_tomes_schedule():
     assert max(removed) - min(removed) <= 1, f"ToMe removes the same number of tokens after every block: {removed}"
     with pytest.raises(VitpoolError, match="family"):
         solve(model, PRESETS["tome"].template, budget=0.6, family="spiral")
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_trimmed_last_block_is_exact_and_counted(name):
+    """A class-token head reads the prefix tokens only, so the last block's MLP runs on them alone: the same
+    logits, fewer MACs, and the parts model and the budget solver count what runs."""
+    import torch
+
+    model = _model(name)
+    config = make_config(k=(150, 100, 60), layers=(1, 4, 9))
+    assert config.trim_last  # the default
+    trimmed, full = apply_pooling(model, config), apply_pooling(model, replace(config, trim_last=False))
+    assert trimmed.blocks.head_tokens == model.num_prefix_tokens and full.blocks.head_tokens == 0
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(trimmed(images), full(images), rtol=1e-5, atol=1e-5)
+        assert trimmed.forward_features(images).shape[1] == model.num_prefix_tokens + 60  # every token for features
+    report = count_macs(trimmed)
+    assert report.blocks[-1].tokens_out == model.num_prefix_tokens
+    assert report.macs < count_macs(full).macs
+    assert MacModel(model, replace(config, k=(), layers=())).total(config) == report.macs
+    solved, reached, baseline = solve(model, make_config(layers=()), budget=0.6)
+    assert 11 not in solved.layers  # a pooling layer in the trimmed block would pool tokens nothing reads
+    assert total_macs(apply_pooling(model, solved)) == reached and abs(reached / baseline - 0.6) <= 0.006
+
+
+def test_trim_applies_only_where_it_is_exact():
+    model = _model("deit_tiny")
+    in_last_block = make_config(k=(150, 100), layers=(5, 11))  # the last block's MLP runs on its K tokens
+    assert apply_pooling(model, in_last_block).blocks.head_tokens == 0
+    averaging = create_model("vit_tiny_patch16_224", pretrained=False, global_pool="avg")  # reads every token
+    assert apply_pooling(averaging, make_config(k=(150,), layers=(5,))).blocks.head_tokens == 0
+    assert family_layers(12, LATE, AFTER_ATTENTION, trimmed=True)[-1] < 11
+    old = PoolingConfig.from_dict({"method": "kmedoids", "k": [150], "layers": [5], "position": "after-attention"})
+    assert not old.trim_last  # saved before the trim existed: loads as it was built

@@ -27,11 +27,15 @@ def test_unpooled_deits_match_the_published_macs(name):
 
 def test_pooled_blocks_cost_what_their_token_count_says():
     base = create_model("deit_tiny", pretrained=False)
-    report = count_macs(vitpool.convert(base, k=[128, 88, 56], layers=[2, 5, 8], position="after-block"), baseline=base)
+    report = count_macs(vitpool.convert(base, k=[128, 88, 56], layers=[2, 5, 8], position="after-block",
+                                        trim_last=False), baseline=base)
     tokens = [b.tokens_in for b in report.blocks]
     assert tokens == [197] * 3 + [129] * 3 + [89] * 3 + [57] * 3
     assert [b.tokens_out for b in report.blocks][2::3] == [129, 89, 57, 57]
     assert [b.block_macs for b in report.blocks] == [_block_macs(n, 192) for n in tokens]
+    trimmed = count_macs(vitpool.convert(base, k=[128, 88, 56], layers=[2, 5, 8], position="after-block"))
+    assert trimmed.blocks[-1].tokens_out == 1  # the last block's MLP on the class token only
+    assert trimmed.blocks[-1].block_macs == _block_macs(57, 192) - 8 * 56 * 192**2 - 5 * 56 * 192
     assert report.baseline_macs == count_macs(base).macs
     assert report.macs < 0.62 * report.baseline_macs
 
@@ -73,7 +77,8 @@ def _pool_macs(method: str, n: int, k: int, c: int, head_dim: int, iters: int) -
 @pytest.mark.parametrize("position", ["after-block", "after-attention"])
 @pytest.mark.parametrize("method", ["wkmedoids", "kmedoids", "wkmeans", "kmeans", "importance", "random", "grid", "tome"])
 def test_every_method_counts_what_an_analytic_count_says(method, position):
-    """Both positions, every method: the whole model against a count by hand, within 0.5%."""
+    """Both positions, every method: the whole model against a count by hand, within 0.5%; the last block
+    (no pooling layer there) runs its MLP on the class token only."""
     base = create_model("deit_tiny", pretrained=False)
     dim, iters, prefix = 192, 3, 1
     k, layers = ([120, 80], [3, 7]) if method == "grid" else ([120, 70], [3, 7])
@@ -85,11 +90,11 @@ def test_every_method_counts_what_an_analytic_count_says(method, position):
     for i in range(12):
         kept = k[layers.index(i)] if i in layers else tokens
         expected += attention(tokens + prefix)
-        expected += mlp((kept if position == "after-attention" else tokens) + prefix)
+        expected += mlp(prefix if i == 11 else (kept if position == "after-attention" else tokens) + prefix)
         if i in layers:
             expected += _pool_macs(method, tokens, kept, dim, dim // 3, iters)
         tokens = kept
-    expected += 5 * (tokens + prefix) * dim  # the final norm runs on every token
+    expected += 5 * prefix * dim  # the final norm runs on the class token
     assert report.macs == pytest.approx(expected, rel=0.005)
     assert report.pooling_macs == pytest.approx(sum(_pool_macs(method, n, kk, dim, dim // 3, iters)
                                                     for n, kk in zip([196] + k[:-1], k)), rel=0.005)

@@ -32,7 +32,7 @@ def test_search_stays_in_budget_improves_and_is_deterministic(tiny_model, folder
     baseline = total_macs(tiny_model)
     assert abs(total_macs(apply_pooling(tiny_model, first.config)) / baseline - 0.6) <= 0.006
     assert first.macs == total_macs(apply_pooling(tiny_model, first.config))
-    placements = [(3, 5, 7, 9, 11), (6,), (4, 8), (3, 6, 9)]
+    placements = [tuple(range(3, 11)), (6,), (4, 8), (3, 6, 9)]
     assert [tuple(h["layers"]) for h in first.history[:4]] == placements, "the family's layers, then 1, 2 and 3 spread"
     assert first.start.layers == placements[0] and list(first.start.k) == first.history[0]["k"]  # the --budget schedule
     starts = min(h["kl"] for h in first.history[:4])

@@ -175,15 +175,18 @@ class PooledBlocks(nn.Sequential):
     attention mask [B, 1, 1, P+N] (0 for prefix tokens), which timm passes to the fused kernel as is.
     Gradient checkpointing lives here (`grad_checkpointing`, set through the model's `set_grad_checkpointing`):
     timm's own path, `checkpoint_seq` over the blocks, would run them without their pooling layers.
+    With `head_only` (a trimmed model's `forward`, `trims_last`), the last block's MLP runs on the `head_tokens`
+    leading tokens only: the head reads nothing else.
     `rope` is an Eva's rotary embedding (one for all blocks, or one per block with `rope_per_block`);
     `pair_bias` says how the blocks of a model with relative position biases take them, `shared_bias` the
     model-wide one.
     """
 
     grad_checkpointing = False
+    head_tokens = 0  # > 0: with `head_only`, the last block's MLP runs on these leading tokens only (`trims_last`)
 
     def forward(self, x: Tensor, rope: Tensor | None = None, rope_per_block: bool = False,
-                pair_bias: PairBias | None = None, shared_bias: Tensor | None = None) -> Tensor:
+                pair_bias: PairBias | None = None, shared_bias: Tensor | None = None, head_only: bool = False) -> Tensor:
         size = bias = origin = None
         positions = rope_stack(rope, rope_per_block)
         for i, block in enumerate(self):
@@ -194,6 +197,11 @@ class PooledBlocks(nn.Sequential):
             override = None
             if pair_bias is not None:
                 override = pair_bias.arguments(block, shared_bias, origin, size, bias, kwargs)
+            if pool is None and i == len(self) - 1 and head_only and self.head_tokens:
+                attention, mlp = HALVES[type(block)]
+                x = self._run(attention, block, x, override=override, **kwargs)[:, : self.head_tokens]
+                x = self._run(mlp, block, x)
+                continue
             if pool is None:
                 x = self._run(_whole_block, block, x, override=override, **kwargs)
                 continue
@@ -363,13 +371,15 @@ UNSUPPORTED = {
 }
 
 
-def _eva_features(model: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+def _eva_features(model: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                  head_only: bool = False) -> Tensor:
     """Eva's forward_features with its blocks run by `PooledBlocks`, which pools the rotary embedding too
     (timm's loops over the blocks itself, which would skip the pooling layers)."""
     if attn_mask is not None or is_causal:
         raise VitpoolError("a converted model takes no attention mask: its pooling layers change the token count")
     x, rope = model._pos_embed(model.patch_embed(x))
-    x = model.blocks(model.norm_pre(x), rope=rope, rope_per_block=bool(getattr(model, "rope_mixed", False)))
+    x = model.blocks(model.norm_pre(x), rope=rope, rope_per_block=bool(getattr(model, "rope_mixed", False)),
+                     head_only=head_only)
     return model.norm(x)
 
 
@@ -385,24 +395,37 @@ BEIT_BIAS = PairBias("shared_rel_pos_bias", lambda block: (block.attn, "_get_rel
 RELPOS_BIAS = PairBias("shared_rel_pos", lambda block: (block.attn.rel_pos, "get_bias") if block.attn.rel_pos is not None else None)
 
 
-def _beit_features(model: nn.Module, x: Tensor) -> Tensor:
+def _beit_features(model: nn.Module, x: Tensor, head_only: bool = False) -> Tensor:
     """Beit's forward_features with its blocks run by `PooledBlocks`, which pools the relative position biases."""
     x = model.patch_embed(x)
     x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
     x = model.pos_drop(x if model.pos_embed is None else x + model.pos_embed)
-    return model.norm(model.blocks(x, pair_bias=BEIT_BIAS, shared_bias=_beit_shared(model)))
+    return model.norm(model.blocks(x, pair_bias=BEIT_BIAS, shared_bias=_beit_shared(model), head_only=head_only))
 
 
 def _beit_shared(model: nn.Module) -> Tensor | None:
     return model.rel_pos_bias() if model.rel_pos_bias is not None else None
 
 
-def _relpos_features(model: nn.Module, x: Tensor) -> Tensor:
+def _relpos_features(model: nn.Module, x: Tensor, head_only: bool = False) -> Tensor:
     """VisionTransformerRelPos's forward_features with its blocks run by `PooledBlocks` (relative biases pooled)."""
     x = model.patch_embed(x)
     if model.cls_token is not None:
         x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-    return model.norm(model.blocks(x, pair_bias=RELPOS_BIAS, shared_bias=_relpos_shared(model)))
+    return model.norm(model.blocks(x, pair_bias=RELPOS_BIAS, shared_bias=_relpos_shared(model), head_only=head_only))
+
+
+def _vit_features(model: nn.Module, x: Tensor, head_only: bool = False) -> Tensor:
+    """VisionTransformer's forward_features for `_forward_head_only` (timm's own serves every other call)."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    return model.norm(model.blocks(x, head_only=head_only))
+
+
+def _forward_head_only(model: nn.Module, x: Tensor) -> Tensor:
+    """A trimmed model's forward: its head reads the prefix tokens only, so the last block's MLP runs on them
+    alone (`trims_last`); forward_features still returns every token."""
+    features = family_of(model).forward_features or _vit_features
+    return model.forward_head(features(model, x, head_only=True))
 
 
 def _relpos_shared(model: nn.Module) -> Tensor | None:
@@ -501,7 +524,11 @@ def apply_pooling(model: nn.Module, config: PoolingConfig) -> nn.Module:
         if config.method in NEEDS_ATTENTION:
             for attention in attention_modules(block):
                 attention.fused_attn = False
+    trimmed = trims_last(model, config)
     model.blocks = PooledBlocks(*model.blocks)
+    model.blocks.head_tokens = int(model.num_prefix_tokens) if trimmed else 0
+    if trimmed:
+        model.forward = types.MethodType(_forward_head_only, model)
     features = family_of(model).forward_features
     if features is not None:
         model.forward_features = types.MethodType(features, model)
@@ -511,6 +538,15 @@ def apply_pooling(model: nn.Module, config: PoolingConfig) -> nn.Module:
     model.forward_intermediates = types.MethodType(_refuse_intermediates, model)
     model.vitpool_config = config
     return model
+
+
+def trims_last(model: nn.Module, config: PoolingConfig) -> bool:
+    """Whether `config.trim_last` applies to `model`: its head reads the prefix tokens only (class-token pooling,
+    no attention pool), and its last block has no pooling layer and can be run as two halves."""
+    last = len(model.blocks) - 1
+    return (config.trim_last and getattr(model, "global_pool", None) == "token"
+            and getattr(model, "attn_pool", None) is None and last not in config.layers
+            and type(model.blocks[last]) in HALVES)
 
 
 def pooled_layers(model: nn.Module) -> dict[int, TokenPool]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vitpool.adapter import (HALVES, NEEDS_ATTENTION, PairBias, TokenPool, _overridden, _whole_block, apply_pooling,
-                             attention_modules, check_blocks, check_model, family_of, plan_for, token_grid)
+                             attention_modules, check_blocks, check_model, family_of, plan_for, token_grid, trims_last)
 from vitpool.config import AFTER_ATTENTION, EVERY_BLOCK, FAMILIES, LATE, PoolingConfig, default_layers, grid_shape
 from vitpool.errors import VitpoolError
 from vitpool.flops import analyse, total_macs
@@ -32,13 +32,16 @@ TOLERANCE = 0.01  # a solved schedule lands within 1% of the budget
 STEPS = 16  # r to 1/65536: finer than one token of K
 
 
-def family_layers(depth: int, family: str = LATE, position: str = AFTER_ATTENTION) -> tuple[int, ...]:
-    """The blocks a family pools in: `late`, every other block from a quarter of the depth on (3, 5, 7, 9, 11 of
-    12 after attention: early tokens are not yet redundant, measured in benchmarks/defaults_deit_tiny.py);
-    `spread`, three spread evenly (the paper's); `every-block`, all of them (ToMe's)."""
-    usable = depth if position == AFTER_ATTENTION else depth - 1
+def family_layers(depth: int, family: str = LATE, position: str = AFTER_ATTENTION,
+                  trimmed: bool = False) -> tuple[int, ...]:
+    """The blocks a family pools in: `late`, every block from a quarter of the depth on (3 to 10 of 12 with a
+    trimmed last block: early tokens are not yet redundant, and gentle steps in many blocks kept the outputs
+    closest, measured in benchmarks/defaults_deit_tiny.py and clip_embeddings.py);
+    `spread`, three spread evenly (the paper's); `every-block`, all of them (ToMe's). Pooling after the last
+    block saves nothing, nor does pooling in a last block `trimmed` to the head's tokens (`adapter.trims_last`)."""
+    usable = depth if position == AFTER_ATTENTION and not trimmed else depth - 1
     if family == LATE:
-        return tuple(range(depth // 4, usable, 2))
+        return tuple(range(depth // 4, usable))
     return default_layers(usable if family == EVERY_BLOCK else min(3, usable), depth, position)
 
 
@@ -173,10 +176,11 @@ class MacModel:
 
     @lru_cache(maxsize=None)
     def _per_token_count(self, part: str) -> Callable[[int], int]:
-        """The MACs of `part` (a block, one of its halves or the tail) as a function of its token count. Linear layers and norms are linear in it and
-        attention's two products quadratic, so the quadratic through fvcore's counts at 1, 2 and 3 tokens gives
-        every count (a bisection asks for dozens; each trace of a ViT-B block takes a second). It is checked
-        against a fourth count; a part whose count is not such a quadratic is traced at every count."""
+        """The MACs of `part` (a block, one of its halves or the tail) as a function of its token count. Linear
+        layers and norms are linear in it and attention's two products quadratic, so the quadratic through
+        fvcore's counts at three token counts gives every count (a bisection asks for dozens; each trace of a ViT-B
+        block takes a second). The counts start above the prefix tokens (a distilled head reads two); the fit is
+        checked against a fourth count, and a part whose count is not such a quadratic is traced at every count."""
 
         block = self.model.blocks[0]
         module = _Tail(self.model) if part == "tail" else _Part(block, part, self.family.pair_bias)
@@ -185,13 +189,14 @@ class MacModel:
         def traced(tokens: int) -> int:
             return analyse(module, (torch.zeros(1, tokens, self.dim),))[0]
 
-        f1, f2, f3 = (Fraction(traced(t)) for t in (1, 2, 3))
-        a = (f3 - 2 * f2 + f1) / 2
-        b = f2 - f1 - 3 * a
-        c = f1 - a - b
+        first = self.prefix + 1
+        f0, f1, f2 = (Fraction(traced(first + u)) for u in (0, 1, 2))
+        a = (f2 - 2 * f1 + f0) / 2
+        b = f1 - f0 - a
 
         def quadratic(tokens: int) -> int:
-            return int(a * tokens * tokens + b * tokens + c)
+            u = tokens - first
+            return int(a * u * u + b * u + f0)
 
         return quadratic if quadratic(17) == traced(17) else traced
 
@@ -225,10 +230,14 @@ class MacModel:
         last = max(stages, default=-1)
         t = self.template
         tokens, macs = self.num_patches, self.rest
+        trimmed = trims_last(self.model, config)
         for i in range(self.depth):
             stage = stages.get(i)
             if tokens < self.num_patches or min(stages, default=i) < i:  # after a pooling layer
                 macs += self.pair_bias_pooling(tokens)
+            if trimmed and i == self.depth - 1:  # the MLP on the head's tokens only
+                macs += self.half("attention", tokens + self.prefix) + self.half("mlp", self.prefix)
+                return macs + self.tail(self.prefix)
             if stage is None or t.position != AFTER_ATTENTION:
                 macs += self.block(tokens + self.prefix)
             else:
@@ -261,7 +270,7 @@ def solve(model, template: PoolingConfig, budget: float | None = None, target_gm
     macs = macs or MacModel(model, template)
     target = budget_target(macs, budget, target_gmacs)
     depth, grid = macs.depth, token_grid(model)
-    layers = tuple(layers) if layers else family_layers(depth, family, template.position)
+    layers = tuple(layers) if layers else family_layers(depth, family, template.position, trims_last(model, template))
 
     def config_at(r: float) -> PoolingConfig:
         k = family_schedule(r, macs.num_patches, grid, len(layers), template.method, family)

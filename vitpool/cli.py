@@ -51,9 +51,10 @@ KOpt = Annotated[Optional[str], typer.Option("--k", help="Comma list of patch-to
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Comma list of the 0-based blocks each K applies in. Default: spread evenly (3 values on 12 blocks: 3,6,9 after attention, 2,5,8 after the block).")]
 ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (at most; default 2, the paper preset 5).")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", help="K-Medoids outputs: mean (default: each cluster's weighted mean) or medoid (the paper's, --preset paper).")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Settings and --budget family to start from: vitpool (default: the best measured, K-Medoids with mean outputs after attention, every other block from a quarter of the depth), paper (Marin et al.: weighted K-Medoids, medoid outputs, after the block, three layers) or tome (ToMe as published). The other flags override it.")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Settings and --budget family to start from: vitpool (default: the best measured, K-Medoids with mean outputs after attention, every block from a quarter of the depth, last block trimmed to the head's tokens), paper (Marin et al.: weighted K-Medoids, medoid outputs, after the block, three layers) or tome (ToMe as published). The other flags override it.")]
 PositionOpt = Annotated[Optional[str], typer.Option("--position", help="Where a pooling layer sits in its block: after-attention (default: between attention and MLP, ToMe's place, so the MLP runs on K tokens) or after-block (the paper's).")]
 ProportionalOpt = Annotated[Optional[bool], typer.Option("--proportional/--no-proportional", help="Add log(cluster size) to the attention logits after pooling (ToMe's proportional attention) and weight the clustering by it. Default: on (off in --preset paper).")]
+TrimOpt = Annotated[Optional[bool], typer.Option("--trim-last/--no-trim-last", help="Run the last block's MLP on the tokens a class-token head reads (CLS and other prefix tokens) only: exact, and the MACs saved go to the pooling schedule; no effect on heads that pool all tokens or a last block with a pooling layer. Default: on (off in --preset paper and tome, as published).")]
 BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Instead of --k/--layers: the fraction of the unpooled MACs to keep, e.g. 0.6 (pooling layers included; see README for the schedule family).")]
 TargetOpt = Annotated[Optional[float], typer.Option("--target-gmacs", help="Instead of --k/--layers: the GMACs to land on, within 1%.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only a JSON document on stdout.")]
@@ -79,6 +80,7 @@ class ModelFlags:
     output: str | None = None
     proportional: bool | None = None
     position: str | None = None
+    trim_last: bool | None = None
     preset: str | None = None
     budget: float | None = None
     target_gmacs: float | None = None
@@ -92,7 +94,7 @@ class ModelFlags:
         from vitpool.config import check_budget, check_method_and_output, make_config
 
         template = make_config(self.method, layers=(), iters=self.iters, output=self.output, proportional=self.proportional,
-                               position=self.position, preset=self.preset or "vitpool")
+                               position=self.position, preset=self.preset or "vitpool", trim_last=self.trim_last)
         check_method_and_output(template.method, template.output, template.position)
         check_budget(self.budget, self.target_gmacs)
         return template
@@ -106,7 +108,7 @@ class ModelFlags:
 
 MODEL_OPTIONS = {"checkpoint": CheckpointOpt, "pretrained": PretrainedOpt, "method": MethodOpt, "k": KOpt,
                  "layers": LayersOpt, "iters": ItersOpt, "output": OutputOpt, "proportional": ProportionalOpt,
-                 "position": PositionOpt, "preset": PresetOpt, "budget": BudgetOpt, "target_gmacs": TargetOpt}
+                 "position": PositionOpt, "trim_last": TrimOpt, "preset": PresetOpt, "budget": BudgetOpt, "target_gmacs": TargetOpt}
 
 
 def option_group(parameter: str, group: type, options: dict, defaults: dict):
@@ -208,7 +210,7 @@ def build(model_or_dir: str, flags: ModelFlags):
         raise VitpoolError("give either --budget/--target-gmacs or --k/--layers, not both")
     pooling_flags = {"--method": method, "--k": k, "--layers": layers, "--iters": iters, "--budget": budget,
                      "--target-gmacs": target_gmacs, "--output": flags.output, "--proportional": flags.proportional,
-                     "--position": flags.position, "--preset": flags.preset}
+                     "--position": flags.position, "--trim-last": flags.trim_last, "--preset": flags.preset}
     given = [flag for flag, value in pooling_flags.items() if value is not None]
     k_values, layer_values = parse_k(k), parse_int_list(layers, "--layers")
     template = flags.template()  # checks the flags before the model loads

@@ -34,7 +34,10 @@ class PoolingConfig:
     log(s) is added to its attention logits in every block after a pooling layer (ToMe's proportional
     attention) and the clustering weights its reconstruction error by s. `position` is where in block
     `layers[i]` its pooling layer sits: after the whole block, or between its attention and its MLP (ToMe's
-    place), so that the MLP, two thirds of a block's MACs, already runs on the K tokens.
+    place), so that the MLP, two thirds of a block's MACs, already runs on the K tokens. `trim_last`: where the
+    head reads only the prefix tokens (a class-token head) and the last block has no pooling layer, that block's
+    MLP runs on the prefix tokens alone, since its other outputs are never read: exact, and the MACs it saves go to
+    the pooling schedule.
 
     The defaults are the `vitpool` preset, the best setting measured (benchmarks/defaults_deit_tiny.py);
     `PRESETS["paper"]` is the paper's.
@@ -48,6 +51,7 @@ class PoolingConfig:
     output: str = "mean"
     proportional: bool = True
     position: str = AFTER_ATTENTION
+    trim_last: bool = True
 
     def to_dict(self) -> dict:
         return {**asdict(self), "k": list(self.k), "layers": list(self.layers)}
@@ -58,7 +62,7 @@ class PoolingConfig:
         unknown = set(data) - known
         if unknown:
             raise VitpoolError(f"unknown pooling settings {sorted(unknown)}: was this saved by a newer vitpool?")
-        values = {"position": AFTER_BLOCK, **data}  # saved before pooling could sit after attention
+        values = {"position": AFTER_BLOCK, "trim_last": False, **data}  # saved before these settings existed
         values["k"] = tuple(values.get("k", ()))
         values["layers"] = tuple(values.get("layers", ()))
         return cls(**values)
@@ -68,7 +72,7 @@ class PoolingConfig:
         text = (f"--method {self.method} --k {','.join(map(str, self.k))} --layers {','.join(map(str, self.layers))} "
                 f"--position {self.position} --iters {self.iters}")
         text += f" --output {self.output}" if self.method in MEDOID_METHODS else ""
-        return text + ("" if self.proportional else " --no-proportional")
+        return text + ("" if self.proportional else " --no-proportional") + ("" if self.trim_last else " --no-trim-last")
 
     def describe(self) -> str:
         if not self.k:
@@ -76,7 +80,8 @@ class PoolingConfig:
         iters = f", {self.iters} iterations" if self.method in CLUSTERING_METHODS else ""
         output = ", mean outputs" if self.output == "mean" else ""
         proportional = "" if self.proportional else ", no proportional attention"
-        return (f"{self.method}{iters}{output}{proportional}: K {','.join(map(str, self.k))} {self.position} "
+        trimmed = ", last block trimmed to the head's tokens" if self.trim_last else ""
+        return (f"{self.method}{iters}{output}{proportional}{trimmed}: K {','.join(map(str, self.k))} {self.position} "
                 f"{','.join(map(str, self.layers))}")
 
 
@@ -91,11 +96,12 @@ class Preset:
 
 PRESETS = {
     "vitpool": Preset(PoolingConfig(), LATE,
-                      "the best measured: K-Medoids (2 iterations), mean outputs, after attention, every other block from a quarter of the depth"),
-    "paper": Preset(PoolingConfig("wkmedoids", iters=5, output="medoid", proportional=False, position=AFTER_BLOCK),
+                      "the best measured: K-Medoids (2 iterations), mean outputs, after attention, every block from a quarter of the depth, last block trimmed to the head's tokens"),
+    "paper": Preset(PoolingConfig("wkmedoids", iters=5, output="medoid", proportional=False, position=AFTER_BLOCK,
+                                  trim_last=False),
                     SPREAD,
                     "Marin et al.: weighted K-Medoids (5 iterations), medoid outputs, after the block, three layers"),
-    "tome": Preset(PoolingConfig("tome", output="medoid", position=AFTER_ATTENTION), EVERY_BLOCK,
+    "tome": Preset(PoolingConfig("tome", output="medoid", position=AFTER_ATTENTION, trim_last=False), EVERY_BLOCK,
                    "Bolya et al.: ToMe's matching after attention in every block, the same number merged in each"),
 }
 
@@ -267,6 +273,7 @@ def make_config(
     proportional: bool | None = None,
     position: str | None = None,
     preset: str = "vitpool",
+    trim_last: bool | None = None,
 ) -> PoolingConfig:
     """Build a configuration: the preset's settings where an argument is None (a method other than the
     preset's gets its own output kind: medoid for all but the K-Medoids methods). With `layers` left out,
@@ -274,7 +281,8 @@ def make_config(
     base = preset_named(preset).template
     if output is None:
         output = base.output if method in (None, base.method) or method in MEDOID_METHODS else "medoid"
-    given = {"method": method, "iters": iters, "output": output, "proportional": proportional, "position": position}
+    given = {"method": method, "iters": iters, "output": output, "proportional": proportional, "position": position,
+             "trim_last": trim_last}
     config = replace(base, seed=int(seed), **{name: value for name, value in given.items() if value is not None})
     k = check_k(k)
     if layers is None or (len(layers) == 0 and k):

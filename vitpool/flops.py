@@ -101,10 +101,10 @@ def count_macs(model, baseline=None) -> MacReport:
     pools = pooled_layers(model)
     prefix = int(model.num_prefix_tokens)
     tokens = model.patch_embed.num_patches + prefix
-    blocks = []
+    blocks, last, head_tokens = [], len(model.blocks) - 1, getattr(model.blocks, "head_tokens", 0)
     for i in range(len(model.blocks)):
         pool_macs = int(by_module.get(f"blocks.{i}.token_pool", 0))
-        tokens_out = pools[i].k + prefix if i in pools else tokens
+        tokens_out = pools[i].k + prefix if i in pools else head_tokens if i == last and head_tokens else tokens
         blocks.append(BlockMacs(i, tokens, tokens_out, int(by_module.get(f"blocks.{i}", 0)) - pool_macs, pool_macs))
         tokens = tokens_out
     baseline_macs = total_macs(baseline) if baseline is not None else total

@@ -103,7 +103,8 @@ def sweep_settings(model_name: str, checkpoint, pretrained: bool, data_dir, limi
             "pretrained": pretrained if checkpoint is None else False, "data": source.location(), **source.record(),
             **({"preprocess": preprocess.record()} if preprocess.record() else {}),
             "limit": limit, "preset": preset, "iters": template.iters, "output": template.output,
-            "proportional": template.proportional, "position": template.position, "calibration": calibration}
+            "proportional": template.proportional, "position": template.position, "trim_last": template.trim_last,
+            "calibration": calibration}
 
 
 def settings_data(settings: dict) -> tuple[data.Source, data.Preprocess]:
@@ -118,7 +119,8 @@ def settings_data(settings: dict) -> tuple[data.Source, data.Preprocess]:
 def settings_template(settings: dict) -> PoolingConfig:
     """The shared pooling setting of a sweep's settings."""
     return make_config(iters=settings["iters"], layers=(), output=settings["output"],
-                       proportional=settings["proportional"], position=settings["position"], preset=settings["preset"])
+                       proportional=settings["proportional"], position=settings["position"], preset=settings["preset"],
+                       trim_last=settings.get("trim_last", False))
 
 
 def parse_methods(text: str | None) -> list[str]:
