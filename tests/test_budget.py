@@ -51,6 +51,7 @@ def test_families_place_their_layers():
     assert family_layers(12, SPREAD, AFTER_BLOCK) == (2, 5, 8)
     assert family_layers(12, EVERY_BLOCK, AFTER_ATTENTION) == tuple(range(12))
     assert family_layers(12, EVERY_BLOCK, AFTER_BLOCK) == tuple(range(11))
+    assert family_layers(12, EVERY_BLOCK, AFTER_ATTENTION, trimmed=True) == tuple(range(11))
 
 
 def test_paper_preset_is_the_papers_configuration():

@@ -42,7 +42,9 @@ def family_layers(depth: int, family: str = LATE, position: str = AFTER_ATTENTIO
     usable = depth if position == AFTER_ATTENTION and not trimmed else depth - 1
     if family == LATE:
         return tuple(range(depth // 4, usable))
-    return default_layers(usable if family == EVERY_BLOCK else min(3, usable), depth, position)
+    if family == EVERY_BLOCK:
+        return tuple(range(usable))
+    return default_layers(min(3, usable), depth, position)
 
 
 def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: int, method: str,
