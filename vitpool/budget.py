@@ -47,6 +47,13 @@ def family_layers(depth: int, family: str = LATE, position: str = AFTER_ATTENTIO
     return default_layers(min(3, usable), depth, position)
 
 
+def schedule_layers(model, template: PoolingConfig, family: str, layers=None) -> tuple[int, ...]:
+    """The blocks a schedule pools in: `layers` where given, else `family`'s for this model and setting."""
+    if layers:
+        return tuple(layers)
+    return family_layers(len(model.blocks), family, template.position, trims_last(model, template))
+
+
 def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: int, method: str,
                     family: str = LATE) -> tuple[int, ...]:
     """K values of the family at parameter r in [0, 1] for `count` pooling layers, within the method's constraints.
@@ -271,8 +278,8 @@ def solve(model, template: PoolingConfig, budget: float | None = None, target_gm
         raise VitpoolError(f"schedule family must be one of {', '.join(FAMILIES)}; got {family!r}")
     macs = macs or MacModel(model, template)
     target = budget_target(macs, budget, target_gmacs)
-    depth, grid = macs.depth, token_grid(model)
-    layers = tuple(layers) if layers else family_layers(depth, family, template.position, trims_last(model, template))
+    grid = token_grid(model)
+    layers = schedule_layers(model, template, family, layers)
 
     def config_at(r: float) -> PoolingConfig:
         k = family_schedule(r, macs.num_patches, grid, len(layers), template.method, family)

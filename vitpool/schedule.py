@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from vitpool.adapter import apply_pooling, plan_for, trims_last
-from vitpool.budget import TOLERANCE, MacModel, budget_target, family_layers, solve
+from vitpool.adapter import apply_pooling, plan_for
+from vitpool.budget import TOLERANCE, MacModel, budget_target, schedule_layers, solve
 from vitpool.config import LATE, PoolingConfig, default_layers
 from vitpool.errors import VitpoolError
 from vitpool.flops import total_macs
@@ -86,8 +86,7 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
                  f"KL {result.kl:.4f}")
         return scores[key]
 
-    family_placement = tuple(layers) if layers else family_layers(macs.depth, family, template.position,
-                                                                  trims_last(model, template))
+    family_placement = schedule_layers(model, template, family, layers)
     placements = [family_placement] if layers else [family_placement] + candidate_placements(macs.depth, template.position)
     starts, family_start, problem = [], None, None  # the family schedule at each candidate placement
     for placement in dict.fromkeys(placements):
