@@ -5,7 +5,10 @@ VENV ?= .venv
 # The torch to install first; the rest is installed with torch pinned to it, so no other torch is pulled in.
 # On a machine with the model hub and any torch build: make install TORCH=torch
 TORCH ?= torch==2.13.0
+# make demo's real data: a DeiT-Tiny checkpoint and a folder of class folders named by WordNet id
 DATA ?= ../shared/data
+WEIGHTS ?= $(DATA)/weights/deit_tiny_patch16_224.pth
+IMAGES ?= $(DATA)/imagenet-sample
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/deit_tiny_pooled
 
@@ -37,10 +40,9 @@ test-lowest: install
 	PYTHONPATH=$(VENV)/lowest-timm $(BIN)/python -m pytest -q -p no:cacheprovider $(TIMM_TESTS)
 
 demo: install
-	$(BIN)/vitpool convert deit_tiny --checkpoint $(DATA)/weights/deit_tiny_patch16_224.pth \
-		--budget 0.6 --out $(DEMO_OUT) --force
+	$(BIN)/vitpool convert deit_tiny --checkpoint $(WEIGHTS) --budget 0.6 --out $(DEMO_OUT) --force
 	$(BIN)/vitpool flops $(DEMO_OUT)
-	$(BIN)/vitpool eval $(DEMO_OUT) --data $(DATA)/imagenet-sample
+	$(BIN)/vitpool eval $(DEMO_OUT) --data $(IMAGES)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

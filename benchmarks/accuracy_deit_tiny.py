@@ -13,12 +13,12 @@ import json
 import time
 from pathlib import Path
 
-from _results import EARLIER_DEFAULTS, EARLIER_ITERS, FIXED_LAYERS, FORTY_PERCENT, RESULTS, SHARED_DATA, run_environment, write_json
+from _common import EARLIER_DEFAULTS, EARLIER_ITERS, FIXED_LAYERS, FORTY_PERCENT, RESULTS, SHARED_DATA, deit_tiny_weights, imagenet_sample, run_environment, write_json
 
 import vitpool
-from vitpool.config import METHODS
 from vitpool.evaluate import evaluate
 from vitpool.flops import count_macs
+from vitpool.methods import METHODS
 from vitpool.models import create_model
 
 SCHEDULE = {"k": FORTY_PERCENT, "layers": FIXED_LAYERS}
@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy_deit_tiny.json")
     args = parser.parse_args()
-    base = create_model("deit_tiny", checkpoint=args.data / "weights" / "deit_tiny_patch16_224.pth")
-    images = args.data / "imagenet-sample"
+    base = create_model("deit_tiny", checkpoint=deit_tiny_weights(args.data))
+    images = imagenet_sample(args.data)
     rows = []
     start = time.perf_counter()
     reference = evaluate(base, images, limit=args.limit)

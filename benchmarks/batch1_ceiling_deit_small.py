@@ -2,8 +2,9 @@
 
 DeiT-S (random weights: latency does not depend on them), batch 1, one ONNX Runtime session per model, all
 timed in turns in one run (vitpool.bench.time_in_turns), at MAC budgets 0.75, 0.6 and 0.5 (pooling included):
-the default (vitpool preset), the default with 5 clustering iterations (the default before) and with two pooling
-layers (after attention in blocks 4 and 8) instead of five, ToMe as published
+the default (vitpool preset), the default with 1 clustering iteration instead of 2, with two pooling layers
+(after attention in blocks 4 and 8) instead of one in every block from 3 to 10, and the earlier default (blocks 3,
+5, 7, 9, 11, the last block's MLP on every token), ToMe as published
 (tome preset), and the default's blocks at the same token counts with free pooling (each pooling layer keeps
 the first K tokens and reads nothing: bench_deit_small_cpu.free_pooling). The free row is the ceiling any
 pooling method at that schedule can reach: what is left below it is the cost of the blocks' smaller matrix
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _results import RESULTS, run_environment, write_json
+from _common import RESULTS, run_environment, write_json
 from bench_deit_small_cpu import SCHEDULES, free_pooling
 
 import vitpool
@@ -35,8 +36,10 @@ from vitpool.models import create_model
 def variants(base, budget: float) -> dict:
     default = vitpool.convert(base, budget=budget)
     return {"vitpool preset (the default)": default,
-            "the default with 5 iterations": vitpool.convert(base, budget=budget, iters=5),
+            "the default with 1 iteration": vitpool.convert(base, budget=budget, iters=1),
             "the default in blocks 4, 8": vitpool.convert(base, budget=budget, layers=(4, 8)),
+            "the earlier default (blocks 3, 5, 7, 9, 11, last block not trimmed)":
+                vitpool.convert(base, budget=budget, layers=(3, 5, 7, 9, 11), trim_last=False),
             "tome preset (ToMe as published)": vitpool.convert(base, budget=budget, preset="tome"),
             "the default's blocks, free pooling (the ceiling)": free_pooling(default)}
 

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import RESULTS, write_json
+from _common import RESULTS, write_json
 
 import vitpool
 from vitpool.adapter import pooled_layers
@@ -60,9 +60,9 @@ def eager_pool_share(model, images, calls: int = 5) -> float:
         spent[0] += time.perf_counter() - started.pop(module)
 
     def timed(read):
-        def call(tapped):
+        def call(*tapped):
             begin = time.perf_counter()
-            kept = read(tapped)
+            kept = read(*tapped)
             spent[0] += time.perf_counter() - begin
             return kept
         return call
@@ -96,13 +96,13 @@ def free_pooling(model):
     return free
 
 
-def _read_nothing(_tapped):
+def _read_nothing(_tapped, _heads=1):
     return None
 
 
-def _keep_first_tokens(pool, x, size, seen=None):
+def _keep_first_tokens(pool, x, size, seen=None, positions=None):
     kept = size[:, : pool.k]
-    return x[:, : pool.num_prefix_tokens + pool.k], kept, torch.zeros_like(kept, dtype=torch.long)
+    return x[:, : pool.num_prefix_tokens + pool.k], kept, torch.zeros_like(size, dtype=torch.long), None
 
 
 def added_latency(pooled, rounds: int, runtimes=RUNTIMES, batches=(1,), device: str = "cpu",
@@ -174,11 +174,11 @@ def measure(base, pooled, runtimes, args, stop_at_fixed_point: bool) -> dict:
     """Rows (batch 1: the median of `args.blocks_1` runs), pooling shares and added latency for `runtimes`, with
     the ONNX graphs exported as `stop_at_fixed_point` says."""
     runtimes = list(runtimes)
-    blocks = [rows_to_json(*bench(base, pooled, runtimes, [1], warmup=3, iters=args.repeats_1,
+    blocks = [rows_to_json(*bench(base, pooled, runtimes, [1], warmup=3, rounds=args.repeats_1,
                                   stop_at_fixed_point=stop_at_fixed_point))
               for _ in range(args.blocks_1)]
     rows = median_block_rows(blocks, runtimes)
-    rows += rows_to_json(*bench(base, pooled, runtimes, [32], warmup=3, iters=args.repeats_32,
+    rows += rows_to_json(*bench(base, pooled, runtimes, [32], warmup=3, rounds=args.repeats_32,
                                 stop_at_fixed_point=stop_at_fixed_point))
     shares = {}
     with tempfile.TemporaryDirectory() as workdir:

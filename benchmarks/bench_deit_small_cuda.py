@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import RESULTS, run_environment, write_json
+from _common import RESULTS, run_environment, write_json
 from bench_deit_small_cpu import SCHEDULES, added_latency
 
 import vitpool
@@ -59,7 +59,7 @@ def main() -> None:
         for precision in ("fp32", "bf16"):
             # autocast applies to the torch runtimes only: ONNX Runtime runs the fp32 graph, once
             chosen = runtimes if precision == "fp32" else [r for r in runtimes if r != "onnxruntime"]
-            rows, env = bench(base, pooled, chosen, BATCHES, "cuda", precision, warmup=10, iters=args.repeats)
+            rows, env = bench(base, pooled, chosen, BATCHES, "cuda", precision, warmup=10, rounds=args.repeats)
             added = added_latency(pooled, args.repeats, ["torch"], BATCHES, "cuda", precision, warmup=10)
             results.append({"schedule": name, "budget": SCHEDULES[name], "preset": preset,
                             "pooling": pooled.vitpool_config.to_dict(), "precision": precision,

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from _results import RESULTS, write_json
+from _common import RESULTS, write_json
 
 VITPOOL = Path(sys.executable).parent / "vitpool"
 OUT = RESULTS / "cli_startup.json"

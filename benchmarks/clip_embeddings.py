@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-from _results import RESULTS, SHARED_DATA, run_environment, write_json
+from _common import RESULTS, SHARED_DATA, imagenet_sample, run_environment, write_json
 
 from vitpool.adapter import apply_pooling
 from vitpool.budget import solve
 from vitpool.config import PRESETS, make_config
 from vitpool.flops import total_macs
 from vitpool.models import create_model
-from vitpool.sweep import load_images
+from vitpool.evaluate import load_images
 
 WEIGHTS = Path.home() / ".cache" / "vitpool" / "clip_vit_b16.safetensors"
 ARCHITECTURE = "vit_base_patch16_clip_quickgelu_224"
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.5,0.6,0.75")
     args = parser.parse_args()
     model = clip_model()
-    images = load_images(model, SHARED_DATA / "imagenet-sample", None)
+    images = load_images(model, imagenet_sample(), None)
     reference = torch.nn.functional.normalize(images.reference, dim=-1)
     reference_neighbours = nearest_neighbours(reference)
     baseline_macs = total_macs(model)

@@ -18,7 +18,7 @@ import argparse
 import json
 import time
 
-from _results import RESULTS, SHARED_DATA, run_environment, write_json
+from _common import RESULTS, deit_tiny_weights, imagenet_sample, run_environment, write_json
 
 from vitpool.adapter import apply_pooling
 from vitpool.budget import solve, tome_schedule
@@ -26,9 +26,9 @@ from vitpool.config import LATE, PRESETS, make_config
 from vitpool.errors import VitpoolError
 from vitpool.flops import count_macs
 from vitpool.models import create_model
-from vitpool.sweep import ImageSet, load_images, score
+from vitpool.evaluate import ImageSet, load_images, score
 
-WEIGHTS = SHARED_DATA / "weights" / "deit_tiny_patch16_224.pth"
+WEIGHTS = deit_tiny_weights()
 # label -> (make_config arguments, family, layers); None: the preset's
 VARIANTS = {
     "vitpool preset (the default)": ({}, None, None),
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.5,0.6,0.75,0.9")
     args = parser.parse_args()
     model = create_model("deit_tiny", checkpoint=WEIGHTS)
-    parts = halves(load_images(model, SHARED_DATA / "imagenet-sample", None))
+    parts = halves(load_images(model, imagenet_sample(), None))
     baseline_macs = count_macs(model).macs
     reference = {name: float((p.reference.argmax(-1) == p.labels).float().mean() * 100) for name, p in parts.items()}
     rows, started = [], time.perf_counter()

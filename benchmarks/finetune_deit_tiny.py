@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import RESULTS, SHARED_DATA, run_environment, write_json
+from _common import RESULTS, SHARED_DATA, deit_tiny_weights, imagenet_sample, run_environment, write_json
 
-WEIGHTS = SHARED_DATA / "weights" / "deit_tiny_patch16_224.pth"
-PHOTOS = SHARED_DATA / "imagenet-sample"
+WEIGHTS = deit_tiny_weights()
+PHOTOS = imagenet_sample()
 VALIDATION = 200
 
 

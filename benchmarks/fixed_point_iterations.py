@@ -16,10 +16,10 @@ import collections
 from pathlib import Path
 
 import torch
-from _results import EARLIER_DEFAULTS, FIXED_LAYERS, FIXED_SCHEDULES, FORTY_PERCENT, RESULTS, SHARED_DATA, run_environment, write_json
+from _common import EARLIER_DEFAULTS, FIXED_LAYERS, FIXED_SCHEDULES, FORTY_PERCENT, RESULTS, deit_tiny_weights, imagenet_sample, run_environment, write_json
 
 import vitpool
-from vitpool import data, pooling
+from vitpool import data, iterate
 from vitpool.adapter import pooled_layers
 from vitpool.models import create_model
 
@@ -27,28 +27,14 @@ ITERS = 5
 
 
 def iterations_per_layer(pooled, images) -> dict[int, dict[int, int]]:
-    """Layer -> {iterations run: images}, counting calls of the medoid update while each layer runs."""
+    """Layer -> {iterations run: images}, as vitpool.iterate counts the steps each pooling layer runs."""
     runs: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
-    calls = [0]
-    update = pooling._update_medoids
-
-    def counted(*args):
-        calls[0] += 1
-        return update(*args)
-
-    handles = []
-    for index, pool in pooled_layers(pooled).items():
-        handles.append(pool.register_forward_pre_hook(lambda _module, _inputs: calls.__setitem__(0, 0)))
-        handles.append(pool.register_forward_hook(lambda _module, _inputs, _output, i=index: runs[i].update([calls[0]])))
-    pooling._update_medoids = counted
-    try:
-        with torch.inference_mode():
-            for image in images:
-                pooled(image.unsqueeze(0))
-    finally:
-        pooling._update_medoids = update
-        for handle in handles:
-            handle.remove()
+    with iterate.counting() as steps, torch.inference_mode():
+        for image in images:
+            steps.clear()
+            pooled(image.unsqueeze(0))
+            for layer, count in zip(pooled_layers(pooled), steps):  # the layers run in block order
+                runs[layer].update([count])
     return {layer: dict(sorted(counter.items())) for layer, counter in sorted(runs.items())}
 
 
@@ -63,9 +49,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "fixed_point_iterations.json")
     args = parser.parse_args()
     results = []
-    tiny = create_model("deit_tiny", pretrained=False, checkpoint=SHARED_DATA / "weights" / "deit_tiny_patch16_224.pth")
+    tiny = create_model("deit_tiny", pretrained=False, checkpoint=deit_tiny_weights())
     pooled = vitpool.convert(tiny, k=FORTY_PERCENT, layers=FIXED_LAYERS, iters=ITERS, **EARLIER_DEFAULTS).eval()
-    samples = data.spread(data.scan(SHARED_DATA / "imagenet-sample", tiny.num_classes).samples, args.limit)
+    samples = data.spread(data.scan(imagenet_sample(), tiny.num_classes).samples, args.limit)
     photos = torch.cat([batch for batch, _, _ in data.loader(samples, tiny, 50, 2)])
     runs = iterations_per_layer(pooled, photos)
     results.append({"model": "deit_tiny (real weights)", "inputs": f"{len(photos)} shared ImageNet photos", "k": FORTY_PERCENT,

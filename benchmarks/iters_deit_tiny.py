@@ -10,21 +10,26 @@ import argparse
 import json
 from pathlib import Path
 
-from _results import EARLIER_DEFAULTS, FIXED_LAYERS, FORTY_PERCENT, RESULTS, SHARED_DATA, write_json
+from _common import EARLIER_DEFAULTS, FIXED_LAYERS, FORTY_PERCENT, RESULTS, SHARED_DATA, deit_tiny_weights, imagenet_sample, write_json
 
 import vitpool
 from vitpool.evaluate import evaluate
 from vitpool.models import create_model
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--data", type=Path, default=SHARED_DATA)
-parser.add_argument("--out", type=Path, default=RESULTS / "iters_deit_tiny.json")
-args = parser.parse_args()
-base = create_model("deit_tiny", checkpoint=args.data / "weights" / "deit_tiny_patch16_224.pth")
-rows = []
-for iters in (0, 1, 2, 3, 5, 10):
-    pooled = vitpool.convert(base, k=FORTY_PERCENT, layers=FIXED_LAYERS, iters=iters, **EARLIER_DEFAULTS)
-    result = evaluate(pooled, args.data / "imagenet-sample", baseline=base, batch_size=50)
-    rows.append({"iters": iters, "top1": result.top1, "agreement": result.agreement, "kl": result.kl, "n": result.n})
-    print(json.dumps(rows[-1]), flush=True)
-write_json(args.out, {"method": EARLIER_DEFAULTS["method"], "k": FORTY_PERCENT, "layers": FIXED_LAYERS, "rows": rows})
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SHARED_DATA)
+    parser.add_argument("--out", type=Path, default=RESULTS / "iters_deit_tiny.json")
+    args = parser.parse_args()
+    base = create_model("deit_tiny", checkpoint=deit_tiny_weights(args.data))
+    rows = []
+    for iters in (0, 1, 2, 3, 5, 10):
+        pooled = vitpool.convert(base, k=FORTY_PERCENT, layers=FIXED_LAYERS, iters=iters, **EARLIER_DEFAULTS)
+        result = evaluate(pooled, imagenet_sample(args.data), baseline=base, batch_size=50)
+        rows.append({"iters": iters, "top1": result.top1, "agreement": result.agreement, "kl": result.kl, "n": result.n})
+        print(json.dumps(rows[-1]), flush=True)
+    write_json(args.out, {"method": EARLIER_DEFAULTS["method"], "k": FORTY_PERCENT, "layers": FIXED_LAYERS, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

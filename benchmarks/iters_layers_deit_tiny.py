@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from _results import RESULTS, SHARED_DATA, run_environment, write_json
+from _common import RESULTS, imagenet_sample, run_environment, write_json
 from defaults_deit_tiny import WEIGHTS, halves, scored
 
 from vitpool.budget import solve
 from vitpool.config import make_config
 from vitpool.flops import count_macs
 from vitpool.models import create_model
-from vitpool.sweep import load_images
+from vitpool.evaluate import load_images
 
 PLACEMENTS = (None, (4, 7, 10), (4, 8))  # None: the preset's blocks
 
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--iters", default="0,1,2,3,5")
     args = parser.parse_args()
     model = create_model("deit_tiny", checkpoint=WEIGHTS)
-    parts = halves(load_images(model, SHARED_DATA / "imagenet-sample", None))
+    parts = halves(load_images(model, imagenet_sample(), None))
     baseline_macs = count_macs(model).macs
     rows, started = [], time.perf_counter()
     for layers in PLACEMENTS:

@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-from _results import EARLIER_DEFAULTS, FIXED_LAYERS, FORTY_PERCENT, RESULTS, SHARED_DATA, run_environment, write_json
+from _common import EARLIER_DEFAULTS, FIXED_LAYERS, FORTY_PERCENT, RESULTS, deit_tiny_weights, imagenet_sample, run_environment, write_json
 from bench_deit_small_cpu import free_pooling
 
 import vitpool
 from vitpool.bench import Timer, time_in_turns
-from vitpool.export import INPUT_NAME, session, to_onnx
-from vitpool.export import _check_batches as check_batches
+from vitpool.export import INPUT_NAME, check_batches, session, to_onnx
 from vitpool.models import create_model
 
 POOLED_GRAPHS = ("every_iteration", "stopping")
@@ -38,7 +37,7 @@ GRAPHS = (*POOLED_GRAPHS, "free_pooling")
 
 def photo_batches(model, images: int, batch: int) -> list:
     """Full batches of `images` shared photos spread over the classes, read as `vitpool export` checks on them."""
-    _, loaded = check_batches(model, SHARED_DATA / "imagenet-sample", images, batch)
+    _, loaded = check_batches(model, imagenet_sample(), images, batch)
     return [photos.numpy() for photos in loaded if len(photos) == batch]
 
 
@@ -57,7 +56,7 @@ def main() -> None:
     parser.add_argument("--rounds-32", type=int, default=10)
     parser.add_argument("--out", type=Path, default=RESULTS / "onnx_stop_deit_tiny.json")
     args = parser.parse_args()
-    weights = SHARED_DATA / "weights" / "deit_tiny_patch16_224.pth"
+    weights = deit_tiny_weights()
     if not weights.is_file():
         raise SystemExit(f"the real DeiT-Tiny weights are not at {weights} (see ../shared/data/README.md)")
     start = time.perf_counter()

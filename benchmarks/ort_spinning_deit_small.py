@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _results import EARLIER_DEFAULTS, EARLIER_ITERS, FIXED_LAYERS, FIXED_SCHEDULES, RESULTS, run_environment, write_json
+from _common import EARLIER_DEFAULTS, EARLIER_ITERS, FIXED_LAYERS, FIXED_SCHEDULES, RESULTS, run_environment, write_json
 
 import vitpool
 from vitpool.bench import Timer, time_in_turns

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from _results import EARLIER_ITERS, RESULTS, SHARED_DATA
+from _common import EARLIER_ITERS, RESULTS, deit_tiny_weights, imagenet_sample
 
-from vitpool.config import METHODS, POSITIONS, make_config
+from vitpool.config import POSITIONS, make_config
+from vitpool.methods import METHODS
 from vitpool.models import create_model
 from vitpool.sweep import parse_budgets, parse_methods, sweep, sweep_settings
 
-WEIGHTS = SHARED_DATA / "weights" / "deit_tiny_patch16_224.pth"
+WEIGHTS = deit_tiny_weights()
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=100, help="0: family schedules only, scored on all photos")
     args = parser.parse_args()
     model = create_model("deit_tiny", checkpoint=WEIGHTS).eval()
-    data = SHARED_DATA / "imagenet-sample"
+    data = imagenet_sample()
     calibration = args.calibration or None
     settings = sweep_settings("deit_tiny_patch16_224", WEIGHTS, False, data, None, "vitpool",
                               make_config(layers=(), position=args.position, iters=EARLIER_ITERS), calibration)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,21 @@ def noise_folder(root: Path, classes: tuple[str, ...], per_class: int, size: tup
             pixels = torch.randint(0, 256, (*size, 3), generator=generator, dtype=torch.uint8).numpy()
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+class _RunsCommand:
+    """Unpickling this calls os.system: the classic malicious checkpoint."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def pickle_that_runs_code(path: Path, marker: Path) -> Path:
+    """A .pth at `path` whose unpickling would create `marker` (an unsafe torch.load does run it)."""
+    import torch
+
+    torch.save({"weight": torch.zeros(2), "payload": _RunsCommand(f"touch {marker}")}, path)
+    return path

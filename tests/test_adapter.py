@@ -9,8 +9,9 @@ import torch
 
 import vitpool
 from vitpool.adapter import PooledBlocks, pooled_layers, significance_from_attention
-from vitpool.config import METHODS, default_layers, grid_shape
+from vitpool.config import default_layers, grid_shape
 from vitpool.errors import VitpoolError
+from vitpool.methods import METHODS
 from vitpool.models import create_model
 
 ARCHITECTURES = {
@@ -49,7 +50,7 @@ def test_no_pooling_layers_leave_outputs_unchanged(arch):
     assert isinstance(converted.blocks, PooledBlocks)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_keeps_k_patch_tokens_and_the_prefix(arch, method):
     name, model = arch
     prefix = ARCHITECTURES[name][1]
@@ -226,7 +227,7 @@ def test_converting_twice_is_refused():
 
 
 @pytest.mark.parametrize("position", ["after-attention", "after-block"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_k_equal_to_n_is_the_identity_at_both_positions(method, position):
     """Keeping every token changes nothing, token by token and in order, wherever the pooling layer sits (the
     explicit attention path that significance needs rounds differently from the fused one, hence the tolerance)."""

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from vitpool import cli
-from vitpool.errors import VitpoolError, remove_leftovers, temporary_prefix, write_atomically
+from vitpool.errors import VitpoolError
+from vitpool.outputs import remove_leftovers, temporary_prefix, write_atomically
 
 TINY = ["deit_tiny", "--no-pretrained"]
 

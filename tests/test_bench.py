@@ -34,10 +34,10 @@ def test_bench_json_rows():
             assert row["peak_mem_mb"] > 0, row
         assert {"torch", "timm", "onnxruntime", "device_name", "threads"} <= set(row["env"])
     baseline, pooled = rows[0], rows[1]
-    assert pooled["gmacs"] < 0.75 * baseline["gmacs"] and baseline["speedup"] is None
-    assert pooled["mac_speedup"] == pytest.approx(baseline["gmacs"] / pooled["gmacs"])
-    assert pooled["speedup"] == pytest.approx(baseline["p50_ms"] / pooled["p50_ms"])
-    assert pooled["efficiency"] == pytest.approx(pooled["speedup"] / pooled["mac_speedup"])
+    assert baseline["speedup"] is None and baseline["efficiency"] is None
+    counted = json.loads(_vitpool("flops", *SMALL, "--json").stdout)  # the MACs bench reports are the models'
+    assert (baseline["gmacs"], pooled["gmacs"]) == pytest.approx((counted["baseline_gmacs"], counted["gmacs"]))
+    assert pooled["mac_speedup"] == pytest.approx(1 / counted["ratio"])
 
 
 def _assert_one_line_error(*args: str, words: tuple[str, ...]) -> None:
@@ -92,12 +92,12 @@ def test_sessions_timed_in_turns_stop_spinning_between_runs_only(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-def test_resident_peak_sees_a_real_allocation_and_never_goes_negative():
+def test_resident_peak_sees_a_real_allocation_and_no_phantom_one():
     from vitpool.bench import resident_peak_mb
 
     size = 200 * 2**20
     assert resident_peak_mb(lambda: b"\x01" * size, repeats=1) >= 150
-    assert all(resident_peak_mb(lambda: None) >= 0 for _ in range(20))
+    assert all(resident_peak_mb(lambda: None) < 20 for _ in range(20))  # nothing allocated reads near nothing
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")

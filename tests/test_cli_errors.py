@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import pickle_that_runs_code
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_WEIGHTS = DATA / "weights" / "deit_tiny_patch16_224.pth"
@@ -223,7 +224,7 @@ def runs(tmp_path_factory):
     blob = (ckpt / "tiny.pth").read_bytes()
     (ckpt / "truncated.pth").write_bytes(blob[: len(blob) // 2])
     marker = root / "pwned"
-    torch.save({"weight": torch.zeros(2), "payload": RunsCommand(f"touch {marker}")}, ckpt / "evil.pth")
+    pickle_that_runs_code(ckpt / "evil.pth", marker)
     converted = root / "converted"
     vitpool.save(vitpool.convert(tiny, k=[120], layers=[4]), converted)
     runs.converted_snapshot = snapshot(converted)
@@ -270,16 +271,6 @@ def runs(tmp_path_factory):
         slow_pool.shutdown(wait=True, cancel_futures=True)
         for path in locked:
             path.chmod(0o755)
-
-
-class RunsCommand:
-    """Unpickling this calls os.system."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
 
 
 REFUSALS = [

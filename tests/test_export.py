@@ -9,8 +9,9 @@ import torch
 
 import vitpool
 from vitpool import export as export_module
-from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK, METHODS
+from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK
 from vitpool.errors import VitpoolError
+from vitpool.methods import METHODS
 from vitpool.models import create_model
 
 SCHEDULE = {"k": [128, 88, 56], "layers": [2, 5, 8]}

@@ -7,11 +7,11 @@ Everything runs offline on small random-weight models; the real DeiT-Tiny checkp
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
+from conftest import pickle_that_runs_code
 import torch
 
 import vitpool
@@ -107,16 +107,6 @@ class CarriesState:
         self.__dict__.update(state)
 
 
-class RunsCommand:
-    """Unpickling this calls os.system (the classic malicious checkpoint)."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
-
 def test_refuses_pickle_with_custom_class(tmp_path, tiny_state):
     path = tmp_path / "custom.pth"
     torch.save({"model": tiny_state, "extra": CarriesState("hello")}, path)
@@ -130,8 +120,7 @@ def test_refuses_pickle_with_custom_class(tmp_path, tiny_state):
 
 def test_refuses_pickle_that_runs_code(tmp_path):
     marker = tmp_path / "pwned"
-    path = tmp_path / "evil.pth"
-    torch.save({"weight": torch.zeros(2), "payload": RunsCommand(f"touch {marker}")}, path)
+    path = pickle_that_runs_code(tmp_path / "evil.pth", marker)
     with pytest.raises(VitpoolError) as info:
         models.read_state_dict(path)
     assert "refused" in str(info.value) and "pickled code" in str(info.value)

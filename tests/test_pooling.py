@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from vitpool import iterate
 from vitpool import pooling as P
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -365,25 +366,22 @@ def test_pairwise_distances_are_exact_where_they_must_be(case):
 def test_stopping_at_a_fixed_point_gives_the_outputs_of_every_iteration(name, case, iters):
     x, sig, k = case
     stopped = run_method(name, x, k, sig, iters)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(P, "at_fixed_point", lambda updated, previous: False)
+    with iterate.every_iteration():
         every = run_method(name, x, k, sig, iters)
     assert torch.equal(bits(stopped.tokens), bits(every.tokens))
     assert torch.equal(stopped.assign, every.assign)
 
 
-@pytest.mark.parametrize("name", MEDOIDS)
-def test_eager_cpu_stops_at_the_fixed_point_and_traced_graphs_run_every_iteration(name, monkeypatch):
+@pytest.mark.parametrize("name", list(CLUSTERING))
+def test_eager_cpu_stops_at_the_fixed_point_and_traced_graphs_run_every_iteration(name):
     x, sig = make_tokens(3, 2, 24, 4, "separated"), make_significance(3, 2, 24)
-    updates = []
-    update = P._update_medoids
-    monkeypatch.setattr(P, "_update_medoids", lambda *args: updates.append(1) or update(*args))
-    run_method(name, x, 8, sig, iters=10)
-    assert 1 <= len(updates) < 10
-    updates.clear()
-    torch.jit.trace(lambda tokens, significance: run_method(name, tokens, 8, significance, iters=10).tokens, (x, sig),
-                    check_trace=False)
-    assert len(updates) == 10
+    with iterate.counting() as steps:
+        run_method(name, x, 8, sig, iters=10)
+    assert len(steps) == 1 and 1 <= steps[0] < 10
+    with iterate.counting() as steps:
+        torch.jit.trace(lambda tokens, significance: run_method(name, tokens, 8, significance, iters=10).tokens,
+                        (x, sig), check_trace=False)
+    assert steps == [10]
 
 
 @pytest.mark.parametrize("name", list(CLUSTERING))
@@ -394,23 +392,19 @@ def test_exported_graph_that_stops_at_the_fixed_point_gives_every_iterations_out
             return pooled.tokens, pooled.assign
 
     shape = (2, 24, 4)
-    with P.graphs_stop_at_fixed_point():
+    with iterate.graphs_stop_at_fixed_point():
         program = torch.export.export(Pool(), (make_tokens(0, *shape, "arbitrary"), make_significance(0, 2, 24)))
     assert sum(node.target is torch.ops.higher_order.cond for node in program.graph.nodes) == 1  # the conditions nest
     iterations = []
     for seed, mode in [(s, m) for s in range(4) for m in ("separated", "arbitrary", "duplicates")]:
         x, sig = make_tokens(seed, *shape, mode), make_significance(seed, 2, 24)
         tokens, assign = program.module()(x, sig)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(P, "at_fixed_point", lambda updated, previous: False)
+        with iterate.every_iteration():
             every = run_method(name, x, 6, sig, iters=6)
         assert torch.equal(bits(tokens), bits(every.tokens)) and torch.equal(assign, every.assign)
-        updates = []
-        with pytest.MonkeyPatch.context() as patch:
-            step = P._update_medoids if name in MEDOIDS else P.cluster_means
-            patch.setattr(P, step.__name__, lambda *args: updates.append(1) or step(*args))
+        with iterate.counting() as steps:
             run_method(name, x, 6, sig, iters=6)
-        iterations.append(len(updates))
+        iterations += steps
     assert min(iterations) < 6 and max(iterations) > 1  # some inputs stop early, some need several iterations
 
 

@@ -16,7 +16,8 @@ from vitpool.adapter import apply_pooling
 from vitpool.config import make_config
 from vitpool.flops import total_macs
 from vitpool.schedule import search
-from vitpool.sweep import load_images, split
+from vitpool.evaluate import load_images
+from vitpool.sweep import split
 
 VITPOOL = Path(sys.executable).with_name("vitpool")
 

@@ -13,7 +13,8 @@ import vitpool.sweep as sweep_module
 from vitpool.errors import VitpoolError
 from vitpool.evaluate import evaluate
 from vitpool.flops import total_macs
-from vitpool.sweep import load_images, parse_budgets, parse_methods, score, sweep
+from vitpool.evaluate import load_images, score
+from vitpool.sweep import parse_budgets, parse_methods, sweep
 
 
 @pytest.fixture(scope="module")

@@ -39,11 +39,11 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from vitpool import pooling
-from vitpool.config import AFTER_ATTENTION, CLUSTERING_METHODS, MEDOID_METHODS, PoolingConfig, PoolingStage, kept, plan_stages
+from vitpool.config import AFTER_ATTENTION, PoolingConfig, PoolingStage, kept, plan_stages
 from vitpool.errors import VitpoolError
+from vitpool.methods import ATTENTION, CLUSTERING_METHODS, KEYS, MEDOID_METHODS, METHODS, NEEDS_ATTENTION
 from vitpool.models import import_timm
 
-NEEDS_ATTENTION = CLUSTERING_METHODS + ("importance",)
 
 
 @contextmanager
@@ -101,14 +101,14 @@ class TokenPool(nn.Module):
         axis of its heads: keys are normed as [B, H, N, D], or as [B, N, H, D] where the block computes its own."""
         if self.method in NEEDS_ATTENTION:
             return [(attention.attn_drop, 1) for attention in attention_modules(block)]
-        if self.method == "tome":
+        if METHODS[self.method].reads == KEYS:
             return [(attention.k_norm, 2 if attention is block else 1) for attention in attention_modules(block)]
         return []
 
     def read(self, tapped: Tensor, heads: int = 1) -> Tensor:
         """What this layer needs of the tapped output, taken as the block runs so that the block frees the rest
         as usual: the significance [B, N] of the attention probabilities (held until the block's end, they
-        raised DeiT-S's batch-32 tensor peak from 121.5 to 139.2 MB), or `tome`'s keys averaged over heads."""
+        would raise the tensor peak by a [B, H, N, N] matrix), or `tome`'s keys averaged over heads."""
         if self.method in NEEDS_ATTENTION:
             return significance_from_attention(tapped, self.num_prefix_tokens)
         return tapped.mean(dim=heads)[:, self.num_prefix_tokens :]
@@ -118,34 +118,37 @@ class TokenPool(nn.Module):
         """x [B, P+N, C], size [B, N], `seen` what `read` kept, rotary `positions` [L, B, H, N, D] or None ->
         pooled x, sizes, the assignment [B, N] and the pooled tokens' positions."""
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
-        method, k = self.method, self.tokens_kept(int(patches.shape[1]))
-        if method in NEEDS_ATTENTION:
-            significance = seen
-            counted = size if self.proportional else None  # tokens count as the patches they stand for
-            if method == "importance":
-                out = pooling.importance(patches, k, significance)
-            elif method in MEDOID_METHODS:
-                out = getattr(pooling, method)(patches, k, significance, self.iters, self.output == "mean", counted)
-            else:
-                out = getattr(pooling, method)(patches, k, significance, self.iters, counted)
-        elif method == "random":
-            out = pooling.select(patches, k, self.random_scores.expand(patches.shape[0], -1))
-        elif method == "grid":
-            out = pooling.grid(patches, self.grid_in, self.grid_out)
-        else:
-            out = pooling.tome(patches, k, metric=seen, size=size, offset=self.num_prefix_tokens)
+        k = self.tokens_kept(int(patches.shape[1]))
+        out = self.pool(patches, k, seen, size)
         sizes = pooling.merged_sizes(out.assign, size, k)
         if positions is not None:
             positions = pooling.merged_positions(positions, out.assign, size, sizes)
         return torch.cat([prefix, out.tokens], dim=1), sizes, out.assign, positions
 
+    def pool(self, patches: Tensor, k: int, seen: Tensor | None, size: Tensor) -> pooling.Pooled:
+        """This layer's method (`vitpool.methods`) on the patch tokens [B, N, C], with what it read of its block."""
+        method = self.method
+        counted = size if self.proportional else None  # tokens count as the patches they stand for
+        if method in MEDOID_METHODS:
+            return getattr(pooling, method)(patches, k, seen, self.iters, self.output == "mean", counted)
+        if method in CLUSTERING_METHODS:
+            return getattr(pooling, method)(patches, k, seen, self.iters, counted)
+        if method == "importance":
+            return pooling.importance(patches, k, seen)
+        if method == "random":
+            return pooling.select(patches, k, self.random_scores.expand(patches.shape[0], -1))
+        if method == "grid":
+            return pooling.grid(patches, self.grid_in, self.grid_out)
+        return pooling.tome(patches, k, metric=seen, size=size, offset=self.num_prefix_tokens)
+
     def tokens_kept(self, tokens: int) -> int:
         """K for `tokens` patch tokens arriving: the planned count, or the fraction of them."""
         if self.fraction is not None:
             return kept(self.fraction, tokens, self.method)
-        if tokens == self.tokens_in or (self.k <= tokens and self.method not in ("random", "grid")):
+        fixed = METHODS[self.method].fixed_layout
+        if tokens == self.tokens_in or (self.k <= tokens and not fixed):
             return self.k
-        what = "its fixed order and grid are" if self.method in ("random", "grid") else "K is"
+        what = "its fixed order and grid are" if fixed else "K is"
         raise VitpoolError(
             f"this input brings {tokens} patch tokens to a {self.method} pooling layer planned for {self.tokens_in} "
             f"(K={self.k}): {what} counted for the model's own input size; convert with --k as fractions of the "
@@ -162,8 +165,8 @@ class TokenPool(nn.Module):
 def significance_from_attention(attention: Tensor, num_prefix_tokens: int) -> Tensor:
     """Attention each patch token receives [B, N]: probabilities [B, H, P+N, P+N], mean over heads, sum over queries.
 
-    Summing over queries first reads the probabilities once, into [B, H, P+N]; averaging heads first wrote a
-    [B, P+N, P+N] mean in between (9x slower in ONNX Runtime at batch 1).
+    Summing over queries first reads the probabilities once, into [B, H, P+N]; averaging heads first would write
+    a [B, P+N, P+N] mean in between (much slower in ONNX Runtime at batch 1).
     """
     return attention.float().sum(dim=2).mean(dim=1)[:, num_prefix_tokens:]
 
@@ -479,7 +482,7 @@ def check_blocks(model: nn.Module, layers, config: PoolingConfig) -> None:
 
 def _check_readable(block: nn.Module, layer: int, method: str) -> None:
     """The methods that read a block's attention need modules to read: `attn_drop` (probabilities) or `k_norm` (keys)."""
-    needed = "attn_drop" if method in NEEDS_ATTENTION else "k_norm" if method == "tome" else None
+    needed = {ATTENTION: "attn_drop", KEYS: "k_norm", None: None}[METHODS[method].reads]
     if needed is not None and not all(hasattr(attention, needed) for attention in attention_modules(block)):
         what = "attention probabilities" if needed == "attn_drop" else "attention keys"
         raise VitpoolError(

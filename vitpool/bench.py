@@ -247,7 +247,7 @@ def bench(
     device: str = "cpu",
     precision: str = "fp32",
     warmup: int = 5,
-    iters: int = 30,
+    rounds: int = 30,
     threads: int | None = None,
     on_step: Callable[[str], None] | None = None,
     stop_at_fixed_point: bool = False,
@@ -310,8 +310,8 @@ def bench(
                               for name in models}
                 else:
                     memory = {name: None for name in models}
-                progress = (lambda done: on_step(f"{runtime}, batch {batch}: round {done}/{iters}")) if on_step else None
-                times = time_in_turns(calls, iters, timer, progress)
+                progress = (lambda done: on_step(f"{runtime}, batch {batch}: round {done}/{rounds}")) if on_step else None
+                times = time_in_turns(calls, rounds, timer, progress)
                 summaries = {name: _summary(times[name], batch) for name in calls}
                 speedup = summaries["baseline"]["p50_ms"] / summaries["pooled"]["p50_ms"]
                 mac_speedup = macs["baseline"] / macs["pooled"]

@@ -22,11 +22,12 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from vitpool.adapter import (HALVES, NEEDS_ATTENTION, PairBias, TokenPool, _overridden, _whole_block, apply_pooling,
+from vitpool.adapter import (HALVES, PairBias, TokenPool, _overridden, _whole_block, apply_pooling,
                              attention_modules, check_blocks, check_model, family_of, plan_for, token_grid, trims_last)
 from vitpool.config import AFTER_ATTENTION, EVERY_BLOCK, FAMILIES, LATE, PoolingConfig, default_layers, grid_shape
 from vitpool.errors import VitpoolError
 from vitpool.flops import analyse, total_macs
+from vitpool.methods import KEYS, METHODS, NEEDS_ATTENTION
 
 TOLERANCE = 0.01  # a solved schedule lands within 1% of the budget
 STEPS = 16  # r to 1/65536: finer than one token of K
@@ -68,9 +69,9 @@ def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: in
         else:
             wanted = round(num_patches * r ** (i + 1))
         k = min(tokens, max(1, wanted))
-        if method == "tome":
+        if METHODS[method].removes_at_most_half:
             k = max(k, tokens - tokens // 2)
-        if method == "grid":
+        if METHODS[method].on_grid:
             k = _largest_grid_count(k, current)
             current = grid_shape(k, current)
         k_values.append(k)
@@ -220,7 +221,7 @@ class MacModel:
         attn = attention_modules(self.model.blocks[stage.layer])[0]
         if t.method in NEEDS_ATTENTION:
             seen = torch.rand(1, attn.num_heads, tokens, tokens).softmax(-1)
-        elif t.method == "tome":
+        elif METHODS[t.method].reads == KEYS:
             seen = torch.rand(1, attn.num_heads, tokens, attn.head_dim)
         else:
             seen = None
@@ -252,7 +253,7 @@ class MacModel:
             else:
                 macs += self.half("attention", tokens + self.prefix) + self.half("mlp", stage.k + self.prefix)
             if stage is not None:
-                macs += self.pool(stage, sizes_live=t.proportional or (t.method == "tome" and i != last),
+                macs += self.pool(stage, sizes_live=t.proportional or (METHODS[t.method].merges_by_size and i != last),
                                   positions_live=i < self.depth - 1)  # rotary positions, for the blocks after
                 tokens = stage.k
         return macs + self.tail(tokens + self.prefix)

@@ -10,10 +10,8 @@ import numbers
 from dataclasses import asdict, dataclass, field, replace
 
 from vitpool.errors import VitpoolError
+from vitpool.methods import CLUSTERING_METHODS, MEDOID_METHODS, METHODS
 
-CLUSTERING_METHODS = ("wkmedoids", "kmedoids", "wkmeans", "kmeans")
-METHODS = CLUSTERING_METHODS + ("importance", "random", "grid", "tome")
-MEDOID_METHODS = ("wkmedoids", "kmedoids")
 OUTPUTS = ("medoid", "mean")
 AFTER_ATTENTION, AFTER_BLOCK = "after-attention", "after-block"
 POSITIONS = (AFTER_ATTENTION, AFTER_BLOCK)
@@ -126,8 +124,9 @@ class PoolingStage:
 
 
 def kept(fraction: float, tokens: int, method: str) -> int:
-    """The tokens a fraction keeps of `tokens`: rounded, at least one (for `tome`, at least half)."""
-    return max(1, round(fraction * tokens), tokens - tokens // 2 if method == "tome" else 1)
+    """The tokens a fraction keeps of `tokens`: rounded, at least one (at least half where a method removes at
+    most half)."""
+    return max(1, round(fraction * tokens), tokens - tokens // 2 if METHODS[method].removes_at_most_half else 1)
 
 
 def parse_k(text: str | None) -> tuple[int, ...] | tuple[float, ...]:
@@ -234,9 +233,10 @@ def plan_stages(config: PoolingConfig, depth: int, num_patches: int, grid: tuple
     stages = []
     tokens = num_patches
     current_grid: tuple[int, int] | None = grid
+    method = METHODS[config.method]
     for value, layer in zip(config.k, config.layers):
         fraction = value if isinstance(value, float) else None
-        if fraction is not None and config.method in ("random", "grid"):
+        if fraction is not None and method.fixed_layout:
             raise VitpoolError(f"{config.method} pooling is planned for one token count (its fixed order, its grid); "
                                f"give --k as token counts")
         k = kept(fraction, tokens, config.method) if fraction is not None else value
@@ -248,16 +248,16 @@ def plan_stages(config: PoolingConfig, depth: int, num_patches: int, grid: tuple
                 f"not increase and start at most at {num_patches}"
             )
         grid_out = None
-        if config.method == "tome" and tokens - k > tokens // 2:
+        if method.removes_at_most_half and tokens - k > tokens // 2:
             raise VitpoolError(
-                f"tome removes at most half of the tokens per layer: K={k} after block {layer} removes "
+                f"{config.method} removes at most half of the tokens per layer: K={k} after block {layer} removes "
                 f"{tokens - k} of {tokens}; use K >= {tokens - tokens // 2} or more pooling layers"
             )
-        if config.method == "grid":
+        if method.on_grid:
             if current_grid is None:
                 raise VitpoolError("grid pooling needs tokens on a grid")
             grid_out = grid_shape(k, current_grid)
-        stages.append(PoolingStage(layer, tokens, k, current_grid if config.method == "grid" else None, grid_out, fraction))
+        stages.append(PoolingStage(layer, tokens, k, current_grid if method.on_grid else None, grid_out, fraction))
         tokens, current_grid = k, grid_out
     return stages
 

@@ -22,7 +22,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vitpool.errors import VitpoolError, refuse_existing_output, remove_leftovers, temporary_prefix
+from vitpool.errors import VitpoolError
+from vitpool.outputs import refuse_existing_output, remove_leftovers, temporary_prefix
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -76,7 +77,7 @@ def to_onnx(model, path: str | Path, opset: int = DEFAULT_OPSET, batch_size: int
     """Write `model` to `path` as ONNX with a dynamic batch axis; the exporter's chatter goes to stderr."""
     import torch
 
-    from vitpool.pooling import graphs_stop_at_fixed_point
+    from vitpool.iterate import graphs_stop_at_fixed_point
 
     example = _example_input(model, batch_size)
     with (warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), torch.no_grad(),
@@ -151,7 +152,7 @@ def session(path: str | Path, device: str = "cpu", threads: int | None = None, s
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def _check_batches(model, data, limit: int, batch_size: int):
+def check_batches(model, data, limit: int, batch_size: int):
     """(what the inputs are, batches of them): `limit` images of `data` (a data.Source or a path), else seeded noise."""
     import torch
 
@@ -174,7 +175,7 @@ def check(model, path: str | Path, data=None, limit: int = 32, batch_size: int =
     import torch
 
     runtime = session(path)
-    source, batches = _check_batches(model, data, limit, batch_size)
+    source, batches = check_batches(model, data, limit, batch_size)
     if not batches:
         raise VitpoolError(f"no readable images in {data} to check the export with")
     n = agree = close = 0

@@ -26,13 +26,14 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vitpool import data, models
-from vitpool.errors import VitpoolError, writable_parent, write_atomically
+from vitpool.errors import VitpoolError
+from vitpool.outputs import writable_parent, write_atomically
 
 SETTINGS_FILE = "finetune.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -368,38 +369,37 @@ def write_outputs(out_dir: Path, model, history: list[dict]) -> None:
     write_atomically(out_dir / LOG_FILE, "".join(json.dumps(record) + "\n" for record in history))
 
 
-def finetune(
-    student,
-    teacher,
-    train_dir: str | Path | data.Source,
-    out_dir: str | Path,
-    settings: TrainSettings,
-    source: dict,
-    val_dir: str | Path | data.Source | None = None,
-    resume: bool = False,
-    force: bool = False,
-    device: str | None = None,
-    workers: int = 2,
-    on_step: Callable[[int, int, int, dict], None] | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
-    preprocess: data.Preprocess = data.Preprocess(),
-) -> FinetuneResult:
-    """Train the converted `student` (pooling fixed) from its current weights; `teacher` is its unpooled original.
-    `train_dir` and `val_dir` are data.Sources (an image folder, a .tar or hfds/; the training split defaults to
-    train) or paths of an image folder or .tar.
-
-    `on_step(epoch, step, steps, stats)` and `on_epoch(record)` are called on rank 0 only.
-    """
-    import torch
+@contextmanager
+def distributed(device: str | None) -> Iterator[Process]:
+    """This process's place in the run. The process group torchrun asks for is set up here and always taken
+    down, also when training fails, so that no peer is left waiting on it."""
     import torch.distributed as dist
-    from timm.data import Mixup
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import dispatch_clip_grad, unwrap_model
 
-    settings.check()
+    owned = not dist.is_initialized()
     process = start_process(device)
-    out_dir = Path(out_dir)
+    try:
+        yield process
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@dataclass
+class Plan:
+    """A run checked against its data and output folder before any training: what to train on and from where."""
+
+    run: Run
+    checkpoint: dict | None  # the saved state to resume from
+    train_images: data.Images
+    val_images: data.Images | None
+    steps: int  # per epoch and process
+
+
+def plan_run(student, train_dir, val_dir, out_dir: Path, settings: TrainSettings, source: dict, process: Process,
+             resume: bool, force: bool, preprocess: data.Preprocess) -> Plan:
+    """Open the data, check the output folder (and the run to resume), and on a new run write its settings."""
+    import torch.distributed as dist
+
     if settings.amp and settings.amp_dtype == "float16" and process.device.type != "cuda":
         raise VitpoolError("--amp-dtype float16 needs a CUDA GPU; on CPU use --amp-dtype bfloat16")
     train_data = data.as_source(train_dir, split="train")
@@ -424,68 +424,101 @@ def finetune(
         if not resume:
             clear_output(out_dir)
         write_atomically(out_dir / SETTINGS_FILE, json.dumps(run.to_dict(), indent=2) + "\n")
+    return Plan(run, checkpoint, train_images, val_images, steps)
 
-    student.to(process.device).train()
-    teacher = teacher.to(process.device).eval() if teacher is not None else None
-    task = make_task(student, teacher if settings.distill else None, settings, process.device)
-    ema = task.setup_ema(decay=settings.model_ema_decay) if settings.model_ema else None
-    optimizer = create_optimizer_v2(student, opt="adamw", lr=settings.lr, weight_decay=settings.weight_decay)
-    updates_per_epoch = math.ceil(steps / settings.grad_accum_steps)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched="cosine", num_epochs=settings.epochs, warmup_epochs=settings.warmup_epochs,
-        warmup_lr=settings.warmup_lr, min_lr=settings.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
-    )
-    half = settings.amp and settings.amp_dtype == "float16"
-    scaler = torch.amp.GradScaler(process.device.type) if half else None
-    history: list[dict] = []
-    first_epoch = 1
-    if checkpoint is not None:
-        student.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(checkpoint["model_ema"])
-        history = list(checkpoint["history"])
-        first_epoch = int(checkpoint["epoch"]) + 1
-    if process.world_size > 1:
-        task.prepare_distributed(device_ids=[process.device.index] if process.device.type == "cuda" else None)
-    final = ema.module if ema is not None else student  # the weights the run hands on
 
-    if val_images is not None and checkpoint is None:
-        record = {"epoch": 0, "val": validate(final, teacher, val_images, process, settings.batch_size, workers, preprocess)}
-        history.append(record)
-        if process.main and on_epoch:
-            on_epoch(record)
-    if process.main and checkpoint is None:
-        write_outputs(out_dir, final, history)
+@dataclass
+class Training:
+    """The moving parts of a run (timm's task, optimizer, scheduler, EMA, the data of every epoch) and what an
+    epoch, a checkpoint and a restart do with them."""
 
-    mixup = None
-    if settings.mixup or settings.cutmix:
-        mixup = Mixup(mixup_alpha=settings.mixup, cutmix_alpha=settings.cutmix, label_smoothing=settings.smoothing,
-                      num_classes=student.num_classes)
-    autocast = (lambda: torch.autocast(process.device.type, dtype=getattr(torch, settings.amp_dtype))) if settings.amp else nullcontext
-    dataset = SeededItems(train_images.decoded(training_transform(student, settings, preprocess)), settings.seed)
-    trained = [parameter for group in optimizer.param_groups for parameter in group["params"]]
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=process.world_size, rank=process.rank,
-                                                  shuffle=True, seed=settings.seed, drop_last=True)
-    updates = (first_epoch - 1) * updates_per_epoch
+    student: object
+    task: object
+    optimizer: object
+    scheduler: object
+    scaler: object | None  # float16 on CUDA only
+    ema: object | None
+    mixup: object | None
+    dataset: SeededItems
+    sampler: object
+    settings: TrainSettings
+    process: Process
+    steps: int
+    out_dir: Path
+    updates: int = 0
 
-    def kept(epoch: int) -> str:
-        """What OUT holds while `epoch` runs: nothing of it is written before it finishes."""
-        return f"epoch {epoch - 1}'s model" if epoch > 1 else "the model it started from"
+    @classmethod
+    def build(cls, student, teacher, train_images: data.Images, steps: int, settings: TrainSettings, process: Process,
+              out_dir: Path, preprocess: data.Preprocess) -> "Training":
+        import torch
+        from timm.data import Mixup
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
 
-    def diverged(what: str, epoch: int, step: int) -> VitpoolError:
-        return VitpoolError(f"{what} at epoch {epoch}, step {step} (learning rate {optimizer.param_groups[0]['lr']:.3g}); "
-                            f"{out_dir} keeps {kept(epoch)}: start anew with a lower --lr (or --clip-grad) and --force")
+        student.to(process.device).train()
+        task = make_task(student, teacher if settings.distill else None, settings, process.device)
+        ema = task.setup_ema(decay=settings.model_ema_decay) if settings.model_ema else None
+        optimizer = create_optimizer_v2(student, opt="adamw", lr=settings.lr, weight_decay=settings.weight_decay)
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched="cosine", num_epochs=settings.epochs, warmup_epochs=settings.warmup_epochs,
+            warmup_lr=settings.warmup_lr, min_lr=settings.min_lr, step_on_epochs=False,
+            updates_per_epoch=math.ceil(steps / settings.grad_accum_steps),
+        )
+        half = settings.amp and settings.amp_dtype == "float16"
+        mixup = None
+        if settings.mixup or settings.cutmix:
+            mixup = Mixup(mixup_alpha=settings.mixup, cutmix_alpha=settings.cutmix, label_smoothing=settings.smoothing,
+                          num_classes=student.num_classes)
+        dataset = SeededItems(train_images.decoded(training_transform(student, settings, preprocess)), settings.seed)
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=process.world_size, rank=process.rank,
+                                                      shuffle=True, seed=settings.seed, drop_last=True)
+        return cls(student, task, optimizer, scheduler, torch.amp.GradScaler(process.device.type) if half else None,
+                   ema, mixup, dataset, sampler, settings, process, steps, out_dir)
 
-    for epoch in range(first_epoch, settings.epochs + 1):
+    @property
+    def final(self):
+        """The weights the run hands on: the EMA's with --model-ema."""
+        return self.ema.module if self.ema is not None else self.student
+
+    def restore(self, checkpoint: dict) -> tuple[list[dict], int]:
+        """Load a saved state; returns the history so far and the first epoch to train."""
+        self.student.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(checkpoint["model_ema"])
+        epoch = int(checkpoint["epoch"])
+        self.updates = epoch * math.ceil(self.steps / self.settings.grad_accum_steps)
+        return list(checkpoint["history"]), epoch + 1
+
+    def save(self, epoch: int, history: list[dict], run: Run) -> None:
+        """`checkpoint.pt`: all that --resume needs to go on after `epoch` (written atomically)."""
+        import torch
+        from timm.utils import unwrap_model
+
+        state = {"epoch": epoch, "model": unwrap_model(self.student).state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "history": history, "run": run.to_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            state["model_ema"] = self.ema.module.state_dict()
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomically(self.out_dir / CHECKPOINT_FILE, buffer.getvalue())
+
+    def epoch(self, epoch: int, workers: int, on_step: Callable[[int, int, int, dict], None] | None) -> dict:
+        """Train one epoch (its randomness from the seed, the epoch and the rank alone); its record for the log."""
+        import torch
+        import torch.distributed as dist
+
+        settings, process = self.settings, self.process
         loader_seed = seed_epoch(settings.seed, epoch, process.rank)
-        sampler.set_epoch(epoch)
-        dataset.epoch = epoch  # before the loader starts this epoch's workers, which take a copy of the dataset
+        self.sampler.set_epoch(epoch)
+        self.dataset.epoch = epoch  # before the loader starts this epoch's workers, which take a copy of the dataset
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=settings.batch_size, sampler=sampler, num_workers=workers, collate_fn=data.collate,
+            self.dataset, batch_size=settings.batch_size, sampler=self.sampler, num_workers=workers, collate_fn=data.collate,
             drop_last=True, generator=torch.Generator().manual_seed(loader_seed), persistent_workers=False,
         )
         sums = torch.zeros(4, dtype=torch.float64)  # loss, task loss, distillation loss, images
@@ -493,93 +526,159 @@ def finetune(
         started = time.perf_counter()
         for step, (images, labels, bad) in enumerate(data.reading(loader), start=1):
             skipped += len(bad)
-            last_of_update = step % settings.grad_accum_steps == 0 or step == steps
+            last_of_update = step % settings.grad_accum_steps == 0 or step == self.steps
             if images is not None:
-                if mixup is not None and len(images) % 2:
-                    images, labels = images[:-1], labels[:-1]  # an unreadable image left an odd batch
-                images, labels = images.to(process.device), labels.to(process.device)
-                targets = labels
-                if mixup is not None:
-                    images, targets = mixup(images, labels)
-                with nullcontext() if last_of_update else task.no_sync():
-                    with autocast():
-                        try:
-                            out = task(images, targets)
-                        except ValueError as error:  # token pooling refuses NaN/inf tokens: huge weights overflowed
-                            if updates == 0 or "NaN or infinite" not in str(error):
-                                raise
-                            raise diverged(f"the model's activations became NaN or infinite ({str(error).split(';')[0]})",
-                                           epoch, step) from None
-                    loss = out["loss"] / settings.grad_accum_steps
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                parts = (out["loss"], out.get("task_loss", out["loss"]), out.get("kd_loss"))  # without a teacher all is label loss
-                losses = [float(part.detach()) if part is not None else 0.0 for part in parts]
-                if not math.isfinite(losses[0]):
-                    raise VitpoolError(f"the loss became {losses[0]} at epoch {epoch}, step {step}; {out_dir} keeps "
-                                       f"{kept(epoch)}: start anew with a lower --lr (or --clip-grad) and --force")
-                sums += torch.tensor([*losses, len(images)], dtype=torch.float64)
+                sums += self._forward_backward(images, labels, epoch, step, last_of_update)
             if last_of_update:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if settings.clip_grad is not None:
-                    dispatch_clip_grad(task.get_clip_parameters(), settings.clip_grad, mode=settings.clip_mode)
-                try:
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                except RuntimeError as error:  # e.g. a step size past float32: "value cannot be converted ... overflow"
-                    if "overflow" not in str(error):
-                        raise
-                    raise diverged(f"the update overflowed ({' '.join(str(error).split())[:100]})", epoch, step) from None
-                optimizer.zero_grad(set_to_none=True)
-                if not all_finite(trained):
-                    raise diverged("the weights became NaN or infinite in the update", epoch, step)
-                updates += 1
-                scheduler.step_update(num_updates=updates)
-                task.update_ema(step=updates)
+                self._update(epoch, step)
             if process.main and on_step:
                 elapsed = time.perf_counter() - started
-                on_step(epoch, step, steps, {"loss": float(sums[0] / max(step, 1)), "lr": optimizer.param_groups[0]["lr"],
-                                             "images_per_s": float(sums[3]) * process.world_size / max(elapsed, 1e-9)})
+                on_step(epoch, step, self.steps, {"loss": float(sums[0] / max(step, 1)), "lr": self.optimizer.param_groups[0]["lr"],
+                                                  "images_per_s": float(sums[3]) * process.world_size / max(elapsed, 1e-9)})
         seconds = time.perf_counter() - started
         if process.world_size > 1:
             dist.all_reduce(sums)
-        batches = steps * process.world_size
-        record = {
+        batches = self.steps * process.world_size
+        return {
             "epoch": epoch,
             "train_loss": float(sums[0]) / batches,
             "task_loss": float(sums[1]) / batches,
             "kd_loss": float(sums[2]) / batches if settings.distill else None,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": self.optimizer.param_groups[0]["lr"],
             "images": int(sums[3]),
             "images_per_s": float(sums[3]) / seconds,
             "seconds": seconds,
             "skipped": skipped,
         }
-        if val_images is not None:
-            record["val"] = validate(final, teacher, val_images, process, settings.batch_size, workers, preprocess)
-        history.append(record)
-        if process.main:
-            state = {"epoch": epoch, "model": unwrap_model(student).state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "history": history, "run": run.to_dict()}
+
+    def _forward_backward(self, images, labels, epoch: int, step: int, last_of_update: bool):
+        """One batch's loss and gradients (summed into the update's); [loss, task loss, distillation loss, images]."""
+        import torch
+
+        settings, device = self.settings, self.process.device
+        if self.mixup is not None and len(images) % 2:
+            images, labels = images[:-1], labels[:-1]  # an unreadable image left an odd batch
+        images, labels = images.to(device), labels.to(device)
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        autocast = torch.autocast(device.type, dtype=getattr(torch, settings.amp_dtype)) if settings.amp else nullcontext()
+        with nullcontext() if last_of_update else self.task.no_sync():
+            with autocast:
+                try:
+                    out = self.task(images, targets)
+                except ValueError as error:  # token pooling refuses NaN/inf tokens: huge weights overflowed
+                    if self.updates == 0 or "NaN or infinite" not in str(error):
+                        raise
+                    raise self._diverged(f"the model's activations became NaN or infinite ({str(error).split(';')[0]})",
+                                         epoch, step) from None
+            loss = out["loss"] / settings.grad_accum_steps
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        parts = (out["loss"], out.get("task_loss", out["loss"]), out.get("kd_loss"))  # without a teacher all is label loss
+        losses = [float(part.detach()) if part is not None else 0.0 for part in parts]
+        if not math.isfinite(losses[0]):
+            raise VitpoolError(f"the loss became {losses[0]} at epoch {epoch}, step {step}; {self.out_dir} keeps "
+                               f"{self._kept(epoch)}: start anew with a lower --lr (or --clip-grad) and --force")
+        return torch.tensor([*losses, len(images)], dtype=torch.float64)
+
+    def _update(self, epoch: int, step: int) -> None:
+        """Apply the gradients summed since the last update: clipping, the optimizer (and scaler) step, the
+        scheduler and the EMA; the weights are checked to be finite."""
+        from timm.utils import dispatch_clip_grad
+
+        settings, optimizer, scaler = self.settings, self.optimizer, self.scaler
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if settings.clip_grad is not None:
+            dispatch_clip_grad(self.task.get_clip_parameters(), settings.clip_grad, mode=settings.clip_mode)
+        try:
             if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            if ema is not None:
-                state["model_ema"] = ema.module.state_dict()
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            write_atomically(out_dir / CHECKPOINT_FILE, buffer.getvalue())
-            write_outputs(out_dir, final, history)
-            if on_epoch:
-                on_epoch(record)
-    if process.main and checkpoint is not None and first_epoch > settings.epochs:
-        write_outputs(out_dir, final, history)  # a finished run resumed: its model files are rewritten
-    if process.world_size > 1:
-        # DDP's reducer holds the process group: free it while every peer is still there, then say goodbye.
-        task.trainable_module = student
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-    return FinetuneResult(final.eval(), history)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        except RuntimeError as error:  # e.g. a step size past float32: "value cannot be converted ... overflow"
+            if "overflow" not in str(error):
+                raise
+            raise self._diverged(f"the update overflowed ({' '.join(str(error).split())[:100]})", epoch, step) from None
+        optimizer.zero_grad(set_to_none=True)
+        if not all_finite([parameter for group in optimizer.param_groups for parameter in group["params"]]):
+            raise self._diverged("the weights became NaN or infinite in the update", epoch, step)
+        self.updates += 1
+        self.scheduler.step_update(num_updates=self.updates)
+        self.task.update_ema(step=self.updates)
+
+    def _kept(self, epoch: int) -> str:
+        """What OUT holds while `epoch` runs: nothing of it is written before it finishes."""
+        return f"epoch {epoch - 1}'s model" if epoch > 1 else "the model it started from"
+
+    def _diverged(self, what: str, epoch: int, step: int) -> VitpoolError:
+        return VitpoolError(f"{what} at epoch {epoch}, step {step} (learning rate {self.optimizer.param_groups[0]['lr']:.3g}); "
+                            f"{self.out_dir} keeps {self._kept(epoch)}: start anew with a lower --lr (or --clip-grad) and --force")
+
+    def release(self) -> None:
+        """Free DDP's reducer, which holds the process group, while every peer is still there; then meet them."""
+        import torch.distributed as dist
+
+        if self.process.world_size > 1:
+            self.task.trainable_module = self.student
+            gc.collect()
+            dist.barrier()
+
+
+def finetune(
+    student,
+    teacher,
+    train_dir: str | Path | data.Source,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    source: dict,
+    val_dir: str | Path | data.Source | None = None,
+    resume: bool = False,
+    force: bool = False,
+    device: str | None = None,
+    workers: int = 2,
+    on_step: Callable[[int, int, int, dict], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    preprocess: data.Preprocess = data.Preprocess(),
+) -> FinetuneResult:
+    """Train the converted `student` (pooling fixed) from its current weights; `teacher` is its unpooled original.
+    `train_dir` and `val_dir` are data.Sources (an image folder, a .tar or hfds/; the training split defaults to
+    train) or paths of an image folder or .tar.
+
+    `on_step(epoch, step, steps, stats)` and `on_epoch(record)` are called on rank 0 only.
+    """
+    settings.check()
+    out_dir = Path(out_dir)
+    with distributed(device) as process:
+        plan = plan_run(student, train_dir, val_dir, out_dir, settings, source, process, resume, force, preprocess)
+        teacher = teacher.to(process.device).eval() if teacher is not None else None
+        training = Training.build(student, teacher, plan.train_images, plan.steps, settings, process, out_dir, preprocess)
+        history, first_epoch = training.restore(plan.checkpoint) if plan.checkpoint is not None else ([], 1)
+        if process.world_size > 1:
+            training.task.prepare_distributed(device_ids=[process.device.index] if process.device.type == "cuda" else None)
+
+        def validated(record: dict) -> dict:
+            if plan.val_images is not None:
+                record["val"] = validate(training.final, teacher, plan.val_images, process, settings.batch_size, workers,
+                                         preprocess)
+            return record
+
+        if plan.checkpoint is None:
+            if plan.val_images is not None:
+                history.append(validated({"epoch": 0}))
+                if process.main and on_epoch:
+                    on_epoch(history[-1])
+            if process.main:
+                write_outputs(out_dir, training.final, history)
+        for epoch in range(first_epoch, settings.epochs + 1):
+            history.append(validated(training.epoch(epoch, workers, on_step)))
+            if process.main:
+                training.save(epoch, history, plan.run)
+                write_outputs(out_dir, training.final, history)
+                if on_epoch:
+                    on_epoch(history[-1])
+        if process.main and plan.checkpoint is not None and first_epoch > settings.epochs:
+            write_outputs(out_dir, training.final, history)  # a finished run resumed: its model files are rewritten
+        training.release()
+    return FinetuneResult(training.final.eval(), history)

@@ -1,8 +1,8 @@
 """Multiply-accumulate (MAC) counts per block, with fvcore plus handles for what it misses.
 
 fvcore counts one MAC as one "flop" and knows matmul, einsum, linear, convolution and LayerNorm, but not
-`aten::scaled_dot_product_attention` (timm's fused attention): without the handle below DeiT-S reads
-4.25 G instead of 4.61 G. The pooling layers are written with matmul/einsum for their multiply-
+`aten::scaled_dot_product_attention` (timm's fused attention): without the handle below a ViT's attention
+products go uncounted. The pooling layers are written with matmul/einsum for their multiply-
 accumulates (Gram and distance matrices), so they are counted like any layer, and their cluster sums are
 scatter-adds, counted here as one multiply-add per element added (the weighting and the add); comparisons,
 argmin and gathers are not MACs and are not counted, here as everywhere in fvcore.

@@ -23,7 +23,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from vitpool.config import PoolingConfig
-from vitpool.errors import VitpoolError, normal_mode, refuse_existing_output, remove_leftovers, temporary_prefix, writable_parent
+from vitpool.errors import VitpoolError
+from vitpool.outputs import normal_mode, refuse_existing_output, remove_leftovers, temporary_prefix, writable_parent
 
 ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",

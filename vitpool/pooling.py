@@ -3,9 +3,9 @@
 Every function takes patch tokens `x` of shape [B, N, C] (prefix tokens such as CLS are never passed in)
 and returns a `Pooled` pair: the output tokens [B, K, C] and `assign` [B, N], the output index each input
 token is represented by (-1 for a token that selection dropped). There is no Python loop over the batch or
-the clusters, iteration counts are fixed (eager CPU runs, and exported graphs within
-`graphs_stop_at_fixed_point`, leave out the iterations after a fixed point, which would change nothing),
-nothing is random at call time, and only ops that ONNX expresses are used:
+the clusters, iteration counts are fixed (each clustering method is one step, which `vitpool.iterate` runs:
+eager CPU runs leave out the iterations after a fixed point, which would change nothing), nothing is random
+at call time, and only ops that ONNX expresses are used:
 matmul/einsum, argmin/argmax, topk, gather, scatter-add, cumsum, comparisons and `where`. Cluster sums are a
 scatter-add (ONNX has no scatter-reduce mean, but ScatterElements adds), which `vitpool.flops` counts as one
 multiply-add per element; other work that is a multiply-accumulate is written as matmul or einsum so that the
@@ -17,14 +17,14 @@ are gathered from the original tokens, so they are bit-exact input tokens.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from vitpool.iterate import is_tracing
+from vitpool.iterate import run as iterate
 
 
 class Pooled(NamedTuple):
@@ -32,59 +32,11 @@ class Pooled(NamedTuple):
     assign: Tensor  # [B, N] int64, index into tokens, -1 where the input token was dropped
 
 
-def _exporting() -> bool:
-    return getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.5
-
-
-def _is_tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or _exporting()
-
-
-_GRAPHS_STOP_AT_FIXED_POINT = contextvars.ContextVar("vitpool_graphs_stop_at_fixed_point", default=False)
-
-
-@contextlib.contextmanager
-def graphs_stop_at_fixed_point(enabled: bool = True) -> Iterator[None]:
-    """While this is open, graphs exported with `torch.export` (and so the dynamo ONNX exporter) run each
-    clustering iteration after the first inside a `torch.cond` (an ONNX If) only while the iteration before
-    changed something: the outputs of every iteration, with less pooling time in ONNX Runtime on the CPU at
-    batch 1 (added latency: real DeiT-Tiny on photos 9.7% instead of 10.9%, DeiT-S with random weights 2.0-2.8%
-    instead of 3.9-4.5%), none at batch 32, where a batch stops only when every image has. Off by default,
-    so that graphs have no data-dependent control flow: ONNX Runtime's CUDA graphs do not capture If nodes,
-    and on CUDA each If copies its condition to the host."""
-    token = _GRAPHS_STOP_AT_FIXED_POINT.set(enabled)
-    try:
-        yield
-    finally:
-        _GRAPHS_STOP_AT_FIXED_POINT.reset(token)
-
-
-def _graph_stops_at_fixed_point() -> bool:
-    return _exporting() and _GRAPHS_STOP_AT_FIXED_POINT.get()
-
-
-def iterate_in_graph(step: Callable[..., tuple], state: tuple[Tensor, ...], iters: int) -> tuple[Tensor, ...]:
-    """`state = step(*state)[:-1]`, `iters` times, each time after the first only if the step before returned a
-    true `changed` (its last output, a one-element bool tensor). The conditions nest, so a graph that stops
-    runs one If's other branch, not one per iteration left.
-
-    `step` must not return its inputs or their views, and the tensors it closes over must not be views of
-    one another (torch.cond's rules)."""
-    *state, changed = step(*state)
-    if iters == 1:
-        return tuple(state)
-    return torch.cond(changed, lambda *s: iterate_in_graph(step, s, iters - 1), _unchanged, tuple(state))
-
-
-def _unchanged(*state: Tensor) -> tuple[Tensor, ...]:
-    return tuple(t.clone() for t in state)
-
-
 def check_finite(x: Tensor, every_device: bool = False) -> None:
     """Reject NaN/inf tokens eagerly: clustering would silently assign them to cluster 0. On a GPU the check
     would stall every pooling layer on a host sync, so there it runs once per forward pass (`every_device`,
     from `PooledBlocks` on its output, which a NaN anywhere upstream reaches)."""
-    if (every_device or not x.is_cuda) and not _is_tracing() and not bool(torch.isfinite(x).all()):
+    if (every_device or not x.is_cuda) and not is_tracing() and not bool(torch.isfinite(x).all()):
         raise ValueError(
             "token pooling received NaN or infinite tokens; check the model input and weights "
             "(an fp16 overflow upstream is a common cause)"
@@ -178,21 +130,12 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
         rows = F.embedding(index + offset, flat)  # [B, K, N]: each medoid's distances, a row of D as D is symmetric
         return index, rows, first_argmin(rows, 1, keepdim=True)  # assign: [B, 1, N]
 
-    index, rows, assign = medoids_of(top_k_indices(init_scores, k))
-    if iters and _graph_stops_at_fixed_point():
+    def step(index: Tensor, rows: Tensor, assign: Tensor) -> tuple[Tensor, ...]:
+        # reads `flat`, not its view `distance`: a torch.cond branch may not close over two views of one tensor
+        updated = _update_medoids(flat.view(-1, n, n), weight_row, assign, rows, above_any_cost)
+        return *medoids_of(updated), (updated != index).any()
 
-        def step(index: Tensor, rows: Tensor, assign: Tensor) -> tuple[Tensor, ...]:
-            # reads `flat`, not its view `distance`: a torch.cond branch may not close over two views of one tensor
-            updated = _update_medoids(flat.view(-1, n, n), weight_row, assign, rows, above_any_cost)
-            return *medoids_of(updated), (updated != index).any()
-
-        index, rows, assign = iterate_in_graph(step, (index, rows, assign), iters)
-    else:
-        for _ in range(iters):
-            updated = _update_medoids(distance, weight_row, assign, rows, above_any_cost)
-            if at_fixed_point(updated, index):
-                break
-            index, rows, assign = medoids_of(updated)
+    index, rows, assign = iterate(step, medoids_of(top_k_indices(init_scores, k)), iters)
     assign = assign.squeeze(1)
     if means:  # the clusters found by K-Medoids, represented by their weighted means (N*C more MACs)
         return Pooled(cluster_means(xf, w, assign, k)[0].to(x.dtype), assign)
@@ -222,30 +165,22 @@ def distances_from_gram(gram: Tensor) -> Tensor:
     return (half + half.transpose(1, 2)).clamp_min(0)
 
 
-def at_fixed_point(updated: Tensor, previous: Tensor) -> bool:
-    """Whether an iteration changed nothing, for every batch item: the iterations left would repeat it, so
-    eager CPU runs stop there with the same outputs (DeiT-Tiny on real photos: after 1 to 3 of 5 iterations
-    for most layers and images). Exported, traced and compiled graphs, and CUDA, where the check would wait
-    for the GPU, always run every iteration."""
-    return updated.device.type == "cpu" and not _is_tracing() and torch.equal(updated, previous)
-
-
 def first_argmin(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
     """argmin, ties to the first index; eager `min(dim)` is 2-4x faster than `argmin` on the CPU, and
     exports as an extra ReduceMin, so the exported graph gets a plain ArgMin (same ties)."""
-    return x.argmin(dim, keepdim=keepdim) if _is_tracing() else x.min(dim, keepdim=keepdim).indices
+    return x.argmin(dim, keepdim=keepdim) if is_tracing() else x.min(dim, keepdim=keepdim).indices
 
 
 def zero_unless(keep: Tensor, x: Tensor) -> Tensor:
     """x where `keep`, else 0; the same values either way: `where` is faster in eager PyTorch, while ONNX
     Runtime runs Where with a scalar 3x slower than a Cast and a Mul (x is finite, so x * 0 is 0)."""
-    return x * keep.to(x.dtype) if _is_tracing() else torch.where(keep, x, 0.0)
+    return x * keep.to(x.dtype) if is_tracing() else torch.where(keep, x, 0.0)
 
 
 def where_member(member: Tensor, cost: Tensor, above: Tensor) -> Tensor:
     """`where(member, cost, above)` for 0 <= cost < above. ONNX Runtime's broadcasting Where is 2x slower
     than Max(cost, above * not member), which gives the same values and is what exports."""
-    return torch.maximum(cost, zero_unless(~member, above)) if _is_tracing() else torch.where(member, cost, above)
+    return torch.maximum(cost, zero_unless(~member, above)) if is_tracing() else torch.where(member, cost, above)
 
 
 def _update_medoids(distance: Tensor, weight_row: Tensor, assign: Tensor, rows: Tensor, above_any_cost: Tensor) -> Tensor:
@@ -277,21 +212,12 @@ def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters
         # A cluster with no weight (empty, or all significance 0) keeps its centre rather than collapsing to 0.
         return torch.where((mass > 0).unsqueeze(-1), means, centers)
 
-    if iters and _graph_stops_at_fixed_point():
+    def step(centers: Tensor, assign: Tensor) -> tuple[Tensor, ...]:
+        centers = recentred(centers, assign)
+        updated = nearest(xf, x_sq, centers)
+        return centers, updated, (updated != assign).any()  # unchanged: the next means would be these centres
 
-        def step(centers: Tensor, assign: Tensor) -> tuple[Tensor, ...]:
-            centers = recentred(centers, assign)
-            updated = nearest(xf, x_sq, centers)
-            return centers, updated, (updated != assign).any()
-
-        centers, assign = iterate_in_graph(step, (centers, assign), iters)
-    else:
-        for _ in range(iters):
-            centers = recentred(centers, assign)
-            updated = nearest(xf, x_sq, centers)
-            if at_fixed_point(updated, assign):  # the next means would be these centres again
-                break
-            assign = updated
+    centers, assign = iterate(step, (centers, assign), iters)
     return Pooled(centers.to(x.dtype), assign)
 
 

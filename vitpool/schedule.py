@@ -20,7 +20,7 @@ from vitpool.budget import TOLERANCE, MacModel, budget_target, schedule_layers, 
 from vitpool.config import LATE, PoolingConfig, default_layers
 from vitpool.errors import VitpoolError
 from vitpool.flops import total_macs
-from vitpool.sweep import ImageSet, score
+from vitpool.evaluate import ImageSet, score
 
 STEPS = (32, 16, 8, 4)
 PLACEMENT_COUNTS = (1, 2, 3)  # pooling layers tried, spread as `default_layers` spreads them
@@ -170,7 +170,7 @@ def calibrate(model, data_dir, template: PoolingConfig, budget: float | None, ta
     """`search` on up to `limit` unlabelled images under `data_dir` (a folder of any layout, or a .tar); the result
     and the record of what it was scored on, for the converted model's vitpool.json."""
     from vitpool.data import as_source
-    from vitpool.sweep import load_images
+    from vitpool.evaluate import load_images
 
     images = load_images(model, data_dir, limit, workers=workers, labelled=False)
     found = search(model, images, template, budget, target_gmacs, on_step=on_step, family=family)

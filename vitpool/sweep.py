@@ -13,61 +13,18 @@ import io
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from vitpool import data
-from vitpool.config import EVERY_BLOCK, LATE, MEDOID_METHODS, METHODS, PRESETS, PoolingConfig, make_config
-from vitpool.errors import VitpoolError, writable_parent, write_atomically
-from vitpool.evaluate import Tally
+from vitpool.config import EVERY_BLOCK, LATE, PRESETS, PoolingConfig, make_config
+from vitpool.errors import VitpoolError
+from vitpool.evaluate import ImageSet, Tally, load_images, score
+from vitpool.methods import MEDOID_METHODS, METHODS
+from vitpool.outputs import writable_parent, write_atomically
 
-MAX_IMAGE_BYTES = 4 * 2**30  # the decoded images a sweep keeps in memory
 CSV_FIELDS = ("method", "budget", "schedule", "k", "layers", "gmacs", "mac_ratio", "top1", "top5", "agreement", "kl",
               "n", "seconds", "error")
-
-
-@dataclass
-class ImageSet:
-    """Decoded, preprocessed images with labels, and the unpooled model's logits on them."""
-
-    images: object  # Tensor [M, 3, H, W]
-    labels: object  # Tensor [M]
-    reference: object  # Tensor [M, classes]
-    mapping: str
-    skipped: list[str]
-
-    def subset(self, index: list[int]) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index], self.reference[index], self.mapping, [])
-
-
-def load_images(model, data_dir, limit: int | None, batch_size: int = 50, workers: int = 2,
-                on_batch: Callable[[int, int | None], None] | None = None, labelled: bool = True,
-                preprocess: data.Preprocess = data.Preprocess()) -> ImageSet:
-    """Read images once (`data_dir`: a data.Source, or the path of an image folder or .tar; timm's preprocessing
-    for `model`) and run the unpooled `model` on them. Unlabelled (calibration) images may be any images, label 0."""
-    import torch
-
-    source = data.open_images(data_dir, model.num_classes, labelled)
-    transform, config = data.transform_for(model, preprocess)
-    total = source.size(limit)
-    per_image = 4 * 3 * config["input_size"][1] * config["input_size"][2]
-    if total is not None and total * per_image > MAX_IMAGE_BYTES:
-        raise VitpoolError(f"{total} images would take {total * per_image / 2**30:.1f} GB in memory; "
-                           f"pass --limit (e.g. --limit 1000) to sweep a spread-out subset")
-    images, labels, reference, skipped = [], [], [], []
-    model.eval()
-    with torch.inference_mode():
-        for batch, batch_labels, bad in source.batches(transform, batch_size, workers, limit):
-            skipped += bad
-            if batch is not None:
-                images.append(batch)
-                labels.append(batch_labels)
-                reference.append(model(batch).float())
-            if on_batch:
-                on_batch(sum(len(b) for b in labels) + len(skipped), total)
-    if not images:
-        raise data.nothing_read(source, skipped)
-    return ImageSet(torch.cat(images), torch.cat(labels), torch.cat(reference), source.mapping, skipped)
 
 
 def image_hash(images: ImageSet) -> str:
@@ -78,19 +35,6 @@ def image_hash(images: ImageSet) -> str:
     digest.update(images.images.contiguous().numpy().tobytes())
     digest.update(images.labels.numpy().tobytes())
     return digest.hexdigest()
-
-
-def score(model, images: ImageSet, batch_size: int = 50):
-    """EvalResult of `model` on the images, compared with the unpooled logits."""
-    import torch
-
-    tally = Tally()
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(images.labels), batch_size):
-            part = slice(start, start + batch_size)
-            tally.add(model(images.images[part]), images.labels[part], images.reference[part])
-    return tally.result(images.mapping)
 
 
 def sweep_settings(model_name: str, checkpoint, pretrained: bool, data_dir, limit: int | None, preset: str,

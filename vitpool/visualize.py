@@ -117,7 +117,7 @@ def visualize(model, image_path: Path, out: Path, layers: list[int] | None = Non
     from PIL import Image, ImageDraw
 
     from vitpool.adapter import token_grid
-    from vitpool.errors import write_atomically
+    from vitpool.outputs import write_atomically
 
     tensor, config = read_image(image_path, model, preprocess)
     maps = patch_tokens(model, tensor)

@@ -1,4 +1,5 @@
-"""What every benchmark script here shares: where results go and how they are written (atomically)."""
+"""What every benchmark script here shares: the real data, the fixed schedules of earlier measurements, where
+results go and how they are written (atomically), and the environment record."""
 
 from __future__ import annotations
 
@@ -20,9 +21,19 @@ EARLIER_DEFAULTS = {"method": "wkmedoids", "output": "medoid", "position": "afte
 EARLIER_ITERS = 5  # the clustering iterations of those runs and of the reproduction report (the default is now 2)
 
 
+def deit_tiny_weights(data: Path = SHARED_DATA) -> Path:
+    """The real DeiT-Tiny's state dict in a data folder laid out as ../shared/data (see its README)."""
+    return data / "weights" / "deit_tiny_patch16_224.pth"
+
+
+def imagenet_sample(data: Path = SHARED_DATA) -> Path:
+    """The 500 labelled ImageNet photos (one per even class) in a data folder laid out as ../shared/data."""
+    return data / "imagenet-sample"
+
+
 def write_json(path: Path, document) -> None:
     """Written atomically, so an interrupted run leaves the old results intact."""
-    from vitpool.errors import write_atomically
+    from vitpool.outputs import write_atomically
 
     write_atomically(path, json.dumps(document, indent=2) + "\n")
     print(f"wrote {path}")
