@@ -29,8 +29,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c 'import vitpool._torchvision_compat as c; c.main()'
 	touch $@
 
+# Two pytest workers of one thread each: many tests start a fresh interpreter (the CLI), which one worker would
+# wait on alone.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # timm at its lower bound, installed beside the venv's (PYTHONPATH puts it first, subprocesses included)
 test-lowest: install

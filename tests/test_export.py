@@ -52,12 +52,12 @@ def test_one_file_runs_any_batch_size(real_deit_tiny, tmp_path):
         np.testing.assert_allclose(logits, expected, atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["wkmedoids", "wkmeans"])
-def test_graph_that_stops_at_the_fixed_point_gives_every_iterations_outputs(method, real_deit_tiny, imagenet_sample,
-                                                                            tmp_path):
+def test_graph_that_stops_at_the_fixed_point_gives_every_iterations_outputs(real_deit_tiny, imagenet_sample, tmp_path):
+    # One method here, on the real model through ONNX Runtime; test_pooling checks every clustering method's
+    # stopping graph at the torch.export level, which is what differs between them.
     from vitpool import data as image_data
 
-    pooled = vitpool.convert(real_deit_tiny, method=method, **SCHEDULE)
+    pooled = vitpool.convert(real_deit_tiny, method="wkmedoids", **SCHEDULE)
     every = export_module.export(pooled, tmp_path / "every.onnx", run_check=False)
     stops = export_module.export(pooled, tmp_path / "stops.onnx", run_check=False, stop_at_fixed_point=True)
     assert stops.stops_at_fixed_point and not every.stops_at_fixed_point

@@ -109,8 +109,3 @@ def emit_json(document) -> None:
 
 def pooling_json(pooled) -> dict | None:
     return pooled.vitpool_config.to_dict() if pooled is not None else None
-
-
-def k_after_layers(k, layers) -> str:
-    """A schedule as the tables print it: `K,... after BLOCK,...`."""
-    return f"{','.join(map(str, k))} after {','.join(map(str, layers))}"

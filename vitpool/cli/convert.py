@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
+from vitpool.cli import render
 from vitpool.cli.common import app, build, emit_json, err, out, pooling_json, refuse_saved_model, user_errors
 from vitpool.cli.options import JsonOpt, ModelArg, ModelFlags, model_options
 from vitpool.errors import VitpoolError
@@ -82,12 +82,7 @@ def flops(
     if as_json:
         emit_json(document)
         return
-    table = Table(title=f"{loaded.name}: MACs at batch 1, input {'x'.join(map(str, report.input_size))}")
-    for column in ("block", "tokens in", "tokens out", "block GMACs", "pooling GMACs"):
-        table.add_column(column, justify="right")
-    for b in report.blocks:
-        table.add_row(str(b.index), str(b.tokens_in), str(b.tokens_out), f"{b.block_macs / 1e9:.4f}", f"{b.pool_macs / 1e9:.4f}" if b.pool_macs else "")
-    out.print(table)
+    out.print(render.flops_table(loaded.name, report))
     out.print(f"tokens include {report.num_prefix_tokens} prefix token(s); "
               + (pooled.vitpool_config.describe() if pooled is not None else "no pooling"), highlight=False)
     out.print(

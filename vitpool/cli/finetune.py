@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
+from vitpool.cli import render
 from vitpool.cli.common import app, build, emit_json, err, main_process, out, pooling_json, user_errors
 from vitpool.cli.options import DATA_HELP, DataFlags, DataOption, JsonOpt, ModelArg, ModelFlags, data_options, model_options, option_group
 from vitpool.errors import VitpoolError
@@ -141,16 +141,7 @@ def finetune(
     if as_json:
         emit_json({"out": str(out_dir), "model": loaded.name, "pooling": pooling_json(pooled), "history": result.history})
         return
-    table = Table(title=f"fine-tuned {loaded.name}, {pooled.vitpool_config.describe()} -> {out_dir}")
-    for column in ("epoch", "train loss", "lr", "images/s", "val top-1", "val top-5", "agreement", "KL"):
-        table.add_column(column, justify="right")
-    for record in result.history:
-        val = record.get("val") or {}
-        cells = [f"{record['train_loss']:.4f}", f"{record['lr']:.1e}", f"{record['images_per_s']:.1f}"] if "train_loss" in record else ["", "", ""]
-        cells += [f"{val[key]:.2f}" if val else "" for key in ("top1", "top5", "agreement")]
-        cells.append(f"{val['kl']:.4f}" if val else "")
-        table.add_row(str(record["epoch"]), *cells)
-    out.print(table)
+    out.print(render.finetune_table(loaded.name, pooled.vitpool_config, out_dir, result.history))
 
 
 

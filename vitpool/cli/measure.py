@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
+from vitpool.cli import render
 from vitpool.cli.common import app, build, emit_json, err, out, pooling_json, user_errors
 from vitpool.cli.options import DATA_HELP, PREPROCESS_OPTIONS, DataFlags, DataOpt, JsonOpt, ModelArg, ModelFlags, SplitOpt, StopOpt, data_options, model_options
 from vitpool.errors import VitpoolError
@@ -53,16 +53,7 @@ def eval_command(
     if as_json:
         emit_json({"model": loaded.name, "pooling": pooling_json(pooled), **result.to_json()})
         return
-    table = Table(title=f"{loaded.name} on {source} ({result.n} images, {result.mapping} class mapping)")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("top-1 (%)", f"{result.top1:.2f}")
-    table.add_row("top-5 (%)", f"{result.top5:.2f}")
-    if result.agreement is not None:
-        table.add_row("unpooled top-1 (%)", f"{result.baseline_top1:.2f}")
-        table.add_row("agreement with unpooled (%)", f"{result.agreement:.2f}")
-        table.add_row("KL(unpooled || pooled), nats", f"{result.kl:.4f}")
-    out.print(table)
+    out.print(render.eval_table(loaded.name, source, result))
 
 
 @app.command()
@@ -150,15 +141,7 @@ def bench(
     if as_json:
         emit_json(rows_to_json(rows, env))
         return
-    table = Table(title=f"{loaded.name}, {pooled.vitpool_config.describe()}")
-    for column in ("model", "runtime", "device", "precision", "batch", "p50 ms", "p90 ms", "images/s", "peak MB", "GMACs/img", "speed-up", "MAC speed-up", "efficiency"):
-        table.add_column(column, justify="left" if column in ("model", "runtime", "device", "precision") else "right")
-    fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
-    for r in rows:
-        table.add_row(r.model, r.runtime, r.device, r.precision, str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
-                      f"{r.images_per_s:.1f}", fmt(r.peak_mem_mb, ".0f"), f"{r.gmacs:.3f}", fmt(r.speedup, ".2f"),
-                      fmt(r.mac_speedup, ".2f"), fmt(r.efficiency, ".2f"))
-    out.print(table)
+    out.print(render.bench_table(loaded.name, pooled.vitpool_config, rows))
     out.print(f"{env['device_name']}, {env['threads']} threads; torch {env['torch']}, timm {env['timm']}, "
               f"onnxruntime {env['onnxruntime']}. Efficiency = speed-up / MAC speed-up (1.0: every MAC saved became time saved). "
               "Peak MB: torch, the most tensor memory held at once; onnxruntime, the resident-set rise of a fresh session.",

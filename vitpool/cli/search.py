@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich import box
-from rich.table import Table
 
-from vitpool.cli.common import app, build, emit_json, err, k_after_layers, out, refuse_saved_model, user_errors
+from vitpool.cli import render
+from vitpool.cli.common import app, build, emit_json, err, out, refuse_saved_model, user_errors
 from vitpool.cli.options import DataFlags, DataOpt, JsonOpt, ModelFlags, SplitOpt, data_options, model_options
 from vitpool.errors import VitpoolError
 from vitpool.outputs import refuse_existing_output, writable_parent
@@ -59,15 +58,7 @@ def schedule(
     if as_json:
         emit_json(document)
         return
-    table = Table(title=f"{loaded.name}, {document['method']} at {document['mac_ratio']:.3f} of the MACs, "
-                        f"on {document['calibration_images']} calibration images")
-    for column in ("schedule", "K after blocks", "KL (nats)", "agreement (%)"):
-        table.add_column(column, justify="left" if column in ("schedule", "K after blocks") else "right")
-    family = document["family"]
-    table.add_row("--budget", k_after_layers(family["k"], family["layers"]), f"{family['kl']:.4f}", f"{family['agreement']:.1f}")
-    table.add_row("searched", k_after_layers(document["k"], document["layers"]), f"{document['calibration']['kl']:.4f}",
-                  f"{document['calibration']['agreement']:.1f}")
-    out.print(table)
+    out.print(render.schedule_table(loaded.name, document))
     out.print(f"{document['flags']}  ({document['gmacs']:.3f} GMACs; {document['evaluations']} schedules scored); wrote {out_file}",
               highlight=False)
 
@@ -113,17 +104,5 @@ def sweep(
     if as_json:
         emit_json({"settings": results.settings, "reference": results.reference, "points": results.rows})
         return
-    table = Table(title=f"{loaded.name} on {source}: {results.reference['n']} images, unpooled {results.reference['gmacs']:.3f} "
-                        f"GMACs, top-1 {results.reference['top1']:.1f}%")
-    table.box, table.show_edge = box.SIMPLE_HEAD, False  # narrow: K lists can be long
-    for column in ("method", "budget", "schedule", "GMACs", "top-1", "agree", "KL"):  # top-5: results.csv
-        table.add_column(column, justify="left" if column in ("method", "schedule") else "right", no_wrap=True)
-    table.add_column("K after blocks", min_width=12, overflow="fold")
-    for r in sorted(results.rows, key=lambda r: (r["method"], r["budget"], r["schedule"])):
-        if "error" in r:
-            table.add_row(r["method"], f"{r['budget']:g}", r["schedule"], "", "", "", "", "unreachable (see results.json)")
-            continue
-        table.add_row(r["method"], f"{r['budget']:g}", r["schedule"], f"{r['gmacs']:.3f}", f"{r['top1']:.1f}",
-                      f"{r['agreement']:.1f}", f"{r['kl']:.3f}", k_after_layers(r["k"], r["layers"]))
-    out.print(table)
+    out.print(render.sweep_table(loaded.name, source, results))
     out.print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.csv'} and {out_dir / 'tradeoff.png'}", highlight=False)
