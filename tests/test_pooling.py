@@ -642,3 +642,14 @@ def test_merged_sizes_after_selection():
     kept = P.top_k_indices(sig, 4)
     torch.testing.assert_close(sizes, size.gather(1, kept))
     assert (sizes.sum(-1) < size.sum(-1)).all()
+
+
+@pytest.mark.parametrize("name", list(CLUSTERING))
+def test_clustering_compiles_without_graph_breaks(name):
+    # torch.compile traces the iterations whole (no eager stop, no counting): a break here would cut every
+    # pooling layer of a compiled model into pieces.
+    x, sig = make_tokens(3, 2, 24, 4, "separated"), make_significance(3, 2, 24)
+    torch._dynamo.reset()
+    with iterate.counting():
+        explained = torch._dynamo.explain(lambda tokens, significance: run_method(name, tokens, 8, significance, 3).tokens)(x, sig)
+    assert explained.graph_break_count == 0, [reason.reason for reason in explained.break_reasons]

@@ -71,7 +71,7 @@ def run(step: Callable[..., tuple], state: tuple[Tensor, ...], iters: int) -> tu
         done += 1
         if _may_stop(changed) and not bool(changed):
             break
-    if (counts := _COUNTS.get()) is not None:
+    if not torch.compiler.is_compiling() and (counts := _COUNTS.get()) is not None:  # dynamo cannot read a ContextVar
         counts.append(done)
     return tuple(state)
 
