@@ -44,6 +44,7 @@ from vitpool.errors import VitpoolError
 from vitpool.methods import ATTENTION, CLUSTERING_METHODS, KEYS, MEDOID_METHODS, METHODS, NEEDS_ATTENTION
 from vitpool.models import import_timm
 
+TAPPED = {ATTENTION: "attn_drop", KEYS: "k_norm"}  # what a method reads -> the attention submodule it taps
 
 
 @contextmanager
@@ -99,11 +100,11 @@ class TokenPool(nn.Module):
     def tap(self, block: nn.Module) -> list[tuple[nn.Module, int]]:
         """The submodules of `block` whose outputs this method needs (one per attention branch), each with the
         axis of its heads: keys are normed as [B, H, N, D], or as [B, N, H, D] where the block computes its own."""
-        if self.method in NEEDS_ATTENTION:
-            return [(attention.attn_drop, 1) for attention in attention_modules(block)]
-        if METHODS[self.method].reads == KEYS:
-            return [(attention.k_norm, 2 if attention is block else 1) for attention in attention_modules(block)]
-        return []
+        reads = METHODS[self.method].reads
+        if reads is None:
+            return []
+        return [(getattr(attention, TAPPED[reads]), 2 if reads == KEYS and attention is block else 1)
+                for attention in attention_modules(block)]
 
     def read(self, tapped: Tensor, heads: int = 1) -> Tensor:
         """What this layer needs of the tapped output, taken as the block runs so that the block frees the rest
@@ -482,9 +483,9 @@ def check_blocks(model: nn.Module, layers, config: PoolingConfig) -> None:
 
 def _check_readable(block: nn.Module, layer: int, method: str) -> None:
     """The methods that read a block's attention need modules to read: `attn_drop` (probabilities) or `k_norm` (keys)."""
-    needed = {ATTENTION: "attn_drop", KEYS: "k_norm", None: None}[METHODS[method].reads]
-    if needed is not None and not all(hasattr(attention, needed) for attention in attention_modules(block)):
-        what = "attention probabilities" if needed == "attn_drop" else "attention keys"
+    reads = METHODS[method].reads
+    if reads is not None and not all(hasattr(attention, TAPPED[reads]) for attention in attention_modules(block)):
+        what = "attention probabilities" if reads == ATTENTION else "attention keys"
         raise VitpoolError(
             f"block {layer} is a {type(block).__name__}, whose {what} vitpool cannot read for --method {method}; "
             f"use --method grid or random, which read nothing, or pool other blocks with --layers"

@@ -36,6 +36,7 @@ class WarningLines(logging.Handler):
 
 logging.getLogger("vitpool").addHandler(WarningLines())
 
+
 def main_process() -> bool:
     """False in the other processes torchrun starts (RANK > 0): they neither report nor print results."""
     return os.environ.get("RANK", "0") == "0"
