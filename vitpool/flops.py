@@ -2,10 +2,11 @@
 
 fvcore counts one MAC as one "flop" and knows matmul, einsum, linear, convolution and LayerNorm, but not
 `aten::scaled_dot_product_attention` (timm's fused attention): without the handle below a ViT's attention
-products go uncounted. The pooling layers are written with matmul/einsum for their multiply-
-accumulates (Gram and distance matrices), so they are counted like any layer, and their cluster sums are
-scatter-adds, counted here as one multiply-add per element added (the weighting and the add); comparisons,
-argmin and gathers are not MACs and are not counted, here as everywhere in fvcore.
+products go uncounted. The pooling layers are written with matmul/einsum for their multiply-accumulates
+(Gram and distance matrices), so they are counted like any layer; their cluster sums are index-adds (and
+scatter-adds for rotary positions and relative-position biases), counted here as one multiply-add per element
+added (the weighting and the add); comparisons, argmin and gathers are not MACs and are not counted, here as
+everywhere in fvcore.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ def _sdpa_macs(inputs, outputs) -> int:
     return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 
-def _scatter_add_macs(inputs, outputs) -> int:
-    """aten::scatter_add(self, dim, index, src): one weighted add per element of src."""
+def _added_elements(inputs, outputs) -> int:
+    """aten::scatter_add(self, dim, index, src) and aten::index_add(self, dim, index, source): one weighted add
+    per element of the source."""
     return math.prod(inputs[3].type().sizes())
 
 
@@ -74,7 +76,8 @@ def analyse(module, inputs: tuple) -> tuple[int, dict]:
 
     analysis = FlopCountAnalysis(module.eval(), inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
-    analysis.set_op_handle("aten::scatter_add", _scatter_add_macs)
+    analysis.set_op_handle("aten::scatter_add", _added_elements)
+    analysis.set_op_handle("aten::index_add", _added_elements)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     with warnings.catch_warnings(), torch.no_grad():
