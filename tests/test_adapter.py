@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import pytest
@@ -306,7 +307,7 @@ def test_parallel_blocks_pool_after_the_block_with_every_method(name):
 
 
 def test_a_parallel_blocks_significance_is_the_mean_over_its_attention_branches():
-    from vitpool.adapter import TokenPool, captured, combined
+    from vitpool.adapter import TokenPool, reading
 
     torch.manual_seed(0)
     model = create_model("vit_small_patch16_18x2_224", pretrained=False, depth=1).eval()
@@ -315,10 +316,30 @@ def test_a_parallel_blocks_significance_is_the_mean_over_its_attention_branches(
     probabilities = []
     handles = [module.register_forward_hook(lambda _m, _i, out: probabilities.append(out)) for module in branches]
     tokens = torch.randn(2, 197, model.embed_dim)
-    with torch.no_grad(), captured(block.token_pool, block) as seen:
-        block(tokens)
+    with torch.no_grad():
+        _, seen = reading(block.token_pool, lambda: block(tokens))
+        block(tokens)  # outside `reading`: nothing is kept
     for handle in handles:
         handle.remove()
-    assert len(seen) == 2 and isinstance(block.token_pool, TokenPool)
-    expected = torch.stack([p.sum(dim=2).mean(dim=1)[:, 1:] for p in probabilities]).mean(dim=0)
-    torch.testing.assert_close(combined(seen), expected)
+    assert len(probabilities) == 4 and isinstance(block.token_pool, TokenPool) and block.token_pool.inbox == []
+    expected = torch.stack([p.sum(dim=2).mean(dim=1)[:, 1:] for p in probabilities[:2]]).mean(dim=0)
+    torch.testing.assert_close(seen, expected)
+
+
+@pytest.mark.parametrize("method", ["kmedoids", "tome"])  # reads the attention / the keys
+def test_a_compiled_model_is_one_graph(tiny_model, method):
+    # torch._dynamo.explain traces without compiling: the taps, the pooling layers and timm's blocks, whole.
+    pooled = vitpool.convert(tiny_model, budget=0.6, method=method)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(pooled)(torch.randn(2, 3, 224, 224))
+    assert explained.graph_count == 1, [reason.reason for reason in explained.break_reasons]
+
+
+def test_a_copied_model_reads_through_its_own_taps(tiny_model):
+    pooled = vitpool.convert(tiny_model, budget=0.6)
+    copied = copy.deepcopy(pooled)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = pooled(x)
+        torch.testing.assert_close(copied(x), expected, rtol=0, atol=0)
+    assert all(pool.inbox == [] for pool in pooled_layers(copied).values())

@@ -40,6 +40,16 @@ def test_bench_json_rows():
     assert pooled["mac_speedup"] == pytest.approx(1 / counted["ratio"])
 
 
+def test_bench_times_int8_optimized_graphs_of_both_models():
+    run = _vitpool("bench", *SMALL, "--batch-size", "2", "--runtime", "torch,onnxruntime", "--warmup", "1",
+                   "--repeats", "2", "--optimize", "--quantize", "int8", "--json")
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(run.stdout)
+    assert [(r["runtime"], r["model"], r["precision"], r["optimized"]) for r in rows] == [
+        ("torch", "baseline", "fp32", False), ("torch", "pooled", "fp32", False),
+        ("onnxruntime", "baseline", "int8", True), ("onnxruntime", "pooled", "int8", True)]
+
+
 def _assert_one_line_error(*args: str, words: tuple[str, ...]) -> None:
     """In process (typer's runner): a refusal needs no fresh interpreter, and exits as the command line does."""
     from typer.testing import CliRunner
@@ -61,6 +71,8 @@ def _assert_one_line_error(*args: str, words: tuple[str, ...]) -> None:
     ((*SMALL, "--amp", "bf16"), ("--amp bf16 is for CUDA",)),
     ((*SMALL, "--batch-size", "0"), ("--batch-size",)),
     ((*SMALL, "--runtime", "torch", "--stop-at-fixed-point"), ("--stop-at-fixed-point", "onnxruntime")),
+    ((*SMALL, "--runtime", "torch", "--quantize", "int8"), ("--quantize", "onnxruntime")),
+    ((*SMALL, "--quantize", "int4"), ("--quantize int4", "int8")),
 ])
 def test_bench_refusals(args, words):
     import torch

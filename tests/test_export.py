@@ -13,6 +13,7 @@ from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK
 from vitpool.errors import VitpoolError
 from vitpool.methods import METHODS
 from vitpool.models import create_model
+from vitpool.outputs import normal_mode
 
 SCHEDULE = {"k": [128, 88, 56], "layers": [2, 5, 8]}
 GRID_SCHEDULE = {"k": [121, 81, 49], "layers": [2, 5, 8]}
@@ -86,6 +87,44 @@ def test_distilled_model_exports_with_both_prefix_tokens(tmp_path):
     pooled = vitpool.convert(model, method="importance", k=[120, 60], layers=[3, 7])
     result = export_module.export(pooled, tmp_path / "d.onnx", limit=8)
     assert result.check.agreement == 100.0 and result.check.max_abs_diff < 1e-3
+
+
+def test_int8_export_quantizes_the_linear_layers_only(real_deit_tiny, imagenet_sample, tmp_path):
+    pooled = vitpool.convert(real_deit_tiny, budget=0.6)
+    plain = export_module.export(pooled, tmp_path / "fp32.onnx", run_check=False)
+    # int8 flips some top-1s of the pooled model and the unpooled one alike (benchmarks/int8_deit_tiny.py)
+    result = export_module.export(pooled, tmp_path / "int8.onnx", data=imagenet_sample, limit=16, min_agreement=70,
+                                  passes=export_module.GraphPasses(quantize="int8"), unpooled=real_deit_tiny)
+    assert result.precision == "int8" and not result.optimized and result.fusion is None
+    before, after = (onnx.load(path).graph for path in (plain.path, result.path))
+    linear = sum(isinstance(module, torch.nn.Linear) for module in real_deit_tiny.modules())
+    quantized = sum(node.op_type == "MatMulInteger" for node in after.node)
+    assert linear - 1 <= quantized <= linear  # the head (a Gemm on [B, C]) may stay float
+    # the products of two activations (attention, the pooling layers' Gram and cost matrices) stay float MatMuls
+    assert activation_products(after) == activation_products(before) > 2 * len(real_deit_tiny.blocks)
+    assert result.check.agreement >= 75 and result.check.unpooled_agreement >= 75, result.check
+    assert result.check.close < 50  # int8 moves the logits: the check did run the quantized file
+    assert (tmp_path / "int8.onnx").stat().st_mode & 0o777 == normal_mode()  # not mkstemp's private mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "int8.onnx"], "a temporary file was left behind"
+
+
+def activation_products(graph: onnx.GraphProto) -> int:
+    constants = {tensor.name for tensor in graph.initializer} | {name for node in graph.node if node.op_type == "Constant"
+                                                                  for name in node.output}
+    return sum(node.op_type == "MatMul" and not constants & set(node.input) for node in graph.node)
+
+
+def test_optimized_export_accounts_for_every_layer_norm(real_deit_tiny, tmp_path):
+    pooled = vitpool.convert(real_deit_tiny, **SCHEDULE)
+    result = export_module.export(pooled, tmp_path / "m.onnx", limit=8, passes=export_module.GraphPasses(optimize=True),
+                                  unpooled=real_deit_tiny)
+    fused, unpooled = result.fusion.fused, result.fusion.unpooled_fused
+    depth = len(real_deit_tiny.blocks)
+    assert unpooled["SkipLayerNormalization"] == 2 * depth and unpooled["BiasGelu"] == fused["BiasGelu"] == depth
+    # the residual Adds that a pooling layer separates from their norm stay unfused, and are reported as such
+    assert fused["SkipLayerNormalization"] == 2 * depth - len(SCHEDULE["layers"]) - 1  # and the last block's trim
+    assert f"{len(SCHEDULE['layers'])} LayerNormalization after a pooling layer" in " ".join(result.fusion.not_fused)
+    assert result.check.close == 100.0 and result.check.unpooled_agreement == 100.0
 
 
 def test_existing_file_needs_force_and_failed_checks_write_nothing(real_deit_tiny, tmp_path, monkeypatch):

@@ -10,9 +10,9 @@ MLP) in the order its class's forward does; `HALVES` has one entry per timm bloc
 
 Significance (the attention a patch token receives: mean over heads, sum over query rows) needs the
 attention probabilities, which timm's fused attention never materialises. Only blocks followed by a
-method that needs it switch to timm's explicit attention path, whose softmax output is read with a
-forward hook on `attn.attn_drop` for the duration of that call: the same MACs as the fused kernel and no
-recomputation, at the price of an N x N probability matrix per head in memory and the fused kernel's
+method that needs it switch to timm's explicit attention path, whose softmax output is read by a
+forward hook on `attn.attn_drop` (registered at conversion; it delivers only while `PooledBlocks` runs the
+block, see `attach_taps`): the same MACs as the fused kernel and no recomputation, at the price of an N x N probability matrix per head in memory and the fused kernel's
 speed in those blocks only. The hook keeps only the significance, so the probabilities are freed when
 timm's attention is done with them. `tome` reads the keys from `attn.k_norm` and keeps fused attention.
 
@@ -29,9 +29,7 @@ from __future__ import annotations
 import copy
 import functools
 import types
-from collections.abc import Iterator
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -47,18 +45,35 @@ from vitpool.models import import_timm
 TAPPED = {ATTENTION: "attn_drop", KEYS: "k_norm"}  # what a method reads -> the attention submodule it taps
 
 
-@contextmanager
-def captured(pool: TokenPool | None, block: nn.Module) -> Iterator[list[Tensor]]:
-    """Collect what `pool` reads of its tapped modules' outputs while `block` runs; nothing is kept after."""
-    seen: list[Tensor] = []
-    tapped = pool.tap(block) if pool is not None else []
-    handles = [module.register_forward_hook(lambda _module, _inputs, output, heads=heads: seen.append(pool.read(output, heads)))
-               for module, heads in tapped]
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
+def attach_taps(pool: TokenPool, block: nn.Module) -> None:
+    """Hook what `pool` reads onto the submodules of `block` it taps, once, at conversion.
+
+    The hooks deliver into `pool.inbox`, one slot per tapped module, only while `reading` has it open: a block
+    run outside that (a checkpointed block's recomputation, a direct call) leaves nothing behind. Hooks
+    registered once, rather than around every call, let torch.compile trace the model whole: registering a
+    hook inside a compiled region breaks its graph."""
+    tapped = pool.tap(block)
+    pool.taps = len(tapped)
+    for slot, (module, heads) in enumerate(tapped):
+        module.register_forward_hook(functools.partial(_deliver, pool, slot, heads))
+
+
+def _deliver(pool: TokenPool, slot: int, heads: int, _module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+    if slot < len(pool.inbox):
+        pool.inbox[slot] = pool.read(output, heads)
+
+
+def reading(pool: TokenPool | None, run: Callable[[], Tensor]) -> tuple[Tensor, Tensor | None]:
+    """`run()`'s output, and what `pool` read of its block meanwhile: one tensor, or the mean over a parallel
+    block's attention branches (None for a method that reads nothing)."""
+    if pool is None or not pool.taps:
+        return run(), None
+    pool.inbox.clear()
+    pool.inbox.extend([None] * pool.taps)
+    out = run()
+    seen = list(pool.inbox)
+    pool.inbox.clear()
+    return out, seen[0] if len(seen) == 1 else torch.stack(seen).mean(dim=0)
 
 
 def attention_modules(block: nn.Module) -> list[nn.Module]:
@@ -67,11 +82,6 @@ def attention_modules(block: nn.Module) -> list[nn.Module]:
     if hasattr(block, "attns"):
         return [branch.attn for branch in block.attns]
     return [block.attn] if hasattr(block, "attn") else [block]
-
-
-def combined(seen: list[Tensor]) -> Tensor | None:
-    """What a pooling layer read: one tensor, or the mean over a parallel block's attention branches."""
-    return None if not seen else seen[0] if len(seen) == 1 else torch.stack(seen).mean(dim=0)
 
 
 class TokenPool(nn.Module):
@@ -91,6 +101,8 @@ class TokenPool(nn.Module):
         self.grid_out = stage.grid_out
         self.num_prefix_tokens = num_prefix_tokens
         self.iters = iters
+        self.taps = 0  # the submodules whose outputs it reads (attach_taps)
+        self.inbox: list[Tensor | None] = []  # what it read of them during the call under way (reading)
         if method == "random":
             generator = torch.Generator().manual_seed(seed * 1000 + stage.layer)
             # A fixed random order per layer drawn at conversion time: the same input always gives the
@@ -210,11 +222,10 @@ class PooledBlocks(nn.Sequential):
                 x = self._run(_whole_block, block, x, override=override, **kwargs)
                 continue
             attention, mlp = HALVES[type(block)] if pool.position == AFTER_ATTENTION else (_whole_block, None)
-            with captured(pool, block) as seen:
-                x = self._run(attention, block, x, override=override, **kwargs)
+            x, seen = reading(pool, functools.partial(self._run, attention, block, x, override=override, **kwargs))
             if size is None:
                 size = x.new_ones(x.shape[0], x.shape[1] - pool.num_prefix_tokens, dtype=torch.float32)
-            x, merged, assign, positions = pool(x, size, combined(seen), positions)
+            x, merged, assign, positions = pool(x, size, seen, positions)
             if pair_bias is not None:
                 origin = assign if origin is None else torch.where(origin >= 0, assign.gather(1, origin.clamp_min(0)), -1)
             size = merged
@@ -525,6 +536,7 @@ def apply_pooling(model: nn.Module, config: PoolingConfig) -> nn.Module:
         block = model.blocks[stage.layer]
         block.token_pool = TokenPool(config.method, stage, model.num_prefix_tokens, config.iters, config.seed,
                                      config.output, config.proportional, config.position)
+        attach_taps(block.token_pool, block)
         if config.method in NEEDS_ATTENTION:
             for attention in attention_modules(block):
                 attention.fused_attn = False

@@ -52,6 +52,8 @@ class BenchRow:
     speedup: float | None = None  # baseline p50 / pooled p50
     mac_speedup: float | None = None  # baseline MACs / pooled MACs
     efficiency: float | None = None  # speedup / mac_speedup
+    optimized: bool = False  # onnxruntime: the graphs went through ONNX Runtime's transformer optimizer
+    first_call_s: float | None = None  # before the warm-up: torch-compile's compilation for this batch size
 
 
 def environment(device: str, threads: int) -> dict:
@@ -251,13 +253,15 @@ def bench(
     threads: int | None = None,
     on_step: Callable[[str], None] | None = None,
     stop_at_fixed_point: bool = False,
+    passes=None,
 ) -> tuple[list[BenchRow], dict]:
     """Rows for both models at every runtime and batch size, and the environment they were measured in.
 
-    `stop_at_fixed_point` exports the ONNX Runtime models as `vitpool.export.to_onnx` does with it."""
+    `stop_at_fixed_point` exports the ONNX Runtime models as `vitpool.export.to_onnx` does with it; `passes`
+    (`vitpool.export.GraphPasses`: optimizer, int8) go over both models' files alike."""
     import torch
 
-    from vitpool.export import to_onnx
+    from vitpool.export import GraphPasses, to_onnx
     from vitpool.flops import total_macs
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -267,8 +271,9 @@ def bench(
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise VitpoolError(f"unknown runtime {', '.join(unknown)}: choose from {', '.join(RUNTIMES)}")
-    if stop_at_fixed_point and "onnxruntime" not in runtimes:
-        raise VitpoolError("--stop-at-fixed-point shapes the ONNX graphs: add onnxruntime to --runtime, or drop it")
+    passes = passes or GraphPasses()
+    if (stop_at_fixed_point or passes) and "onnxruntime" not in runtimes:
+        raise VitpoolError("--stop-at-fixed-point, --optimize and --quantize shape the ONNX graphs: add onnxruntime to --runtime, or drop them")
     if precision not in ("fp32", "bf16", "fp16"):
         raise VitpoolError(f"unknown precision {precision!r}: use bf16 or fp16 with --amp")
     if precision != "fp32" and device != "cuda":
@@ -289,6 +294,7 @@ def bench(
             for name, model in models.items():
                 # one file per model: its batch axis is dynamic
                 to_onnx(model.cpu(), onnx_paths[name], stop_at_fixed_point=stop_at_fixed_point)
+                passes.apply(onnx_paths[name], model)
         for runtime in runtimes:
             for batch in batch_sizes:
                 channels, height, width = baseline.patch_embed.proj.in_channels, *baseline.patch_embed.img_size
@@ -300,6 +306,7 @@ def bench(
                     else torch_runner(model, images, device, precision, compiled=runtime == "torch-compile")
                     for name, model in models.items()
                 }
+                first_call_s = {name: timer(call) / 1e3 for name, call in calls.items()}  # torch-compile compiles here
                 for call in calls.values():
                     for _ in range(warmup):
                         call()
@@ -317,9 +324,11 @@ def bench(
                 mac_speedup = macs["baseline"] / macs["pooled"]
                 for name in calls:
                     extra = {"speedup": speedup, "mac_speedup": mac_speedup, "efficiency": speedup / mac_speedup} if name == "pooled" else {}
-                    row_precision = "fp32" if runtime == "onnxruntime" else precision  # autocast is a torch feature
+                    onnx = runtime == "onnxruntime"
+                    row_precision = passes.precision if onnx else precision  # autocast is a torch feature
                     rows.append(BenchRow(name, runtime, device, row_precision, batch, **summaries[name],
-                                         peak_mem_mb=memory[name], gmacs=macs[name] / 1e9, **extra))
+                                         peak_mem_mb=memory[name], gmacs=macs[name] / 1e9, **extra,
+                                         optimized=onnx and passes.optimize, first_call_s=first_call_s[name]))
     return rows, environment(device, threads)
 
 

@@ -8,10 +8,15 @@ ONNX Runtime's CUDA graphs refuse. The dynamo exporter fixes the batch to 1 when
 of 1, so the example batch is at least 2. K-Medoids' argmin may resolve a near-tie
 differently under ONNX Runtime's kernels, so the check is top-1 agreement against a stated threshold,
 not bit-equality; the file is only moved into place once the check has passed.
+
+`GraphPasses` are what deployment does to the exported graph: ONNX Runtime's transformer optimizer and dynamic
+int8 quantization of the linear layers. They run on the staged file before the check, so the check is of the
+file that is written, and `bench` applies them alike to the unpooled model it compares with.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -23,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vitpool.errors import VitpoolError
-from vitpool.outputs import refuse_existing_output, remove_leftovers, temporary_prefix
+from vitpool.outputs import normal_mode, refuse_existing_output, remove_leftovers, temporary_prefix
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -31,6 +36,9 @@ BATCH_DIM = "batch"
 DEFAULT_OPSET = 18
 MIN_OPSET = 17  # the dynamo exporter builds opset 18 and converts down to 17 at the lowest
 LOGIT_ATOL = 1e-3
+QUANTIZATIONS = ("int8",)
+# What ONNX Runtime's transformer optimizer fuses in a ViT, counted in the report
+FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu", "FastGelu", "Gelu")
 
 
 @dataclass
@@ -41,10 +49,47 @@ class ExportCheck:
     agreement: float  # percent of inputs whose top-1 is the same in ONNX Runtime and PyTorch
     close: float  # percent of inputs whose logits all agree within LOGIT_ATOL
     min_agreement: float
+    unpooled_agreement: float | None = None  # the unpooled model through the same graph passes, on the same inputs
 
     @property
     def passed(self) -> bool:
         return self.agreement >= self.min_agreement
+
+
+@dataclass(frozen=True)
+class GraphPasses:
+    """Deployment passes over an exported file, in this order: ONNX Runtime's transformer optimizer (`model_type="vit"`:
+    SkipLayerNormalization, BiasGelu, LayerNormalization and, where its patterns match, Attention fusions), then
+    dynamic int8 quantization of the linear layers (MatMul and Gemm with a constant weight): attention products
+    and the pooling layers' clustering stay float32."""
+
+    optimize: bool = False
+    quantize: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise VitpoolError(f"--quantize {self.quantize}: choose {', '.join(QUANTIZATIONS)}")
+
+    @property
+    def precision(self) -> str:
+        return self.quantize or "fp32"
+
+    def __bool__(self) -> bool:
+        return self.optimize or self.quantize is not None
+
+    def apply(self, path: Path, model) -> None:
+        with _logging_below_errors():
+            if self.optimize:
+                _optimize(path, model)
+            if self.quantize:
+                _quantize(path)
+
+
+@dataclass
+class FusionReport:
+    fused: dict[str, int]  # FUSED_OPS -> nodes in the optimised graph
+    unpooled_fused: dict[str, int] | None  # the same for the unpooled model, optimised alike
+    not_fused: list[str]  # what stayed unfused, and why
 
 
 @dataclass
@@ -57,6 +102,9 @@ class ExportResult:
     seconds: float
     check: ExportCheck | None
     stops_at_fixed_point: bool = False  # clustering iterations after a fixed point are skipped by If nodes
+    optimized: bool = False
+    precision: str = "fp32"
+    fusion: FusionReport | None = None
 
     def to_json(self) -> dict:
         document = asdict(self)
@@ -105,6 +153,89 @@ def written_opset(path: str | Path) -> int:
 
     imports = onnx.load(str(path), load_external_data=False).opset_import
     return next(entry.version for entry in imports if entry.domain in ("", "ai.onnx"))
+
+
+def _optimize(path: Path, model) -> None:
+    """ONNX Runtime's transformer optimizer, in place: its fusions only (`opt_level=0`), as ONNX Runtime applies its
+    own graph optimizations when a session loads the file, and they would drop the exporter's node metadata. Its
+    symbolic shape inference fails on the pooling layers' graphs (and then skips the SkipLayerNormalization
+    fusion): it is turned off for every graph alike."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("vit")
+    options.enable_shape_inference = False
+    heads = next(module.num_heads for module in model.modules() if hasattr(module, "num_heads"))
+    optimized = optimize_model(str(path), model_type="vit", num_heads=heads, hidden_size=model.embed_dim,
+                               optimization_options=options, opt_level=0)
+    optimized.save_model_to_file(str(path))
+
+
+def _quantize(path: Path) -> None:
+    """Dynamic int8 quantization of the linear layers, in place (through a sibling file)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(path)).graph
+    constants = {tensor.name for tensor in graph.initializer} | {name for node in graph.node if node.op_type == "Constant"
+                                                                  for name in node.output}
+    linear = [node.name for node in graph.node if node.op_type in ("MatMul", "Gemm") and node.input[1] in constants]
+    quantized = _sibling(path, "int8")
+    try:
+        quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, nodes_to_quantize=linear,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+        os.replace(quantized, path)
+    finally:
+        quantized.unlink(missing_ok=True)
+
+
+def fused_ops(path: Path) -> dict[str, int]:
+    import onnx
+
+    counts = collections.Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+    return {op: counts[op] for op in FUSED_OPS}
+
+
+def not_fused(path: Path) -> list[str]:
+    """What the optimizer left unfused in `path`, and where, read off the graph and the exporter's module names."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producers = {name: node for node in graph.node for name in node.output}
+    ops = collections.Counter(node.op_type for node in graph.node)
+    reasons = []
+    if ops["Softmax"] and not (ops["Attention"] or ops["MultiHeadAttention"]):
+        reasons.append(f"attention ({ops['Softmax']} Softmax): the optimizer's patterns start from separate Q, K and V "
+                       "projections, where timm's blocks project them with one packed MatMul")
+    after = collections.Counter(_made_by(producers.get(node.input[0])) for node in graph.node if node.op_type == "LayerNormalization")
+    for (op, module), count in sorted(after.items()):
+        if module.endswith(".TokenPool"):
+            reasons.append(f"{count} LayerNormalization after a pooling layer, which sits between the residual Add and "
+                           "the LayerNormalization that SkipLayerNormalization fuses")
+        else:
+            reasons.append(f"{count} LayerNormalization after {op} in {module}")
+    return reasons
+
+
+def _made_by(node) -> tuple[str, str]:
+    """(op type, innermost module class) of the node that made a value, from the exporter's metadata."""
+    if node is None:
+        return "a graph input", "the model"
+    hierarchy = next((prop.value for prop in node.metadata_props if prop.key == "pkg.torch.onnx.class_hierarchy"), "")
+    modules = [name.strip(" '") for name in hierarchy.strip("[]").split(",") if not name.strip(" '").startswith("aten.")]
+    return node.op_type, modules[-1] if modules else "the model"
+
+
+@contextlib.contextmanager
+def _logging_below_errors():
+    """ONNX Runtime's optimizer and quantizer log advice and shape-inference failures as warnings, through loggers
+    of their own modules' names; this module reports what matters in its result."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def check_opset(opset: int) -> None:
@@ -194,24 +325,21 @@ def check(model, path: str | Path, data=None, limit: int = 32, batch_size: int =
 
 def export(model, out: str | Path, opset: int = DEFAULT_OPSET, batch_size: int = 2, run_check: bool = True,
            data=None, limit: int = 32, min_agreement: float = 90.0, force: bool = False,
-           stop_at_fixed_point: bool = False) -> ExportResult:
-    """Export, check in ONNX Runtime, and only then move the file to `out` (atomic; `force` to replace)."""
+           stop_at_fixed_point: bool = False, passes: GraphPasses = GraphPasses(), unpooled=None) -> ExportResult:
+    """Export, apply `passes`, check in ONNX Runtime, and only then move the file to `out` (atomic; `force` to
+    replace). With passes and the `unpooled` model, that model goes through the same passes too, for the fusion
+    report and for the agreement the passes cost it (the check's `unpooled_agreement`)."""
     out = Path(out)
     refuse_existing_output(out, force)
     check_opset(opset)
     if out.is_dir():
         raise VitpoolError(f"output {out} is a directory; give a file name such as model.onnx")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(out)
-        handle, staging = tempfile.mkstemp(prefix=temporary_prefix(out), suffix=".tmp", dir=out.parent)
-        os.close(handle)
-    except OSError as error:
-        raise VitpoolError(f"cannot write {out}: {error.strerror or error}") from None
-    staging = Path(staging)
+    staging = _staging_file(out)
+    reference = _sibling(staging, "unpooled")
     try:
         start = time.perf_counter()
         to_onnx(model, staging, opset, batch_size, stop_at_fixed_point)
+        passes.apply(staging, model)
         seconds = time.perf_counter() - start
         result = check(model, staging, data, limit, min_agreement=min_agreement) if run_check else None
         if result is not None and not result.passed:
@@ -220,12 +348,40 @@ def export(model, out: str | Path, opset: int = DEFAULT_OPSET, batch_size: int =
                 f"on {result.n} inputs (max abs diff {result.max_abs_diff:.3g}); nothing written. Check on real "
                 f"images with --data, or lower --min-agreement if near-ties are expected"
             )
+        fusion = None
+        if passes and unpooled is not None:
+            to_onnx(unpooled, reference, opset, batch_size)
+            passes.apply(reference, unpooled)
+            if result is not None:
+                result.unpooled_agreement = check(unpooled, reference, data, limit, min_agreement=0.0).agreement
+        if passes.optimize:
+            fusion = FusionReport(fused_ops(staging), fused_ops(reference) if unpooled is not None else None, not_fused(staging))
         import onnx
 
         graph_input = onnx.load(str(staging), load_external_data=False).graph.input[0]
         shape = [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim]
         size_mb = staging.stat().st_size / 2**20
+        staging.chmod(normal_mode())  # mkstemp made it private
         os.replace(staging, out)
     finally:
         staging.unlink(missing_ok=True)
-    return ExportResult(str(out), opset, graph_input.name, shape, size_mb, seconds, result, stop_at_fixed_point)
+        reference.unlink(missing_ok=True)
+    return ExportResult(str(out), opset, graph_input.name, shape, size_mb, seconds, result, stop_at_fixed_point,
+                        passes.optimize, passes.precision, fusion)
+
+
+def _sibling(staging: Path, tag: str) -> Path:
+    """Another temporary beside `staging`, named so that `remove_leftovers` finds it if this process dies."""
+    return staging.with_name(f"{staging.stem}_{tag}{staging.suffix}")
+
+
+def _staging_file(out: Path) -> Path:
+    """A new, uniquely named sibling of `out` to write into before the atomic rename."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out)
+        handle, staging = tempfile.mkstemp(prefix=temporary_prefix(out), suffix=".tmp", dir=out.parent)
+        os.close(handle)
+    except OSError as error:
+        raise VitpoolError(f"cannot write {out}: {error.strerror or error}") from None
+    return Path(staging)

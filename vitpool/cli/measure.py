@@ -9,7 +9,8 @@ import typer
 
 from vitpool.cli import render
 from vitpool.cli.common import app, build, emit_json, err, out, pooling_json, user_errors
-from vitpool.cli.options import DATA_HELP, PREPROCESS_OPTIONS, DataFlags, DataOpt, JsonOpt, ModelArg, ModelFlags, SplitOpt, StopOpt, data_options, model_options
+from vitpool.cli.options import (DATA_HELP, PREPROCESS_OPTIONS, DataFlags, DataOpt, JsonOpt, ModelArg, ModelFlags, OptimizeOpt, QuantizeOpt,
+                                 SplitOpt, StopOpt, data_options, model_options)
 from vitpool.errors import VitpoolError
 from vitpool.outputs import refuse_existing_output
 
@@ -74,33 +75,31 @@ def export(
     min_agreement: Annotated[float, typer.Option("--min-agreement", min=0, max=100, help="Top-1 agreement (%) the check requires; K-Medoids near-ties may flip under other kernels.")] = 90.0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
     stop_at_fixed_point: StopOpt = False,
+    optimize: OptimizeOpt = False,
+    quantize: QuantizeOpt = None,
     as_json: JsonOpt = False,
 ):
     """Export to ONNX with the pooling in the graph and a dynamic batch axis, checked in ONNX Runtime."""
-    from vitpool.export import LOGIT_ATOL, check_opset, export as export_model
+    from vitpool.export import GraphPasses, check_opset, export as export_model
 
     from vitpool.data import check_source
 
     refuse_existing_output(out_file, force)
     check_opset(opset)
+    passes = GraphPasses(optimize, quantize)
     source = data_flags.source(data_dir, split) if data_dir is not None or data_flags.dataset else None
     if source is not None:
         check_source(source)  # before the export, which takes a while
     loaded, pooled = build(model_or_dir, flags)
     with err.status("exporting to ONNX and checking it in ONNX Runtime", spinner="dots"):
         result = export_model(pooled if pooled is not None else loaded.model, out_file, opset, batch_size, run_check,
-                              source, limit, min_agreement, force, stop_at_fixed_point)
+                              source, limit, min_agreement, force, stop_at_fixed_point, passes,
+                              unpooled=loaded.model if pooled is not None else None)
     if as_json:
         emit_json({"model": loaded.name, "pooling": pooling_json(pooled), **result.to_json()})
         return
-    out.print(f"wrote {result.path} ({result.size_mb:.1f} MB, opset {result.opset}, input {result.input_name} "
-              f"{result.input_shape}{', stops at fixed point' if result.stops_at_fixed_point else ''}, "
-              f"exported in {result.seconds:.1f} s)", highlight=False)
-    if result.check is not None:
-        c = result.check
-        out.print(f"ONNX Runtime vs PyTorch on {c.n} {'random inputs' if c.source == 'random' else 'images from ' + c.source}: "
-                  f"top-1 agreement {c.agreement:.1f}% (required {c.min_agreement:.0f}%), logits within {LOGIT_ATOL:g} "
-                  f"on {c.close:.1f}%, max abs diff {c.max_abs_diff:.3g}", highlight=False)
+    for line in render.export_lines(result):
+        out.print(line, highlight=False)
 
 
 @app.command()
@@ -117,11 +116,14 @@ def bench(
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed calls per model, interleaved.")] = 30,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch and ONNX Runtime (default: torch's).")] = None,
     stop_at_fixed_point: StopOpt = False,
+    optimize: OptimizeOpt = False,
+    quantize: QuantizeOpt = None,
     as_json: JsonOpt = False,
 ):
     """Time the unpooled and the converted model side by side: p50/p90 latency, images/s, peak memory, efficiency."""
     from vitpool.bench import bench as run_bench, rows_to_json
     from vitpool.config import parse_int_list
+    from vitpool.export import GraphPasses
 
     batches = parse_int_list(batch_size, "--batch-size")
     if not batches or min(batches) < 1:
@@ -137,7 +139,7 @@ def bench(
     with err.status("benchmarking", spinner="dots") as status:
         rows, env = run_bench(loaded.model, pooled, runtimes, list(batches), device, amp or "fp32", warmup, repeats,
                               threads, on_step=lambda text: status.update(f"benchmarking: {text}"),
-                              stop_at_fixed_point=stop_at_fixed_point)
+                              stop_at_fixed_point=stop_at_fixed_point, passes=GraphPasses(optimize, quantize))
     if as_json:
         emit_json(rows_to_json(rows, env))
         return

@@ -34,6 +34,8 @@ DATA_HELP = ("an image folder ROOT/<class>/<image> or a .tar of class folders (W
 DataOpt = Annotated[Optional[Path], typer.Option("--data", metavar="ROOT", help=f"Labelled images: {DATA_HELP}")]
 DataOption = functools.partial(typer.Option, rich_help_panel="Data (timm validate.py names)")
 SplitOpt = Annotated[str, DataOption("--split", help="The split, as timm names it: for an image folder, its subfolder of that name if there is one (val, valid, validation and train, training stand for each other), else --data itself; for wds/, a split of _info.json or a shard pattern such as 'val-{000000..000009}.tar'; for hfds/, the dataset's split.")]
+OptimizeOpt = Annotated[bool, typer.Option("--optimize", help="Run ONNX Runtime's transformer optimizer (model_type vit: SkipLayerNormalization, BiasGelu and, where its patterns match, Attention fusions) over the exported graph.")]
+QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help="Dynamic int8 quantization of the linear layers (ONNX Runtime's quantize_dynamic); attention products and the pooling layers stay float32.")]
 StopOpt = Annotated[bool, typer.Option("--stop-at-fixed-point", help="ONNX graphs skip the clustering iterations after a fixed point (If nodes): the same outputs, less pooling time in ONNX Runtime on the CPU at batch 1; ONNX Runtime's CUDA graphs do not capture If nodes.")]
 
 

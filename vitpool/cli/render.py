@@ -38,14 +38,37 @@ def eval_table(name: str, source, result) -> Table:
 def bench_table(name: str, config, rows) -> Table:
     """`vitpool bench`: its BenchRows, for the converted model with `config`."""
     table = Table(title=f"{name}, {config.describe()}")
-    for column in ("model", "runtime", "device", "precision", "batch", "p50 ms", "p90 ms", "images/s", "peak MB", "GMACs/img", "speed-up", "MAC speed-up", "efficiency"):
+    for column in ("model", "runtime", "device", "precision", "batch", "p50 ms", "p90 ms", "images/s", "peak MB", "GMACs/img", "speed-up", "MAC speed-up", "efficiency", "1st call s"):
         table.add_column(column, justify="left" if column in ("model", "runtime", "device", "precision") else "right")
     fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
     for r in rows:
-        table.add_row(r.model, r.runtime, r.device, r.precision, str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
+        table.add_row(r.model, r.runtime + (", optimized" if r.optimized else ""), r.device, r.precision, str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
                       f"{r.images_per_s:.1f}", fmt(r.peak_mem_mb, ".0f"), f"{r.gmacs:.3f}", fmt(r.speedup, ".2f"),
-                      fmt(r.mac_speedup, ".2f"), fmt(r.efficiency, ".2f"))
+                      fmt(r.mac_speedup, ".2f"), fmt(r.efficiency, ".2f"), fmt(r.first_call_s, ".1f"))
     return table
+
+
+def export_lines(result) -> list[str]:
+    """`vitpool export`: what was written, how it was checked, and what the optimizer fused."""
+    from vitpool.export import LOGIT_ATOL
+
+    passes = ", ".join(([] if not result.optimized else ["optimized"]) + ([] if result.precision == "fp32" else [result.precision]))
+    lines = [f"wrote {result.path} ({result.size_mb:.1f} MB, opset {result.opset}, input {result.input_name} "
+             f"{result.input_shape}{', stops at fixed point' if result.stops_at_fixed_point else ''}"
+             f"{', ' + passes if passes else ''}, exported in {result.seconds:.1f} s)"]
+    if result.check is not None:
+        c = result.check
+        lines.append(f"ONNX Runtime vs PyTorch on {c.n} {'random inputs' if c.source == 'random' else 'images from ' + c.source}: "
+                     f"top-1 agreement {c.agreement:.1f}% (required {c.min_agreement:.0f}%), logits within {LOGIT_ATOL:g} "
+                     f"on {c.close:.1f}%, max abs diff {c.max_abs_diff:.3g}")
+        if c.unpooled_agreement is not None:
+            lines.append(f"the unpooled model through the same passes: top-1 agreement {c.unpooled_agreement:.1f}% with its PyTorch")
+    if result.fusion is not None:
+        fused, unpooled = result.fusion.fused, result.fusion.unpooled_fused
+        lines.append("fused: " + ", ".join(f"{op} {n}" + ("" if unpooled is None else f" (unpooled {unpooled[op]})")
+                                            for op, n in fused.items() if n or (unpooled and unpooled[op])))
+        lines += [f"not fused: {reason}" for reason in result.fusion.not_fused]
+    return lines
 
 
 def schedule_table(name: str, document: dict) -> Table:
