@@ -1,7 +1,8 @@
 """DeiT-S under torch.compile on this CPU: the defaults at MAC budgets 0.75, 0.6 and 0.5, batch 1 and 32, eager
 and compiled (inductor), each pooled model against the unpooled one in the same run (vitpool.bench: `--repeats`
 interleaved rounds), with the graphs torch._dynamo.explain finds in each model and the first call's seconds
-(the compilation, per batch size). Random weights: latency does not depend on them. Writes
+(the compilation, per batch size, with inductor's on-disk caches off so that an earlier run's graphs are not
+reused). Random weights: latency does not depend on them. Writes
 benchmarks/results/compile_deit_small_cpu.json.
 
     .venv/bin/python benchmarks/compile_deit_small_cpu.py [--repeats 20]
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch._inductor.config
 from _common import RESULTS, run_environment, write_json
 
 import vitpool
@@ -30,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
+    torch._inductor.config.force_disable_caches = True
     torch.manual_seed(0)
     unpooled = create_model("deit_small", pretrained=False).eval()
     document = {"env": run_environment(), "graphs": {"unpooled": graphs(unpooled)}, "rows": []}
