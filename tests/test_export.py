@@ -114,6 +114,12 @@ def activation_products(graph: onnx.GraphProto) -> int:
     return sum(node.op_type == "MatMul" and not constants & set(node.input) for node in graph.node)
 
 
+def test_int8_export_without_images_to_check_on_is_refused(tmp_path):
+    with pytest.raises(VitpoolError, match="--data"):
+        export_module.export(torch.nn.Identity(), tmp_path / "m.onnx", passes=export_module.GraphPasses(quantize="int8"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_optimized_export_accounts_for_every_layer_norm(real_deit_tiny, tmp_path):
     pooled = vitpool.convert(real_deit_tiny, **SCHEDULE)
     result = export_module.export(pooled, tmp_path / "m.onnx", limit=8, passes=export_module.GraphPasses(optimize=True),

@@ -332,6 +332,9 @@ def export(model, out: str | Path, opset: int = DEFAULT_OPSET, batch_size: int =
     out = Path(out)
     refuse_existing_output(out, force)
     check_opset(opset)
+    if passes.quantize and run_check and data is None:
+        raise VitpoolError(f"--quantize {passes.quantize} moves the logits too far for random inputs to check the top-1 "
+                           "against; check on real images with --data DIR, or skip the check with --no-check")
     if out.is_dir():
         raise VitpoolError(f"output {out} is a directory; give a file name such as model.onnx")
     staging = _staging_file(out)
