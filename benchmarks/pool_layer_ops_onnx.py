@@ -50,6 +50,7 @@ def profile(path: Path, feed: dict, rounds: int) -> tuple[float, dict]:
         if round_ >= 20:
             times.append((time.perf_counter() - start) * 1e3)
     options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(".profile"))  # in the run's temporary folder, not the working one
     profiled = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     for _ in range(rounds):
         profiled.run(None, feed)
