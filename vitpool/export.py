@@ -189,18 +189,24 @@ def _quantize(path: Path) -> None:
         quantized.unlink(missing_ok=True)
 
 
-def fused_ops(path: Path) -> dict[str, int]:
+def fusion_report(graph, unpooled_graph) -> FusionReport:
+    """What the optimizer fused in `graph` (and in `unpooled_graph`, optimised alike, or None), and what it did not."""
+    return FusionReport(fused_ops(graph), fused_ops(unpooled_graph) if unpooled_graph is not None else None, not_fused(graph))
+
+
+def _graph(path: Path):
     import onnx
 
-    counts = collections.Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+    return onnx.load(str(path), load_external_data=False).graph
+
+
+def fused_ops(graph) -> dict[str, int]:
+    counts = collections.Counter(node.op_type for node in graph.node)
     return {op: counts[op] for op in FUSED_OPS}
 
 
-def not_fused(path: Path) -> list[str]:
-    """What the optimizer left unfused in `path`, and where, read off the graph and the exporter's module names."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
+def not_fused(graph) -> list[str]:
+    """What the optimizer left unfused in `graph`, and where, read off the graph and the exporter's module names."""
     producers = {name: node for node in graph.node for name in node.output}
     ops = collections.Counter(node.op_type for node in graph.node)
     reasons = []
@@ -351,17 +357,16 @@ def export(model, out: str | Path, opset: int = DEFAULT_OPSET, batch_size: int =
                 f"on {result.n} inputs (max abs diff {result.max_abs_diff:.3g}); nothing written. Check on real "
                 f"images with --data, or lower --min-agreement if near-ties are expected"
             )
-        fusion = None
-        if passes and unpooled is not None:
+        # the unpooled model's file serves the fusion report and the check; without either it is not written
+        compared = unpooled is not None and (passes.optimize or (passes.quantize is not None and result is not None))
+        if compared:
             to_onnx(unpooled, reference, opset, batch_size)
             passes.apply(reference, unpooled)
             if result is not None:
                 result.unpooled_agreement = check(unpooled, reference, data, limit, min_agreement=0.0).agreement
-        if passes.optimize:
-            fusion = FusionReport(fused_ops(staging), fused_ops(reference) if unpooled is not None else None, not_fused(staging))
-        import onnx
-
-        graph_input = onnx.load(str(staging), load_external_data=False).graph.input[0]
+        graph = _graph(staging)
+        fusion = fusion_report(graph, _graph(reference) if compared else None) if passes.optimize else None
+        graph_input = graph.input[0]
         shape = [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim]
         size_mb = staging.stat().st_size / 2**20
         staging.chmod(normal_mode())  # mkstemp made it private
