@@ -16,6 +16,7 @@ import vitpool
 from vitpool.evaluate import evaluate
 from vitpool.models import create_model
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED_DATA)

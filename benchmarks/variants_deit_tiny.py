@@ -22,6 +22,7 @@ VARIANTS = [(method, output, proportional)
             for method in ("wkmedoids", "kmedoids") for output in ("medoid", "mean") for proportional in (False, True)]
 VARIANTS += [(method, "medoid", proportional) for method in ("wkmeans", "importance", "tome") for proportional in (False, True)]
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED_DATA)
