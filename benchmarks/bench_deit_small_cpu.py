@@ -3,7 +3,7 @@ MACs (`--budget`, pooling included), batch 1 and 32, eager PyTorch and ONNX Runt
 in three such runs, and the one with the median efficiency is reported (all three are kept).
 
 Also measures the pooling layers' share of the pooled model's latency in two ways:
-- their own time: in eager PyTorch by timing the TokenPool modules with hooks during extra calls, and their
+- their own time: in eager PyTorch by timing, with hooks, the TokenPool modules during extra calls and their
   `read` of the attention probabilities inside the block; in ONNX Runtime from its node profile (the nodes
   the exporter tagged with the TokenPool module or with the `attn_drop` scope where the read runs, fused
   ones too);
@@ -49,28 +49,23 @@ RUNTIMES = ("torch", "onnxruntime")
 
 
 def eager_pool_share(model, images, calls: int = 5) -> float:
-    """Fraction of eager forward time spent inside the TokenPool modules and their reads."""
+    """Fraction of eager forward time spent inside the TokenPool modules and their reads: the hooks that
+    deliver each read run after the tapped module's forward, so a hook put before them and one after them
+    time the read."""
     spent = [0.0]
     started = {}
 
-    def before(module, _inputs):
+    def before(module, *_):
         started[module] = time.perf_counter()
 
-    def after(module, _inputs, _output):
+    def after(module, *_):
         spent[0] += time.perf_counter() - started.pop(module)
 
-    def timed(read):
-        def call(*tapped):
-            begin = time.perf_counter()
-            kept = read(*tapped)
-            spent[0] += time.perf_counter() - begin
-            return kept
-        return call
-
     handles = []
-    for pool in pooled_layers(model).values():
+    for layer, pool in pooled_layers(model).items():
         handles += [pool.register_forward_pre_hook(before), pool.register_forward_hook(after)]
-        pool.read = timed(pool.read)
+        for tapped, _heads in pool.tap(model.blocks[layer]):
+            handles += [tapped.register_forward_hook(before, prepend=True), tapped.register_forward_hook(after)]
     try:
         with torch.inference_mode():
             model(images)
@@ -82,8 +77,6 @@ def eager_pool_share(model, images, calls: int = 5) -> float:
     finally:
         for handle in handles:
             handle.remove()
-        for pool in pooled_layers(model).values():
-            del pool.read  # back to the class's method
     return spent[0] / total
 
 
