@@ -135,3 +135,29 @@ def test_trim_applies_only_where_it_is_exact():
     assert family_layers(12, LATE, AFTER_ATTENTION, trimmed=True)[-1] < 11
     old = PoolingConfig.from_dict({"method": "kmedoids", "k": [150], "layers": [5], "position": "after-attention"})
     assert not old.trim_last  # saved before the trim existed: loads as it was built
+
+
+def test_a_budget_is_solved_in_the_blocks_given():
+    model = _model("deit_tiny")
+    converted = vitpool.convert(model, budget=0.6, layers=(4, 8))
+    config = converted.vitpool_config
+    assert config.layers == (4, 8) and len(config.k) == 2
+    assert abs(total_macs(converted) / total_macs(model) - 0.6) <= 0.006
+    with pytest.raises(VitpoolError, match="not both"):
+        vitpool.convert(model, budget=0.6, k=(100, 50))
+
+
+def test_the_command_line_solves_a_budget_in_the_blocks_of_layers():
+    import json
+
+    from typer.testing import CliRunner
+
+    from vitpool.cli import app
+
+    result = CliRunner().invoke(app, ["flops", "deit_tiny", "--no-pretrained", "--budget", "0.6", "--layers", "4,8", "--json"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["pooling"]["layers"] == [4, 8]
+    assert abs(document["gmacs"] / document["baseline_gmacs"] - 0.6) <= 0.006
+    refused = CliRunner().invoke(app, ["flops", "deit_tiny", "--no-pretrained", "--budget", "0.6", "--k", "100"])
+    assert refused.exit_code == 2 and "not both" in refused.stderr

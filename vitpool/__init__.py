@@ -30,20 +30,25 @@ def convert(model, method: str | None = None, k=(), layers=None, iters: int | No
     Settings left as None are the `preset`'s (`config.PRESETS`: "vitpool", the best measured, by default;
     "paper"; "tome"); `output`, `proportional`, `position` and `trim_last` are described on `PoolingConfig`. `layers` left
     out spreads the K values evenly over the blocks (see `config.default_layers`). `budget` (a fraction of the
-    unpooled MACs) or `target_gmacs` picks K and layers from the preset's schedule family instead (see
-    `vitpool.budget`). The result is still a timm model: `forward_features`, `forward_head` and
+    unpooled MACs) or `target_gmacs` picks K from the preset's schedule family instead (see `vitpool.budget`), in
+    `layers` where given, else in the family's blocks. The result is still a timm model: `forward_features`, `forward_head` and
     `num_prefix_tokens` work as before.
     """
     from vitpool.adapter import apply_pooling, check_model
     from vitpool.config import make_config, preset_named
+    from vitpool.errors import VitpoolError
 
     check_model(model)
+    solving = budget is not None or target_gmacs is not None
+    if solving and len(k):
+        raise VitpoolError("give either k or a budget (budget=, target_gmacs=), not both: a budget chooses K")
     config = make_config(method, k, layers, iters, seed, depth=len(model.blocks), output=output,
                          proportional=proportional, position=position, preset=preset, trim_last=trim_last)
-    if budget is not None or target_gmacs is not None:
+    if solving:
         from vitpool.budget import solve
 
-        config = solve(model, config, budget, target_gmacs, family=preset_named(preset).family)[0]
+        config = solve(model, config, budget, target_gmacs, layers=config.layers or None,
+                       family=preset_named(preset).family)[0]
     return apply_pooling(model, config)
 
 

@@ -64,8 +64,9 @@ def build(model_or_dir: str, flags: ModelFlags):
     from vitpool.models import load_model_or_dir
 
     method, k, layers, iters, budget, target_gmacs = flags.method, flags.k, flags.layers, flags.iters, flags.budget, flags.target_gmacs
-    if (budget is not None or target_gmacs is not None) and (k is not None or layers is not None):
-        raise VitpoolError("give either --budget/--target-gmacs or --k/--layers, not both")
+    if (budget is not None or target_gmacs is not None) and k is not None:
+        raise VitpoolError("give either --budget/--target-gmacs or --k, not both: a budget chooses K (in the blocks "
+                           "of --layers where given)")
     pooling_flags = {"--method": method, "--k": k, "--layers": layers, "--iters": iters, "--budget": budget,
                      "--target-gmacs": target_gmacs, "--output": flags.output, "--proportional": flags.proportional,
                      "--position": flags.position, "--trim-last": flags.trim_last, "--preset": flags.preset}
@@ -84,7 +85,8 @@ def build(model_or_dir: str, flags: ModelFlags):
     if config is None and (budget is not None or target_gmacs is not None):
         from vitpool.budget import solve
 
-        config, reached, baseline = solve(loaded.model, template, budget, target_gmacs, family=flags.family())
+        config, reached, baseline = solve(loaded.model, template, budget, target_gmacs, layers=layer_values or None,
+                                          family=flags.family())
         err.print(f"schedule for the budget: {config.flags()} ({reached / 1e9:.3f} of {baseline / 1e9:.3f} GMACs, "
                   f"{reached / baseline:.3f})", highlight=False)
     if config is None and k_values:
