@@ -3,12 +3,12 @@
 CLIP has no class head here (its 512-d image projection is the head), so the measure is how much pooling
 changes the embeddings of the 500 shared photos: the cosine to the unpooled embedding, and how often each
 photo's nearest neighbour among the photos (all embedded by the same model) is the one the unpooled model
-finds. The three presets at MAC budgets 0.5, 0.6 and 0.75; a run of some presets keeps the other presets' rows
-of the file it replaces. The model is built on demand by
-../shared/tools/clip-vit-b16 into ~/.cache/vitpool (never into the repository). Writes
-benchmarks/results/clip_embeddings.json.
+finds. The three presets at MAC budgets 0.5, 0.6 and 0.75, and with `--iters N` a preset's clustering run for N
+iterations instead (rows "vitpool --iters N"); a run of some rows keeps the other rows of the file it
+replaces. The model is built on demand by ../shared/tools/clip-vit-b16 into ~/.cache/vitpool (never into the
+repository). Writes benchmarks/results/clip_embeddings.json.
 
-    .venv/bin/python benchmarks/clip_embeddings.py [--presets vitpool,tome,paper] [--budgets 0.5,0.6,0.75]
+    .venv/bin/python benchmarks/clip_embeddings.py [--presets vitpool,tome,paper] [--budgets 0.5,0.6,0.75] [--iters N]
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="vitpool,tome,paper")
     parser.add_argument("--budgets", default="0.5,0.6,0.75")
+    parser.add_argument("--iters", type=int, default=None, help="clustering iterations instead of the preset's")
     args = parser.parse_args()
     model = clip_model()
     images = load_images(model, imagenet_sample(), None)
@@ -69,15 +70,17 @@ def main() -> None:
     reference_neighbours = nearest_neighbours(reference)
     baseline_macs = total_macs(model)
     presets = args.presets.split(",")
-    rows = [row for row in earlier_rows() if row["preset"] not in presets]
+    labels = {preset: preset if args.iters is None else f"{preset} --iters {args.iters}" for preset in presets}
+    rows = [row for row in earlier_rows() if row["preset"] not in labels.values()]
     for preset in presets:
         for budget in (float(b) for b in args.budgets.split(",")):
             started = time.perf_counter()
-            config = solve(model, make_config(layers=(), preset=preset), budget, family=PRESETS[preset].family)[0]
+            template = make_config(layers=(), preset=preset, iters=args.iters)
+            config = solve(model, template, budget, family=PRESETS[preset].family)[0]
             pooled = apply_pooling(model, config)
             embeddings = embed(pooled, images.images)
             cosine = (embeddings * reference).sum(-1)
-            rows.append({"preset": preset, "budget": budget, "k": list(config.k), "layers": list(config.layers),
+            rows.append({"preset": labels[preset], "budget": budget, "k": list(config.k), "layers": list(config.layers),
                          "config": config.to_dict(),
                          "mac_ratio": total_macs(pooled) / baseline_macs, "cosine_mean": cosine.mean().item(),
                          "cosine_p10": cosine.quantile(0.1).item(),

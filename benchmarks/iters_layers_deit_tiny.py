@@ -4,7 +4,7 @@ its batch-1 pooling time (each iteration and each layer is a fixed run of small 
 The vitpool preset on the real DeiT-Tiny and the 500 shared photos (halves A and B as in
 defaults_deit_tiny.py), no fine-tuning, at MAC budgets 0.5, 0.6 and 0.75 (pooling included, so fewer
 iterations leave a little more for the tokens), with 0 to 5 K-Medoids iterations and the pooling layers in
-the preset's blocks (3, 5, 7, 9, 11) or in fewer. Writes benchmarks/results/iters_layers_deit_tiny.json.
+the preset's blocks (every block from 3 to 10) or in fewer. Writes benchmarks/results/iters_layers_deit_tiny.json.
 
     .venv/bin/python benchmarks/iters_layers_deit_tiny.py [--budgets 0.5,0.6,0.75] [--iters 0,1,2,3,5]
 """
