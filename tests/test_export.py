@@ -37,12 +37,24 @@ def test_every_method_exports_and_agrees_with_pytorch_on_real_images(method, pos
     graph = onnx.load(result.path, load_external_data=False).graph
     assert any("TokenPool" in prop.value for node in graph.node for prop in node.metadata_props), "pooling not in the graph"
     assert not any(node.op_type == "Loop" for node in graph.node)
-    # ScatterND only as the cluster sums' add: a plain one (an in-place index write) is undefined for repeated indices
-    assert all(reduction(node) == "add" for node in graph.node if node.op_type == "ScatterND")
+    # No ScatterND: a plain one is undefined for repeated indices, and ONNX Runtime 1.32 runs one with reduction
+    # add on several threads with a race between repeated indices (pooling.row_sums)
+    assert not any(node.op_type == "ScatterND" for node in graph.node)
 
 
-def reduction(node: onnx.NodeProto) -> str:
-    return next((attr.s.decode() for attr in node.attribute if attr.name == "reduction"), "none")
+def test_threaded_onnx_runtime_gives_the_same_logits_every_run(real_deit_tiny, tmp_path):
+    import onnxruntime as ort
+
+    pooled = vitpool.convert(real_deit_tiny, budget=0.6)
+    path = export_module.export(pooled, tmp_path / "m.onnx", run_check=False).path
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    runtime = ort.InferenceSession(str(path), options)
+    images = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = pooled(images).numpy()
+    for _ in range(5):  # cluster sums that lost adds to a thread race differed by up to 0.2 in some runs
+        np.testing.assert_allclose(runtime.run(None, {export_module.INPUT_NAME: images.numpy()})[0], expected, atol=1e-4)
 
 
 def test_one_file_runs_any_batch_size(real_deit_tiny, tmp_path):

@@ -305,6 +305,20 @@ def test_selection_assignment(name, case):
         assert torch.equal(bits(out.tokens[i][a]), bits(x[i][kept[i]]))
 
 
+@pytest.mark.parametrize("method", MEDOIDS)
+def test_mean_outputs_never_make_a_token_of_nothing(method):
+    """Two exact duplicates both among the top-K: the later medoid's cluster is empty (its token goes to the earlier
+    one), and its output stays its medoid rather than the mean of no token (zeros)."""
+    x = torch.randn(1, 6, 4, generator=torch.Generator().manual_seed(0)) + 3  # no token near zero
+    x[0, 3] = x[0, 1]
+    significance = torch.tensor([[1.0, 5.0, 0.5, 4.0, 0.1, 0.2]])  # tokens 1, 3 and 0 start as medoids
+    pooled = getattr(P, method)(x, 3, significance, iters=2, means=True)
+    assert row_matches(pooled.tokens, x).any(-1)[0, 2], "the empty cluster's output is not its medoid"
+    assert not (pooled.assign == 2).any() and (pooled.tokens.abs().sum(-1) > 1).all()
+    weighted_out = getattr(P, method)(x, 3, torch.tensor([[1.0, 5.0, 0.0, 4.0, 0.0, 0.0]]), iters=0, means=True)
+    assert torch.isfinite(weighted_out.tokens).all() and (weighted_out.tokens.abs().sum(-1) > 1).all()
+
+
 @pytest.mark.parametrize("name", list(CLUSTERING) + SELECTION + ["tome"])
 @settings(max_examples=10, **SETTINGS)
 @given(case=cases(modes=("duplicates",), min_n=4, max_n=16))

@@ -7,7 +7,7 @@ the clusters, iteration counts are fixed (each clustering method is one step, wh
 eager CPU runs leave out the iterations after a fixed point, which would change nothing), nothing is random
 at call time, and only ops that ONNX expresses are used:
 matmul/einsum, argmin/argmax, topk, gather, index-add, cumsum, comparisons and `where`. Cluster sums are an
-index-add of rows (ONNX has no scatter-reduce mean, but ScatterND adds), which `vitpool.flops` counts as one
+index-add of rows (a scatter-add when exported: ONNX has no scatter-reduce mean), which `vitpool.flops` counts as one
 multiply-add per element; other work that is a multiply-accumulate is written as matmul or einsum so that the
 MAC counter sees it.
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vitpool.iterate import is_tracing
+from vitpool.iterate import exporting, is_tracing
 from vitpool.iterate import run as iterate
 
 
@@ -81,16 +81,20 @@ def cluster_sums(x: Tensor, weight: Tensor, assign: Tensor, k: int) -> tuple[Ten
 def row_sums(values: Tensor, index: Tensor, k: int) -> Tensor:
     """out[b, j] = the sum of values[b, i] over the i with index[b, i] = j: [B, N, ...] -> [B, K, ...].
 
-    One `index_add` of whole rows over the flattened batch: it exports as one ScatterND with reduction add,
-    which ONNX Runtime runs about 10x faster than the ScatterElements of a `scatter_add` (whose index has an
-    entry per element), and it is 2-3x faster in eager PyTorch too (benchmarks/pool_layer_ops_onnx.py). The
-    adds into one row run in token order on the CPU; on CUDA in any order (last-bit differences) unless
-    torch.use_deterministic_algorithms.
+    In PyTorch, one `index_add` of whole rows over the flattened batch, 2-3x faster than `scatter_add`. Exported,
+    a `scatter_add` (ONNX ScatterElements with reduction add): `index_add` exports as a ScatterND with reduction
+    add, which ONNX Runtime 1.32 runs on several threads with a race between repeated indices, losing adds at
+    random (benchmarks/pool_layer_ops_onnx.py). The adds into one row run in token order on the CPU; on CUDA in
+    any order (last-bit differences) unless torch.use_deterministic_algorithms.
     """
     batch, n = index.shape
+    tail = values.shape[2:]
+    if exporting():
+        spread = index.view(batch, n, *(1,) * len(tail)).expand(values.shape)
+        return values.new_zeros(batch, k, *tail).scatter_add(1, spread, values)
     flat = (index + batch_offsets(batch, k, index.device)).reshape(batch * n)
-    rows = values.new_zeros(batch * k, *values.shape[2:]).index_add(0, flat, values.reshape(batch * n, *values.shape[2:]))
-    return rows.view(batch, k, *values.shape[2:])
+    rows = values.new_zeros(batch * k, *tail).index_add(0, flat, values.reshape(batch * n, *tail))
+    return rows.view(batch, k, *tail)
 
 
 def _members(assign: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,9 +149,13 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
 
     index, rows, assign = iterate(step, medoids_of(top_k_indices(init_scores, k)), iters)
     assign = assign.squeeze(1)
+    medoids = gather_tokens(x, index)
     if means:  # the clusters found by K-Medoids, represented by their weighted means (N*C more MACs)
-        return Pooled(cluster_means(xf, w, assign, k)[0].to(x.dtype), assign)
-    return Pooled(gather_tokens(x, index), assign)
+        means, mass = cluster_means(xf, w, assign, k)
+        # A cluster without weight (its medoid went to an exact duplicate medoid of a lower index, or every member
+        # has weight 0) keeps its medoid, as in K-Means, rather than a mean of nothing: a token of zeros.
+        return Pooled(torch.where((mass > 0).unsqueeze(-1), means.to(x.dtype), medoids), assign)
+    return Pooled(medoids, assign)
 
 
 def pairwise_squared_distances(x: Tensor) -> Tensor:
