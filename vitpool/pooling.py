@@ -82,19 +82,35 @@ def row_sums(values: Tensor, index: Tensor, k: int) -> Tensor:
     """out[b, j] = the sum of values[b, i] over the i with index[b, i] = j: [B, N, ...] -> [B, K, ...].
 
     In PyTorch, one `index_add` of whole rows over the flattened batch, 2-3x faster than `scatter_add`. Exported,
-    a `scatter_add` (ONNX ScatterElements with reduction add): `index_add` exports as a ScatterND with reduction
-    add, which ONNX Runtime 1.32 runs on several threads with a race between repeated indices, losing adds at
-    random (benchmarks/pool_layer_ops_onnx.py). The adds into one row run in token order on the CPU; on CUDA in
-    any order (last-bit differences) unless torch.use_deterministic_algorithms.
+    never a ScatterND with reduction add (what `index_add` exports as): ONNX Runtime 1.32 runs it on several threads
+    with a race between repeated indices, losing adds at random. Rows of features take running sums in cluster order
+    instead (`sorted_row_sums`); single values take a `scatter_add` (ONNX ScatterElements, race-free). The adds
+    into one row run in token order on the CPU; on CUDA in any order (last-bit differences) unless
+    torch.use_deterministic_algorithms.
     """
     batch, n = index.shape
     tail = values.shape[2:]
     if exporting():
-        spread = index.view(batch, n, *(1,) * len(tail)).expand(values.shape)
-        return values.new_zeros(batch, k, *tail).scatter_add(1, spread, values)
+        if tail:
+            return sorted_row_sums(values, index, k)
+        return values.new_zeros(batch, k).scatter_add(1, index, values)
     flat = (index + batch_offsets(batch, k, index.device)).reshape(batch * n)
     rows = values.new_zeros(batch * k, *tail).index_add(0, flat, values.reshape(batch * n, *tail))
     return rows.view(batch, k, *tail)
+
+
+def sorted_row_sums(values: Tensor, index: Tensor, k: int) -> Tensor:
+    """`row_sums` of rows [B, N, C] as differences of a running sum over the rows sorted by cluster: a TopK, three
+    Gathers, a CumSum and a Sub in ONNX, where ONNX Runtime's ScatterElements writes one element at a time (a
+    pooling layer takes 1.4x as long with it, benchmarks/pool_layer_ops_onnx.py). N*C adds, as before.
+    """
+    batch, n = index.shape
+    order = index.topk(n, dim=1, largest=False).indices  # the tokens grouped by cluster
+    running = gather_tokens(values, order).cumsum(1)
+    running = torch.cat([running.new_zeros(batch, 1, values.shape[2]), running], 1)  # [B, N + 1, C]
+    count = row_sums(torch.ones_like(index, dtype=values.dtype), index, k).long()  # [B, K]
+    end = count.cumsum(1)  # cluster j's rows are the sorted rows end[j] - count[j] to end[j] - 1
+    return gather_tokens(running, end) - gather_tokens(running, end - count)
 
 
 def _members(assign: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
