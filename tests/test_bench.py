@@ -32,7 +32,7 @@ def test_bench_json_rows():
         assert row["images_per_s"] == pytest.approx(1e3 * row["batch_size"] / row["p50_ms"])
         if Path("/proc/self/clear_refs").exists():  # ONNX Runtime read 0 MB when measured on its warmed session
             assert row["peak_mem_mb"] > 0, row
-        assert {"torch", "timm", "onnxruntime", "device_name", "threads"} <= set(row["env"])
+        assert {"torch", "timm", "onnxruntime", "device_name", "threads", "cpu_capability"} <= set(row["env"])
     baseline, pooled = rows[0], rows[1]
     assert baseline["speedup"] is None and baseline["efficiency"] is None
     counted = json.loads(_vitpool("flops", *SMALL, "--json").stdout)  # the MACs bench reports are the models'

@@ -74,7 +74,9 @@ def environment(device: str, threads: int) -> dict:
     else:
         name = _cpu_name()
     return {"torch": torch.__version__, "timm": timm.__version__, "onnxruntime": ort_version, "device_name": name,
-            "threads": threads, "cpu_count": os.cpu_count(), "python": platform.python_version()}
+            "threads": threads, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            # hosts named alike differ: AVX2 or AVX-512 changes the relative cost of small ops
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _cpu_name() -> str:

@@ -7,9 +7,9 @@ the clusters, iteration counts are fixed (each clustering method is one step, wh
 eager CPU runs leave out the iterations after a fixed point, which would change nothing), nothing is random
 at call time, and only ops that ONNX expresses are used:
 matmul/einsum, argmin/argmax, topk, gather, index-add, cumsum, comparisons and `where`. Cluster sums are an
-index-add of rows (a scatter-add when exported: ONNX has no scatter-reduce mean), which `vitpool.flops` counts as one
-multiply-add per element; other work that is a multiply-accumulate is written as matmul or einsum so that the
-MAC counter sees it.
+index-add of rows (exported as running sums over the rows sorted by cluster: `row_sums`), which `vitpool.flops`
+counts as one multiply-add per element; other work that is a multiply-accumulate is written as matmul or einsum
+so that the MAC counter sees it.
 
 Clustering runs in float32 whatever the input dtype (fp16/bf16 distances lose the argmin); medoid outputs
 are gathered from the original tokens, so they are bit-exact input tokens.
