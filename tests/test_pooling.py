@@ -406,10 +406,11 @@ def test_exported_graph_that_stops_at_the_fixed_point_gives_every_iterations_out
             return pooled.tokens, pooled.assign
 
     shape = (2, 24, 4)
+    example = (make_tokens(0, *shape, "arbitrary"), make_significance(0, 2, 24))
     with iterate.graphs_stop_at_fixed_point():
-        program = torch.export.export(Pool(), (make_tokens(0, *shape, "arbitrary"), make_significance(0, 2, 24)))
+        program = torch.export.export(Pool(), example)
     assert sum(node.target is torch.ops.higher_order.cond for node in program.graph.nodes) == 1  # the conditions nest
-    unrolled = torch.export.export(Pool(), (make_tokens(0, *shape, "arbitrary"), make_significance(0, 2, 24)))
+    unrolled = torch.export.export(Pool(), example)
     assert not any(node.target is torch.ops.higher_order.cond for node in unrolled.graph.nodes)
     iterations = []
     for seed, mode in [(s, m) for s in range(4) for m in ("separated", "arbitrary", "duplicates")]:

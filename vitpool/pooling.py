@@ -79,7 +79,7 @@ def cluster_sums(x: Tensor, weight: Tensor, assign: Tensor, k: int) -> tuple[Ten
 
 
 def row_sums(values: Tensor, index: Tensor, k: int) -> Tensor:
-    """out[b, j] = the sum of values[b, i] over the i with index[b, i] = j: [B, N, ...] -> [B, K, ...].
+    """out[b, j] = the sum of values[b, i] over the i with index[b, i] = j: [B, N] or [B, N, C] -> [B, K] or [B, K, C].
 
     In PyTorch, one `index_add` of whole rows over the flattened batch, 2-3x faster than `scatter_add`. Exported,
     never a ScatterND with reduction add (what `index_add` exports as): ONNX Runtime 1.32 runs it on several threads
@@ -101,8 +101,8 @@ def row_sums(values: Tensor, index: Tensor, k: int) -> Tensor:
 
 def sorted_row_sums(values: Tensor, index: Tensor, k: int) -> Tensor:
     """`row_sums` of rows [B, N, C] as differences of a running sum over the rows sorted by cluster: a TopK, three
-    Gathers, a CumSum and a Sub in ONNX, where ONNX Runtime's ScatterElements writes one element at a time (a
-    pooling layer takes 1.4x as long with it, benchmarks/pool_layer_ops_onnx.py). N*C adds, as before.
+    Gathers, a CumSum and a Sub in ONNX, where ONNX Runtime runs a ScatterElements one element at a time
+    (benchmarks/pool_layer_ops_onnx.py). N*C adds, as before.
     """
     batch, n = index.shape
     order = index.topk(n, dim=1, largest=False).indices  # the tokens grouped by cluster
