@@ -16,11 +16,17 @@ from _common import RESULTS, write_json
 VITPOOL = Path(sys.executable).parent / "vitpool"
 OUT = RESULTS / "cli_startup.json"
 
-times = []
-for _ in range(7):
-    start = time.perf_counter()
-    subprocess.run([str(VITPOOL), "--help"], check=True, capture_output=True)
-    times.append(time.perf_counter() - start)
-document = {"command": "vitpool --help", "runs": len(times), "median_s": statistics.median(times), "max_s": max(times),
-            "python": sys.version.split()[0]}
-write_json(OUT, document)
+
+def main() -> None:
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        subprocess.run([str(VITPOOL), "--help"], check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    document = {"command": "vitpool --help", "runs": len(times), "median_s": statistics.median(times), "max_s": max(times),
+                "python": sys.version.split()[0]}
+    write_json(OUT, document)
+
+
+if __name__ == "__main__":
+    main()

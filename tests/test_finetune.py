@@ -1,5 +1,6 @@
 """`vitpool finetune`: a loadable model, log and checkpoint; resume after kill -9 equals an uninterrupted run;
-distillation without labels; two processes under torchrun keep identical weights; bad input refused.
+distillation without labels; two processes under torchrun keep identical weights; timm's gradient scaler trains as
+plain steps do, also past unreadable batches; bad input refused.
 
 Mechanics only: a random DeiT-Tiny at 64x64 pixels (16 patches, pooled to 8 then 4) on seeded noise images,
 so an epoch takes about a second. The accuracy figures are in benchmarks/finetune_deit_tiny.py.
@@ -389,3 +390,46 @@ def test_without_option_keeps_every_other_argument():
 
     argv = ["finetune", "m", "--nproc-per-node", "2", "--lr", "1", "--nproc-per-node=4", "--out", "x"]
     assert without_option(argv, "--nproc-per-node") == ["finetune", "m", "--lr", "1", "--out", "x"]
+
+
+def test_the_gradient_scaler_trains_as_plain_steps_do_also_when_an_update_ends_unreadable(small, tmp_path, monkeypatch):
+    """timm's NativeScaler (float16 on CUDA; here float32 on the CPU, where scaling by a power of two is exact) gives
+    the weights of plain steps, also for updates whose last batch, or every batch, could not be read."""
+    import torch
+    from timm.utils import NativeScaler
+
+    import vitpool
+    from vitpool.finetune import TrainSettings, Training, finetune
+
+    model_dir, images, _ = small
+    data_dir = tmp_path / "images"
+    shutil.copytree(images, data_dir)
+    for folder in data_dir.iterdir():
+        for index in range(4):
+            (folder / f"broken{index}.jpg").write_bytes(b"not an image")
+    settings = TrainSettings(epochs=1, batch_size=1, grad_accum_steps=2, lr=1e-3, warmup_epochs=0, distill=False)
+    build, backward = Training.build.__func__, Training._backward
+    ended_unreadable = []  # per update ended by an unreadable batch: whether earlier batches left gradients
+
+    def watched(self, loss, epoch, step, update):
+        if loss is None:
+            ended_unreadable.append(any(parameter.grad is not None for parameter in self.student.parameters()))
+        return backward(self, loss, epoch, step, update)
+
+    def trained(scaled: bool) -> dict:
+        def build_with_scaler(cls, *args, **kwargs):
+            training = build(cls, *args, **kwargs)
+            training.scaler = NativeScaler("cpu") if scaled else None
+            return training
+
+        monkeypatch.setattr(Training, "build", classmethod(build_with_scaler))
+        monkeypatch.setattr(Training, "_backward", watched)
+        result = finetune(vitpool.load(model_dir), None, data_dir, tmp_path / f"out_{scaled}", settings, source={},
+                          device="cpu", workers=0)
+        return result.model.state_dict()
+
+    start, plain, scaled = vitpool.load(model_dir).state_dict(), trained(False), trained(True)
+    assert True in ended_unreadable and False in ended_unreadable  # both kinds of update happened
+    assert any(not torch.equal(plain[name], start[name]) for name in start)
+    for name in plain:
+        torch.testing.assert_close(scaled[name], plain[name], rtol=0, atol=1e-6)

@@ -436,7 +436,7 @@ class Training:
     task: object
     optimizer: object
     scheduler: object
-    scaler: object | None  # float16 on CUDA only
+    scaler: object | None  # timm's NativeScaler, for float16 on CUDA only
     ema: object | None
     mixup: object | None
     dataset: SeededItems
@@ -454,6 +454,7 @@ class Training:
         from timm.data import Mixup
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
+        from timm.utils import NativeScaler
 
         student.to(process.device).train()
         task = make_task(student, teacher if settings.distill else None, settings, process.device)
@@ -472,7 +473,7 @@ class Training:
         dataset = SeededItems(train_images.decoded(training_transform(student, settings, preprocess)), settings.seed)
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=process.world_size, rank=process.rank,
                                                       shuffle=True, seed=settings.seed, drop_last=True)
-        return cls(student, task, optimizer, scheduler, torch.amp.GradScaler(process.device.type) if half else None,
+        return cls(student, task, optimizer, scheduler, NativeScaler(process.device.type) if half else None,
                    ema, mixup, dataset, sampler, settings, process, steps, out_dir)
 
     @property
@@ -529,8 +530,8 @@ class Training:
             last_of_update = step % settings.grad_accum_steps == 0 or step == self.steps
             if images is not None:
                 sums += self._forward_backward(images, labels, epoch, step, last_of_update)
-            if last_of_update:
-                self._update(epoch, step)
+            elif last_of_update:  # no image of this batch could be read: the update applies the earlier batches'
+                self._backward(None, epoch, step, update=True)
             if process.main and on_step:
                 elapsed = time.perf_counter() - started
                 on_step(epoch, step, self.steps, {"loss": float(sums[0] / max(step, 1)), "lr": self.optimizer.param_groups[0]["lr"],
@@ -572,38 +573,50 @@ class Training:
                         raise
                     raise self._diverged(f"the model's activations became NaN or infinite ({str(error).split(';')[0]})",
                                          epoch, step) from None
-            loss = out["loss"] / settings.grad_accum_steps
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        parts = (out["loss"], out.get("task_loss", out["loss"]), out.get("kd_loss"))  # without a teacher all is label loss
-        losses = [float(part.detach()) if part is not None else 0.0 for part in parts]
-        if not math.isfinite(losses[0]):
-            raise VitpoolError(f"the loss became {losses[0]} at epoch {epoch}, step {step}; {self.out_dir} keeps "
-                               f"{self._kept(epoch)}: start anew with a lower --lr (or --clip-grad) and --force")
+            parts = (out["loss"], out.get("task_loss", out["loss"]), out.get("kd_loss"))  # without a teacher all is label loss
+            losses = [float(part.detach()) if part is not None else 0.0 for part in parts]
+            if not math.isfinite(losses[0]):
+                raise VitpoolError(f"the loss became {losses[0]} at epoch {epoch}, step {step}; {self.out_dir} keeps "
+                                   f"{self._kept(epoch)}: start anew with a lower --lr (or --clip-grad) and --force")
+            self._backward(out["loss"] / settings.grad_accum_steps, epoch, step, update=last_of_update)
         return torch.tensor([*losses, len(images)], dtype=torch.float64)
 
-    def _update(self, epoch: int, step: int) -> None:
-        """Apply the gradients summed since the last update: clipping, the optimizer (and scaler) step, the
-        scheduler and the EMA; the weights are checked to be finite."""
+    def _backward(self, loss, epoch: int, step: int, update: bool) -> None:
+        """Add `loss`'s gradients (None: a batch with no readable image adds none) to the update's and, at its end,
+        apply them: timm's NativeScaler scales, unscales, clips and steps; without one, clipping and the step.
+        Then the scheduler and the EMA; the weights are checked to be finite."""
+        import torch
         from timm.utils import dispatch_clip_grad
 
         settings, optimizer, scaler = self.settings, self.optimizer, self.scaler
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if settings.clip_grad is not None:
-            dispatch_clip_grad(self.task.get_clip_parameters(), settings.clip_grad, mode=settings.clip_mode)
+        parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        if update and loss is None and all(parameter.grad is None for parameter in parameters):
+            self._updated()  # no batch of this update could be read: nothing to apply
+            return
         try:
             if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+                loss = torch.zeros((), device=self.process.device, requires_grad=True) if loss is None else loss
+                scaler(loss, optimizer, clip_grad=settings.clip_grad, clip_mode=settings.clip_mode,
+                       parameters=self.task.get_clip_parameters(), need_update=update)
             else:
-                optimizer.step()
+                if loss is not None:
+                    loss.backward()
+                if update:
+                    if settings.clip_grad is not None:
+                        dispatch_clip_grad(self.task.get_clip_parameters(), settings.clip_grad, mode=settings.clip_mode)
+                    optimizer.step()
         except RuntimeError as error:  # e.g. a step size past float32: "value cannot be converted ... overflow"
             if "overflow" not in str(error):
                 raise
             raise self._diverged(f"the update overflowed ({' '.join(str(error).split())[:100]})", epoch, step) from None
-        optimizer.zero_grad(set_to_none=True)
-        if not all_finite([parameter for group in optimizer.param_groups for parameter in group["params"]]):
-            raise self._diverged("the weights became NaN or infinite in the update", epoch, step)
+        if update:
+            if not all_finite(parameters):
+                raise self._diverged("the weights became NaN or infinite in the update", epoch, step)
+            self._updated()
+
+    def _updated(self) -> None:
+        """Close an update: clear the gradients, step the scheduler and the EMA."""
+        self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         self.scheduler.step_update(num_updates=self.updates)
         self.task.update_ema(step=self.updates)
