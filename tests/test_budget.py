@@ -9,9 +9,10 @@ from dataclasses import replace
 
 from vitpool.adapter import apply_pooling
 from vitpool.budget import MacModel, family_layers, family_schedule, solve
-from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK, EVERY_BLOCK, LATE, PRESETS, SPREAD, PoolingConfig, make_config
+from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK, EVERY_BLOCK, LATE, PRESETS, SPREAD, PoolingConfig, PoolingStage, make_config
 from vitpool.errors import VitpoolError
 from vitpool.flops import count_macs, total_macs
+from vitpool.methods import METHODS
 from vitpool.models import create_model
 
 MODELS = {}
@@ -64,7 +65,7 @@ def test_paper_preset_is_the_papers_configuration():
     assert (default.method, default.output, default.position) == ("kmedoids", "mean", "after-attention")
 
 
-@pytest.mark.parametrize("method", ["wkmedoids", "kmeans", "tome", "grid", "random"])
+@pytest.mark.parametrize("method", ["kmedoids", "wkmedoids", "kmeans", "tome", "grid", "random"])
 def test_the_parts_model_adds_up_to_the_whole_model_count(method):
     model = _model("deit_tiny")
     k = (121, 81, 49) if method == "grid" else (150, 100, 60)
@@ -73,6 +74,19 @@ def test_the_parts_model_adds_up_to_the_whole_model_count(method):
     assert MacModel(model, make_config(method, layers=())).total(config) == count_macs(vitpool.convert(model, method=method, k=k, layers=(1, 4, 9))).macs
     after_block = replace(config, position="after-block")
     assert MacModel(model, replace(after_block, k=())).total(after_block) == count_macs(apply_pooling(model, after_block)).macs
+
+
+@pytest.mark.parametrize("method", [name for name, method in METHODS.items() if method.cubic_macs] + ["wkmedoids-medoid"])
+def test_a_pooling_layers_count_off_the_fitted_cubic_is_fvcores(method):
+    # The bisection reads a pooling layer's MACs off a cubic in (N, K) fitted near N = 196, K = 98; far from there too
+    # it must be fvcore's count of the layer.
+    method, _, output = method.partition("-")
+    macs = MacModel(_model("deit_tiny"), make_config(method, layers=(), output=output or None))
+    for sizes_live in (True, False):
+        for n, k in [(196, 15), (142, 103), (39, 29), (21, 15), (60, 60), (30, 1)]:
+            stage = PoolingStage(0, n, k)
+            assert macs.pool(stage, sizes_live) == macs._pool(stage, sizes_live, True), (n, k, sizes_live)
+    assert macs._pool_count(True, True) is not None, "no cubic fitted: every count was traced"
 
 
 def test_family_keeps_method_constraints():

@@ -6,14 +6,15 @@ tokens in the i-th pooling layer, so that each keeps the same fraction r of the 
 `every-block` (the tome preset's) removes the same number in every block. Method constraints are kept:
 `tome` never removes more than half of the tokens of a layer, and `grid` rounds K down to a count its token
 grid can make. The MACs of a schedule, pooling layers included, are the same
-fvcore counts as `vitpool flops`, estimated during the bisection on r from cached counts of the parts (one
-block or block half at N tokens, one pooling layer from N to K tokens, the final norm and head; within 0.1% of the
-whole-model count)
-and counted on the whole converted model for the schedule chosen.
+fvcore counts as `vitpool flops`, estimated during the bisection on r from counts of the parts (one block or
+block half at N tokens, one pooling layer from N to K tokens, the final norm and head; within 0.1% of the
+whole-model count), each traced at a few token counts and extended by the polynomial through them, and counted
+on the whole converted model for the schedule chosen.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from fractions import Fraction
@@ -24,7 +25,7 @@ from torch import nn
 
 from vitpool.adapter import (HALVES, PairBias, TokenPool, _overridden, _whole_block, apply_pooling,
                              attention_modules, check_blocks, check_model, family_of, plan_for, token_grid, trims_last)
-from vitpool.config import AFTER_ATTENTION, EVERY_BLOCK, FAMILIES, LATE, PoolingConfig, default_layers, grid_shape
+from vitpool.config import AFTER_ATTENTION, EVERY_BLOCK, FAMILIES, LATE, PoolingConfig, PoolingStage, default_layers, grid_shape
 from vitpool.errors import VitpoolError
 from vitpool.flops import analyse, total_macs
 from vitpool.methods import KEYS, METHODS, NEEDS_ATTENTION
@@ -211,7 +212,22 @@ class MacModel:
         return quadratic if quadratic(17) == traced(17) else traced
 
     def pool(self, stage, sizes_live: bool = False, positions_live: bool = True) -> int:
-        return self._pool(replace(stage, layer=0), sizes_live, positions_live)
+        stage = replace(stage, layer=0)
+        fits = METHODS[self.template.method].cubic_macs and stage.fraction is None
+        fitted = self._pool_count(sizes_live, positions_live) if fits else None
+        return fitted(stage.tokens_in, stage.k) if fitted is not None else self._pool(stage, sizes_live, positions_live)
+
+    @lru_cache(maxsize=None)
+    def _pool_count(self, sizes_live: bool, positions_live: bool) -> Callable[[int, int], int] | None:
+        """A pooling layer's MACs as a function of the tokens in and K, or None where no cubic in them gives it.
+
+        The methods' work is a polynomial in N and K (a Gram matrix N*N*C, N*N an iteration, N*C for the means),
+        so the cubic through fvcore's counts at ten pairs gives every pair with integers alone: a bisection asks
+        for a hundred pairs, and each trace takes 50 ms. Where no cubic fits, every pair is traced."""
+        def count(tokens: int, k: int) -> int:
+            return self._pool(PoolingStage(0, tokens, k), sizes_live, positions_live)
+
+        return _fitted_cubic(count, self.num_patches - 3, (self.num_patches + 1) // 2)  # K >= N / 2: tome's limit
 
     @lru_cache(maxsize=None)
     def _pool(self, stage, sizes_live: bool, positions_live: bool) -> int:
@@ -257,6 +273,29 @@ class MacModel:
                                   positions_live=i < self.depth - 1)  # rotary positions, for the blocks after
                 tokens = stage.k
         return macs + self.tail(tokens + self.prefix)
+
+
+def _fitted_cubic(count: Callable[[int, int], int], n0: int, k0: int) -> Callable[[int, int], int] | None:
+    """The cubic in (N, K) through `count` at the ten pairs (n0 + i, k0 + j), i + j <= 3, written in finite
+    differences so that it takes integers alone. None where it misses `count` at seven more pairs, one far from
+    the rest, or where the pairs do not fit (K <= N)."""
+    if k0 + 3 > n0:
+        return None
+    counted = {(i, j): count(n0 + i, k0 + j) for i in range(4) for j in range(4 - i)}
+    differences = {(i, j): sum((-1) ** (i - a + j - b) * math.comb(i, a) * math.comb(j, b) * counted[a, b]
+                               for a in range(i + 1) for b in range(j + 1)) for (i, j) in counted}
+
+    def cubic(tokens: int, k: int) -> int:
+        return sum(d * _choose(tokens - n0, i) * _choose(k - k0, j) for (i, j), d in differences.items())
+
+    far = n0 // 2
+    checks = [(n0 + i, k0 + j) for i in range(4) for j in range(4) if i + j > 3] + [(far, far - far // 4)]
+    return cubic if all(cubic(n, k) == count(n, k) for n, k in checks) else None
+
+
+def _choose(u: int, i: int) -> int:
+    """u over i for any integer u (u (u - 1) ... (u - i + 1) / i!, an exact division)."""
+    return math.prod(range(u - i + 1, u + 1)) // math.factorial(i)
 
 
 def budget_target(macs: MacModel, budget: float | None, target_gmacs: float | None) -> float:
