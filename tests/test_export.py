@@ -112,7 +112,7 @@ def test_int8_export_quantizes_the_linear_layers_only(real_deit_tiny, imagenet_s
     quantized = [node for node in graph.node if node.op_type == "MatMulInteger"]
     assert linear - 1 <= len(quantized) <= linear  # the head (a Gemm on [B, C]) may stay float
     # each a layer's weights: a product of two activations quantized would take its second input from the graph
-    assert all(node.input[1] in constants(graph) for node in quantized)
+    assert all(node.input[1] in export_module.constant_names(graph) for node in quantized)
     # the products of two activations (attention, the pooling layers' Gram and cost matrices) stay float MatMuls:
     # two per block's attention, and more in the pooling layers
     assert activation_products(graph) > 2 * len(real_deit_tiny.blocks)
@@ -122,14 +122,9 @@ def test_int8_export_quantizes_the_linear_layers_only(real_deit_tiny, imagenet_s
     assert [p.name for p in tmp_path.iterdir()] == ["int8.onnx"], "a temporary file was left behind"
 
 
-def constants(graph: onnx.GraphProto) -> set[str]:
-    return {tensor.name for tensor in graph.initializer} | {name for node in graph.node if node.op_type == "Constant"
-                                                             for name in node.output}
-
-
 def activation_products(graph: onnx.GraphProto) -> int:
-    known = constants(graph)
-    return sum(node.op_type == "MatMul" and not known & set(node.input) for node in graph.node)
+    constants = export_module.constant_names(graph)
+    return sum(node.op_type == "MatMul" and not constants & set(node.input) for node in graph.node)
 
 
 def test_int8_export_without_images_to_check_on_is_refused(tmp_path):

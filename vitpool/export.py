@@ -177,8 +177,7 @@ def _quantize(path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(str(path)).graph
-    constants = {tensor.name for tensor in graph.initializer} | {name for node in graph.node if node.op_type == "Constant"
-                                                                  for name in node.output}
+    constants = constant_names(graph)
     linear = [node.name for node in graph.node if node.op_type in ("MatMul", "Gemm") and node.input[1] in constants]
     quantized = _sibling(path, "int8")
     try:
@@ -187,6 +186,12 @@ def _quantize(path: Path) -> None:
         os.replace(quantized, path)
     finally:
         quantized.unlink(missing_ok=True)
+
+
+def constant_names(graph) -> set[str]:
+    """The names of a graph's values fixed at export: its initializers and Constant nodes' outputs."""
+    return {tensor.name for tensor in graph.initializer} | {name for node in graph.node if node.op_type == "Constant"
+                                                             for name in node.output}
 
 
 def fusion_report(graph, unpooled_graph) -> FusionReport:

@@ -589,7 +589,7 @@ class Training:
         from timm.utils import dispatch_clip_grad
 
         settings, optimizer, scaler = self.settings, self.optimizer, self.scaler
-        parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]] if update else []
         if update and loss is None and all(parameter.grad is None for parameter in parameters):
             self._updated()  # no batch of this update could be read: nothing to apply
             return
