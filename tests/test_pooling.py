@@ -288,6 +288,35 @@ def test_clustering_assigns_each_token_to_its_nearest_output(name, case, iters):
     assert (assigned <= d.amin(-1) + 1e-5 * norm + 1e-12).all(), "a token is not assigned to its nearest output"
 
 
+@pytest.mark.parametrize("name", MEDOIDS)
+@settings(max_examples=20, **SETTINGS)
+@given(case=cases(modes=("separated", "arbitrary", "duplicates")), means=st.booleans())
+def test_no_iteration_joins_every_other_token_to_the_nearest_of_the_k_most_significant(name, case, means):
+    """With 0 iterations only the distances to the seeds are computed: each of the k most significant tokens is its
+    own output's member (also beside an exact duplicate), every other token joins its nearest seed (ties to the
+    first in token order), and mean outputs are the clusters' weighted means."""
+    x, sig, k = case
+    size = torch.arange(x.shape[1], dtype=torch.float32).remainder(3).add(1).expand_as(sig)
+    out = CLUSTERING[name][0](x, k, sig, 0, means=means, size=size)
+    seeds = sig.topk(k, dim=-1).indices.sort(-1).values
+    assert torch.equal(out.assign.gather(1, seeds), torch.arange(k).expand_as(seeds))
+    d = sq_dist64(x, P.gather_tokens(x, seeds))  # [B, N, K]
+    nearest = d.argmin(-1)
+    others = torch.ones_like(out.assign, dtype=torch.bool).scatter(1, seeds, False)
+    norm = (x.double() ** 2).sum(-1).amax(-1, keepdim=True).unsqueeze(-1)
+    assigned = d.gather(2, out.assign.unsqueeze(-1)).squeeze(-1)
+    assert (assigned <= d.amin(-1) + 1e-5 * norm.squeeze(-1) + 1e-12).all(), "a token did not join its nearest seed"
+    if well_separated(x):
+        assert torch.equal(out.assign[others], nearest[others])
+    if not means:
+        assert torch.equal(bits(out.tokens), bits(P.gather_tokens(x, seeds)))
+        return
+    weight = size * sig if CLUSTERING[name][1] else size
+    expected = explicit_weighted_means(x, weight, out.assign, k)
+    has_weight = ~torch.isnan(expected[..., 0])
+    torch.testing.assert_close(out.tokens.double()[has_weight], expected[has_weight], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", SELECTION)
 @settings(max_examples=20, **SETTINGS)
 @given(case=cases(modes=("separated", "arbitrary", "duplicates")))
@@ -427,10 +456,12 @@ def test_exported_graph_that_stops_at_the_fixed_point_gives_every_iterations_out
 # -------------------------------------------------------------------------- determinism and batching
 
 
-ALL_METHODS = list(CLUSTERING) + SELECTION + ["tome", "grid"]
+ALL_METHODS = list(CLUSTERING) + ["kmedoids, no iteration"] + SELECTION + ["tome", "grid"]
 
 
 def _run_any(name, x, k, sig):
+    if name == "kmedoids, no iteration":
+        return P.kmedoids(x, k, sig, iters=0, means=True, size=sig)
     if name == "tome":
         return P.tome(x, max(k, x.shape[1] - x.shape[1] // 2), metric=x.flip(-1), size=sig)
     if name == "grid":

@@ -18,6 +18,7 @@ POSITIONS = (AFTER_ATTENTION, AFTER_BLOCK)
 # Budget schedule families (`vitpool.budget`): where the pooling layers go, and how K shrinks.
 LATE, SPREAD, EVERY_BLOCK = "late", "spread", "every-block"
 FAMILIES = (LATE, SPREAD, EVERY_BLOCK)
+NAMED_METHOD_ITERS = 2  # what a clustering method other than the preset's runs where the preset's runs none
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class PoolingConfig:
 
     `k[i]` is the number of patch tokens (prefix tokens such as CLS excluded) kept in block `layers[i]`
     (0-based), or, as a number in (0, 1), the fraction of the patch tokens reaching it: fractions pool any
-    input size of a `dynamic_img_size` model alike, where counts are planned at the size it was built for. `iters` is the fixed iteration count of the clustering methods; `seed` draws the `random`
+    input size of a `dynamic_img_size` model alike, where counts are planned at the size it was built for. `iters` is the fixed iteration count of the clustering methods (0: the top-K seeds, each other token joined to
+    the nearest, no update); `seed` draws the `random`
     baseline's fixed token order. `output` is what the K-Medoids methods emit: the medoid token, or the
     (weighted) mean of its cluster. `proportional` lets a token that stands for s patches count as s patches:
     log(s) is added to its attention logits in every block after a pooling layer (ToMe's proportional
@@ -44,7 +46,7 @@ class PoolingConfig:
     method: str = "kmedoids"
     k: tuple[int, ...] | tuple[float, ...] = ()
     layers: tuple[int, ...] = ()
-    iters: int = 2
+    iters: int = 0
     seed: int = 0
     output: str = "mean"
     proportional: bool = True
@@ -94,7 +96,7 @@ class Preset:
 
 PRESETS = {
     "vitpool": Preset(PoolingConfig(), LATE,
-                      "the best measured: K-Medoids (2 iterations), mean outputs, after attention, every block from a quarter of the depth, last block trimmed to the head's tokens"),
+                      "the best measured: K-Medoids with no iteration (each token joins the nearest of the most significant), mean outputs, after attention, every block from a quarter of the depth, last block trimmed to the head's tokens"),
     "paper": Preset(PoolingConfig("wkmedoids", iters=5, output="medoid", proportional=False, position=AFTER_BLOCK,
                                   trim_last=False),
                     SPREAD,
@@ -276,11 +278,14 @@ def make_config(
     trim_last: bool | None = None,
 ) -> PoolingConfig:
     """Build a configuration: the preset's settings where an argument is None (a method other than the
-    preset's gets its own output kind: medoid for all but the K-Medoids methods). With `layers` left out,
+    preset's gets its own output kind: medoid for all but the K-Medoids methods; and it iterates where the
+    preset's method does not, so that `--method kmeans` is K-Means). With `layers` left out,
     K values are spread by `default_layers` over `depth` blocks."""
     base = preset_named(preset).template
     if output is None:
         output = base.output if method in (None, base.method) or method in MEDOID_METHODS else "medoid"
+    if iters is None and base.iters == 0 and method not in (None, base.method):
+        iters = NAMED_METHOD_ITERS
     given = {"method": method, "iters": iters, "output": output, "proportional": proportional, "position": position,
              "trim_last": trim_last}
     config = replace(base, seed=int(seed), **{name: value for name, value in given.items() if value is not None})

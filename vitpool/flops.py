@@ -2,7 +2,7 @@
 
 fvcore counts one MAC as one "flop" and knows matmul, einsum, linear, convolution and LayerNorm, but not
 `aten::scaled_dot_product_attention` (timm's fused attention): without the handle below a ViT's attention
-products go uncounted. The pooling layers are written with matmul/einsum for their multiply-accumulates
+products go uncounted; its einsum counts are rounded, so einsum has an exact handle too. The pooling layers are written with matmul/einsum for their multiply-accumulates
 (Gram and distance matrices), so they are counted like any layer; their cluster sums are index-adds (and
 scatter-adds for rotary positions and relative-position biases), counted here as one multiply-add per element
 added (the weighting and the add); comparisons, argmin and gathers are not MACs and are not counted, here as
@@ -22,6 +22,21 @@ def _sdpa_macs(inputs, outputs) -> int:
     """B*H*N*M*(D + Dv): Q K^T and the probabilities times V."""
     q, k, v = (inputs[i].type().sizes() for i in range(3))
     return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def _einsum_macs(inputs, outputs) -> int:
+    """aten::einsum of two operands without an ellipsis: the product of every index's size, one MAC a product.
+    fvcore's own handle reads that from numpy's path estimate, printed to 4 significant digits, so its counts
+    wobble by a few MACs and are no polynomial in the token counts (`vitpool.budget` fits one)."""
+    from fvcore.nn.jit_handles import einsum_flop_jit, get_shape
+
+    equation = inputs[0].toIValue().replace(" ", "")
+    shapes = [get_shape(v) for v in inputs[1].node().inputs()]
+    terms = equation.split("->")[0].split(",")
+    if len(terms) != 2 or "." in equation:
+        return einsum_flop_jit(inputs, outputs)
+    sizes = {letter: size for term, shape in zip(terms, shapes) for letter, size in zip(term, shape)}
+    return math.prod(sizes.values())
 
 
 def _added_elements(inputs, outputs) -> int:
@@ -76,6 +91,7 @@ def analyse(module, inputs: tuple) -> tuple[int, dict]:
 
     analysis = FlopCountAnalysis(module.eval(), inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    analysis.set_op_handle("aten::einsum", _einsum_macs)
     analysis.set_op_handle("aten::scatter_add", _added_elements)
     analysis.set_op_handle("aten::index_add", _added_elements)
     analysis.unsupported_ops_warnings(False)

@@ -27,16 +27,15 @@ class Method:
     on_grid: bool = False  # K must be a*b on the token grid
     merges_by_size: bool = False  # tracks how many patches each token stands for even without --proportional
     cubic_macs: bool = True  # a layer's MACs are a cubic in (N, K), which budget.MacModel fits (checked) from ten
-    # counts instead of tracing every (N, K); not so where fvcore's counts wobble (K-Means), follow N's parity (tome)
-    # or the grid's shape
+    # counts instead of tracing every (N, K); not so where the counts follow N's parity (tome) or the grid's shape
 
 
 METHODS: dict[str, Method] = {method.name: method for method in (
     Method("wkmedoids", "K-Medoids weighted by significance (the attention a token receives): the paper's best",
            ATTENTION, clusters=True, medoids=True),
     Method("kmedoids", "K-Medoids: cluster means (default) or medoids as outputs", ATTENTION, clusters=True, medoids=True),
-    Method("wkmeans", "weighted K-Means", ATTENTION, clusters=True, cubic_macs=False),
-    Method("kmeans", "K-Means", ATTENTION, clusters=True, cubic_macs=False),
+    Method("wkmeans", "weighted K-Means", ATTENTION, clusters=True),
+    Method("kmeans", "K-Means", ATTENTION, clusters=True),
     Method("importance", "the K most significant tokens (PoWER-BERT)", ATTENTION),
     Method("random", "a fixed random subset per layer, drawn from the seed at conversion", fixed_layout=True),
     Method("grid", "average pooling on the 2-D token grid", fixed_layout=True, on_grid=True, cubic_macs=False),

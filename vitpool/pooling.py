@@ -142,8 +142,10 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
 
     Medoids are input tokens, so every distance is read from one pairwise distance matrix built from the
     Gram matrix X X^T (N*N*C MACs, once); an iteration adds only N*N MACs, whatever K and the width C are,
-    instead of a dense (N x N)(N x K) update.
+    instead of a dense (N x N)(N x K) update. With no iteration, no such matrix (`_nearest_seeds`).
     """
+    if iters == 0:
+        return _nearest_seeds(x, k, weight, init_scores, means)
     xf = x.float()
     w = torch.ones_like(xf[..., 0]) if weight is None else weight.float()
     distance = pairwise_squared_distances(xf)
@@ -172,6 +174,30 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
         # has weight 0) keeps its medoid, as in K-Means, rather than a mean of nothing: a token of zeros.
         return Pooled(torch.where((mass > 0).unsqueeze(-1), means.to(x.dtype), medoids), assign)
     return Pooled(medoids, assign)
+
+
+def _nearest_seeds(x: Tensor, k: int, weight: Tensor, init_scores: Tensor, means: bool) -> Pooled:
+    """K-Medoids with no iteration: the top-k tokens by score are the medoids and every other token joins the
+    nearest. Only the distances from the N - k others to the k seeds are needed, (N - k)*k*C MACs where the
+    iterations' pairwise matrix costs N*N*C: at K near N, a tenth. Every seed is its own cluster's member, even
+    beside an exact duplicate seed.
+    """
+    xf = x.float()
+    batch, n = xf.shape[:2]
+    ranked = init_scores.topk(n, dim=-1).indices
+    seeds = ranked[:, :k].topk(k, dim=-1, largest=False).values  # in token order, as `top_k_indices` gives them
+    others = ranked[:, k:]
+    x_sq = squared_norms(xf)
+    check_finite(x_sq)  # a NaN or inf anywhere in a token shows in its squared norm
+    medoids = gather_tokens(xf, seeds)
+    joined = first_argmin(squared_distances(gather_tokens(xf, others), x_sq.gather(1, others), medoids), -1)
+    own = torch.arange(k, device=x.device).expand(batch, k)
+    assign = torch.zeros_like(ranked).scatter(1, torch.cat([seeds, others], 1), torch.cat([own, joined], 1))
+    if not means:
+        return Pooled(gather_tokens(x, seeds), assign)
+    means, mass = cluster_means(xf, torch.ones_like(x_sq) if weight is None else weight.float(), assign, k)
+    # A seed without weight (every member's weight 0) is its own output rather than a mean of nothing.
+    return Pooled(torch.where((mass > 0).unsqueeze(-1), means, medoids).to(x.dtype), assign)
 
 
 def pairwise_squared_distances(x: Tensor) -> Tensor:
