@@ -2,9 +2,9 @@
 
 DeiT-S (random weights: latency does not depend on them), batch 1, one ONNX Runtime session per model, all
 timed in turns in one run (vitpool.bench.time_in_turns), at MAC budgets 0.75, 0.6 and 0.5 (pooling included):
-the default (vitpool preset), the default with 1 or 0 clustering iterations instead of 2, with two pooling layers
-(after attention in blocks 4 and 8) instead of one in every block from 3 to 10, and the earlier default (blocks 3,
-5, 7, 9, 11, the last block's MLP on every token), ToMe as published
+the default (vitpool preset, no clustering iteration), the default with 2 (the earlier default) or 1 iterations, with
+two pooling layers (after attention in blocks 4 and 8) instead of one in every block from 3 to 10, the default before
+(blocks 3, 5, 7, 9, 11, 2 iterations, the last block's MLP on every token), ToMe as published
 (tome preset), and the default's blocks at the same token counts with free pooling (each pooling layer keeps
 the first K tokens and reads nothing: bench_deit_small_cpu.free_pooling). The free row is the ceiling any
 pooling method at that schedule can reach: what is left below it is the cost of the blocks' smaller matrix
@@ -36,11 +36,11 @@ from vitpool.models import create_model
 def variants(base, budget: float) -> dict:
     default = vitpool.convert(base, budget=budget)
     return {"vitpool preset (the default)": default,
+            "the earlier default (2 iterations)": vitpool.convert(base, budget=budget, iters=2),
             "the default with 1 iteration": vitpool.convert(base, budget=budget, iters=1),
-            "the default with 0 iterations": vitpool.convert(base, budget=budget, iters=0),
             "the default in blocks 4, 8": vitpool.convert(base, budget=budget, layers=(4, 8)),
-            "the earlier default (blocks 3, 5, 7, 9, 11, last block not trimmed)":
-                vitpool.convert(base, budget=budget, layers=(3, 5, 7, 9, 11), trim_last=False),
+            "the default before (blocks 3, 5, 7, 9, 11, 2 iterations, last block not trimmed)":
+                vitpool.convert(base, budget=budget, layers=(3, 5, 7, 9, 11), iters=2, trim_last=False),
             "tome preset (ToMe as published)": vitpool.convert(base, budget=budget, preset="tome"),
             "the default's blocks, free pooling (the ceiling)": free_pooling(default)}
 

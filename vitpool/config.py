@@ -25,19 +25,19 @@ NAMED_METHOD_ITERS = 2  # what a clustering method other than the preset's runs 
 class PoolingConfig:
     """Everything that describes a conversion: which method, how many patch tokens to keep after which blocks.
 
-    `k[i]` is the number of patch tokens (prefix tokens such as CLS excluded) kept in block `layers[i]`
-    (0-based), or, as a number in (0, 1), the fraction of the patch tokens reaching it: fractions pool any
-    input size of a `dynamic_img_size` model alike, where counts are planned at the size it was built for. `iters` is the fixed iteration count of the clustering methods (0: the top-K seeds, each other token joined to
-    the nearest, no update); `seed` draws the `random`
-    baseline's fixed token order. `output` is what the K-Medoids methods emit: the medoid token, or the
-    (weighted) mean of its cluster. `proportional` lets a token that stands for s patches count as s patches:
-    log(s) is added to its attention logits in every block after a pooling layer (ToMe's proportional
-    attention) and the clustering weights its reconstruction error by s. `position` is where in block
-    `layers[i]` its pooling layer sits: after the whole block, or between its attention and its MLP (ToMe's
-    place), so that the MLP, two thirds of a block's MACs, already runs on the K tokens. `trim_last`: where the
-    head reads only the prefix tokens (a class-token head) and the last block has no pooling layer, that block's
-    MLP runs on the prefix tokens alone, since its other outputs are never read: exact, and the MACs it saves go to
-    the pooling schedule.
+    `k[i]` is the number of patch tokens (prefix tokens such as CLS excluded) kept in block `layers[i]` (0-based),
+    or, as a number in (0, 1), the fraction of the patch tokens reaching it: fractions pool any input size of a
+    `dynamic_img_size` model alike, where counts are planned at the size it was built for. `iters` is the fixed
+    iteration count of the clustering methods (0: the K most significant tokens as seeds, each other token joined to
+    the nearest, no update); `seed` draws the `random` baseline's fixed token order. `output` is what the K-Medoids
+    methods emit: the medoid token, or the (weighted) mean of its cluster. `proportional` lets a token that stands
+    for s patches count as s patches: log(s) is added to its attention logits in every block after a pooling layer
+    (ToMe's proportional attention) and the clustering weights its reconstruction error by s. `position` is where in
+    block `layers[i]` its pooling layer sits: after the whole block, or between its attention and its MLP (ToMe's
+    place), so that the MLP, two thirds of a block's MACs, already runs on the K tokens. `trim_last`: where the head
+    reads only the prefix tokens (a class-token head) and the last block has no pooling layer, that block's MLP runs
+    on the prefix tokens alone, since its other outputs are never read: exact, and the MACs it saves go to the
+    pooling schedule.
 
     The defaults are the `vitpool` preset, the best setting measured (benchmarks/defaults_deit_tiny.py);
     `PRESETS["paper"]` is the paper's.

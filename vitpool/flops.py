@@ -1,11 +1,11 @@
 """Multiply-accumulate (MAC) counts per block, with fvcore plus handles for what it misses.
 
 fvcore counts one MAC as one "flop" and knows matmul, einsum, linear, convolution and LayerNorm, but not
-`aten::scaled_dot_product_attention` (timm's fused attention): without the handle below a ViT's attention
-products go uncounted; its einsum counts are rounded, so einsum has an exact handle too. The pooling layers are written with matmul/einsum for their multiply-accumulates
-(Gram and distance matrices), so they are counted like any layer; their cluster sums are index-adds (and
-scatter-adds for rotary positions and relative-position biases), counted here as one multiply-add per element
-added (the weighting and the add); comparisons, argmin and gathers are not MACs and are not counted, here as
+`aten::scaled_dot_product_attention` (timm's fused attention): without the handle below a ViT's attention products
+go uncounted, and nor does it count `linalg_vecdot`. The pooling layers are written with matmul and vecdot for their
+multiply-accumulates (Gram and distance matrices), so they are counted like any layer; their cluster sums are
+index-adds (and scatter-adds for rotary positions and relative-position biases), counted here as one multiply-add per
+element added (the weighting and the add); comparisons, argmin and gathers are not MACs and are not counted, here as
 everywhere in fvcore.
 """
 
@@ -24,19 +24,11 @@ def _sdpa_macs(inputs, outputs) -> int:
     return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 
-def _einsum_macs(inputs, outputs) -> int:
-    """aten::einsum of two operands without an ellipsis: the product of every index's size, one MAC a product.
-    fvcore's own handle reads that from numpy's path estimate, printed to 4 significant digits, so its counts
-    wobble by a few MACs and are no polynomial in the token counts (`vitpool.budget` fits one)."""
-    from fvcore.nn.jit_handles import einsum_flop_jit, get_shape
+def _vecdot_macs(inputs, outputs) -> int:
+    """aten::linalg_vecdot(x, y, dim): one MAC per element of the broadcast operands."""
+    import torch
 
-    equation = inputs[0].toIValue().replace(" ", "")
-    shapes = [get_shape(v) for v in inputs[1].node().inputs()]
-    terms = equation.split("->")[0].split(",")
-    if len(terms) != 2 or "." in equation:
-        return einsum_flop_jit(inputs, outputs)
-    sizes = {letter: size for term, shape in zip(terms, shapes) for letter, size in zip(term, shape)}
-    return math.prod(sizes.values())
+    return math.prod(torch.broadcast_shapes(inputs[0].type().sizes(), inputs[1].type().sizes()))
 
 
 def _added_elements(inputs, outputs) -> int:
@@ -91,7 +83,7 @@ def analyse(module, inputs: tuple) -> tuple[int, dict]:
 
     analysis = FlopCountAnalysis(module.eval(), inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
-    analysis.set_op_handle("aten::einsum", _einsum_macs)
+    analysis.set_op_handle("aten::linalg_vecdot", _vecdot_macs)
     analysis.set_op_handle("aten::scatter_add", _added_elements)
     analysis.set_op_handle("aten::index_add", _added_elements)
     analysis.unsupported_ops_warnings(False)

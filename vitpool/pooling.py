@@ -6,9 +6,9 @@ token is represented by (-1 for a token that selection dropped). There is no Pyt
 the clusters, iteration counts are fixed (each clustering method is one step, which `vitpool.iterate` runs:
 eager CPU runs leave out the iterations after a fixed point, which would change nothing), nothing is random
 at call time, and only ops that ONNX expresses are used:
-matmul/einsum, argmin/argmax, topk, gather, index-add, cumsum, comparisons and `where`. Cluster sums are an
+matmul, vecdot, argmin/argmax, topk, gather, index-add, cumsum, comparisons and `where`. Cluster sums are an
 index-add of rows (exported as running sums over the rows sorted by cluster: `row_sums`), which `vitpool.flops`
-counts as one multiply-add per element; other work that is a multiply-accumulate is written as matmul or einsum
+counts as one multiply-add per element; other work that is a multiply-accumulate is written as matmul or vecdot
 so that the MAC counter sees it.
 
 Clustering runs in float32 whatever the input dtype (fp16/bf16 distances lose the argmin); medoid outputs
@@ -59,7 +59,9 @@ def batch_offsets(batch: int, n: int, device: torch.device) -> Tensor:
 
 
 def squared_norms(x: Tensor) -> Tensor:
-    return torch.einsum("bnc,bnc->bn", x, x)
+    """|x_i|^2 [B, N]. `vecdot` exports as a Mul and a ReduceSum, where an einsum's ONNX Einsum took ONNX Runtime
+    eight times as long at batch 1 (benchmarks/pool_layer_ops_onnx.py); `vitpool.flops` counts it, N*C MACs."""
+    return torch.linalg.vecdot(x, x)
 
 
 def squared_distances(x: Tensor, x_sq: Tensor, y: Tensor) -> Tensor:
@@ -366,7 +368,7 @@ def tome(x: Tensor, k: int, metric: Tensor | None = None, size: Tensor | None = 
     if r == 0:
         return Pooled(x, torch.arange(n, device=x.device).expand(batch, -1))
     metric = (x if metric is None else metric).float()
-    metric = metric / torch.einsum("bnc,bnc->bn", metric, metric).sqrt().clamp_min(1e-12).unsqueeze(-1)
+    metric = metric / squared_norms(metric).sqrt().clamp_min(1e-12).unsqueeze(-1)
     first_a = offset % 2
     a, b = metric[:, first_a::2], metric[:, 1 - first_a :: 2]
     n_a, n_b = a.shape[1], b.shape[1]
