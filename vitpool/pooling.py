@@ -135,8 +135,13 @@ def reconstruction_error(x: Tensor, y: Tensor, weight: Tensor | None = None) -> 
 
 def top_k_indices(scores: Tensor, k: int) -> Tensor:
     """The k highest-scoring token indices, in token order (so outputs keep the spatial order)."""
-    # topk of the indices rather than sort: it exports as one TopK, where sort adds three nodes for its length
-    return scores.topk(k, dim=-1).indices.topk(k, dim=-1, largest=False).values
+    return in_token_order(scores.topk(k, dim=-1).indices)
+
+
+def in_token_order(index: Tensor) -> Tensor:
+    """Token indices [B, K] sorted: topk of the indices rather than sort, one ONNX TopK where sort adds three
+    nodes for its length."""
+    return index.topk(index.shape[-1], dim=-1, largest=False).values
 
 
 def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int, means: bool = False) -> Pooled:
@@ -146,10 +151,10 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
     Gram matrix X X^T (N*N*C MACs, once); an iteration adds only N*N MACs, whatever K and the width C are,
     instead of a dense (N x N)(N x K) update. With no iteration, no such matrix (`_nearest_seeds`).
     """
-    if iters == 0:
-        return _nearest_seeds(x, k, weight, init_scores, means)
     xf = x.float()
     w = torch.ones_like(xf[..., 0]) if weight is None else weight.float()
+    if iters == 0:
+        return _nearest_seeds(x, xf, w, k, init_scores, means)
     distance = pairwise_squared_distances(xf)
     batch, n = w.shape
     # gather_tokens(distance, index), with its reshape and offsets made once rather than in every iteration
@@ -169,37 +174,36 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
 
     index, rows, assign = iterate(step, medoids_of(top_k_indices(init_scores, k)), iters)
     assign = assign.squeeze(1)
-    medoids = gather_tokens(x, index)
-    if means:  # the clusters found by K-Medoids, represented by their weighted means (N*C more MACs)
-        means, mass = cluster_means(xf, w, assign, k)
-        # A cluster without weight (its medoid went to an exact duplicate medoid of a lower index, or every member
-        # has weight 0) keeps its medoid, as in K-Means, rather than a mean of nothing: a token of zeros.
-        return Pooled(torch.where((mass > 0).unsqueeze(-1), means.to(x.dtype), medoids), assign)
-    return Pooled(medoids, assign)
+    return _outputs(x, xf, w, index, assign, means)
 
 
-def _nearest_seeds(x: Tensor, k: int, weight: Tensor, init_scores: Tensor, means: bool) -> Pooled:
+def _nearest_seeds(x: Tensor, xf: Tensor, w: Tensor, k: int, init_scores: Tensor, means: bool) -> Pooled:
     """K-Medoids with no iteration: the top-k tokens by score are the medoids and every other token joins the
     nearest. Only the distances from the N - k others to the k seeds are needed, (N - k)*k*C MACs where the
     iterations' pairwise matrix costs N*N*C: at K near N, a tenth. Every seed is its own cluster's member, even
     beside an exact duplicate seed.
     """
-    xf = x.float()
-    batch, n = xf.shape[:2]
+    batch, n = w.shape
     ranked = init_scores.topk(n, dim=-1).indices
-    seeds = ranked[:, :k].topk(k, dim=-1, largest=False).values  # in token order, as `top_k_indices` gives them
-    others = ranked[:, k:]
+    seeds, others = in_token_order(ranked[:, :k]), ranked[:, k:]
     x_sq = squared_norms(xf)
     check_finite(x_sq)  # a NaN or inf anywhere in a token shows in its squared norm
-    medoids = gather_tokens(xf, seeds)
-    joined = first_argmin(squared_distances(gather_tokens(xf, others), x_sq.gather(1, others), medoids), -1)
+    distance = squared_distances(gather_tokens(xf, others), x_sq.gather(1, others), gather_tokens(xf, seeds))
     own = torch.arange(k, device=x.device).expand(batch, k)
-    assign = torch.zeros_like(ranked).scatter(1, torch.cat([seeds, others], 1), torch.cat([own, joined], 1))
+    assign = torch.zeros_like(ranked).scatter(1, torch.cat([seeds, others], 1),
+                                              torch.cat([own, first_argmin(distance, -1)], 1))
+    return _outputs(x, xf, w, seeds, assign, means)
+
+
+def _outputs(x: Tensor, xf: Tensor, w: Tensor, medoid_index: Tensor, assign: Tensor, means: bool) -> Pooled:
+    """The medoids, or with `means` the clusters' weighted means (N*C more MACs). A cluster without weight (its
+    medoid went to an exact duplicate medoid of a lower index, or every member has weight 0) keeps its medoid, as
+    in K-Means, rather than a mean of nothing: a token of zeros."""
+    medoids = gather_tokens(x, medoid_index)
     if not means:
-        return Pooled(gather_tokens(x, seeds), assign)
-    means, mass = cluster_means(xf, torch.ones_like(x_sq) if weight is None else weight.float(), assign, k)
-    # A seed without weight (every member's weight 0) is its own output rather than a mean of nothing.
-    return Pooled(torch.where((mass > 0).unsqueeze(-1), means, medoids).to(x.dtype), assign)
+        return Pooled(medoids, assign)
+    means, mass = cluster_means(xf, w, assign, medoid_index.shape[1])
+    return Pooled(torch.where((mass > 0).unsqueeze(-1), means.to(x.dtype), medoids), assign)
 
 
 def pairwise_squared_distances(x: Tensor) -> Tensor:
