@@ -120,6 +120,11 @@ def _members(assign: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return assign.clamp_min(0), zero_unless(assign >= 0, weight)
 
 
+def float_weights(weight: Tensor | None, x: Tensor) -> Tensor:
+    """Each token's weight [B, N] in float32: `weight`, or 1 for every token of x [B, N, C] where it is None."""
+    return torch.ones_like(x[..., 0], dtype=torch.float32) if weight is None else weight.float()
+
+
 def cluster_means(x: Tensor, weight: Tensor, assign: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Weighted cluster means [B, K, C] (0 where a cluster has no weight) and the clusters' weights [B, K]."""
     sums, mass = cluster_sums(x, weight, assign, k)
@@ -151,8 +156,7 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
     Gram matrix X X^T (N*N*C MACs, once); an iteration adds only N*N MACs, whatever K and the width C are,
     instead of a dense (N x N)(N x K) update. With no iteration, no such matrix (`_nearest_seeds`).
     """
-    xf = x.float()
-    w = torch.ones_like(xf[..., 0]) if weight is None else weight.float()
+    xf, w = x.float(), float_weights(weight, x)
     if iters == 0:
         return _nearest_seeds(x, xf, w, k, init_scores, means)
     distance = pairwise_squared_distances(xf)
@@ -264,8 +268,7 @@ def _update_medoids(distance: Tensor, weight_row: Tensor, assign: Tensor, rows: 
 
 def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int) -> Pooled:
     """Alternate nearest-centre assignment and (weighted) mean update, from the top-k tokens by score."""
-    xf = x.float()
-    w = torch.ones_like(xf[..., 0]) if weight is None else weight.float()
+    xf, w = x.float(), float_weights(weight, x)
     x_sq = squared_norms(xf)
     check_finite(x_sq)
     centers = gather_tokens(xf, top_k_indices(init_scores, k))
@@ -350,7 +353,7 @@ def grid(x: Tensor, grid_in: tuple[int, int], grid_out: tuple[int, int]) -> Pool
     check_finite(x)
     assign = grid_assignment(grid_in, grid_out, x.device).unsqueeze(0).expand(x.shape[0], -1)
     k = grid_out[0] * grid_out[1]
-    means, _ = cluster_means(x.float(), torch.ones_like(x[..., 0], dtype=torch.float32), assign, k)
+    means, _ = cluster_means(x.float(), float_weights(None, x), assign, k)
     return Pooled(means.to(x.dtype), assign)
 
 
@@ -385,8 +388,7 @@ def tome(x: Tensor, k: int, metric: Tensor | None = None, size: Tensor | None = 
     # back from [A..., B...] to token order: token i is A's (i // 2)-th if it has A's parity, else B's
     back = torch.tensor([i // 2 + (0 if i % 2 == first_a else n_a) for i in range(n)], device=x.device)
     assign = torch.cat([assign_a, assign_b], dim=1).index_select(1, back)
-    weight = torch.ones_like(x[..., 0], dtype=torch.float32) if size is None else size.float()
-    merged_tokens, _ = cluster_means(x.float(), weight, assign, k)
+    merged_tokens, _ = cluster_means(x.float(), float_weights(size, x), assign, k)
     return Pooled(merged_tokens.to(x.dtype), assign)
 
 
