@@ -30,11 +30,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Two pytest workers of one thread each: many tests start a fresh interpreter (the CLI), which one worker would
-# wait on alone.
+# wait on alone. loadgroup: tests marked with one xdist_group run on one worker, and share what it traced once.
 TEST_WORKERS ?= 2
 
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # timm at its lower bound, installed beside the venv's (PYTHONPATH puts it first, subprocesses included)
 test-lowest: install

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 import vitpool
 from vitpool import export as export_module
+from vitpool.adapter import pooling_config
 from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK
 from vitpool.errors import VitpoolError
 from vitpool.methods import METHODS
@@ -17,11 +20,45 @@ from vitpool.outputs import normal_mode
 
 SCHEDULE = {"k": [128, 88, 56], "layers": [2, 5, 8]}
 GRID_SCHEDULE = {"k": [121, 81, 49], "layers": [2, 5, 8]}
+# The tests of what `export` does around tracing (checks, graph passes, atomic writes) use the real DeiT-Tiny with
+# the default method and SCHEDULE, traced once on one worker (`make test` runs pytest with --dist loadgroup).
+SHARED_TRACE = pytest.mark.xdist_group("real-deit-tiny-kmedoids-trace")
+
+
+@pytest.fixture(scope="module")
+def traced_files(tmp_path_factory) -> tuple[dict, object]:
+    return {}, tmp_path_factory.mktemp("traced")
+
+
+@pytest.fixture(autouse=True)
+def trace_each_graph_once(monkeypatch, traced_files):
+    """`to_onnx` traces a model with given settings once in this module (20-40 s each) and copies that file after:
+    tests that export the same model share one trace, and the copy is theirs to change."""
+    files, folder = traced_files
+    trace = export_module.to_onnx
+
+    def to_onnx(model, path, opset=export_module.DEFAULT_OPSET, batch_size=2, stop_at_fixed_point=False):
+        key = (graph_key(model), opset, batch_size, stop_at_fixed_point)
+        if key not in files:
+            traced = folder / f"{len(files)}.onnx"
+            trace(model, traced, opset, batch_size, stop_at_fixed_point)
+            files[key] = traced
+        shutil.copyfile(files[key], path)
+
+    monkeypatch.setattr(export_module, "to_onnx", to_onnx)
+
+
+def graph_key(model: torch.nn.Module) -> tuple:
+    """What the traced graph depends on: the architecture, the pooling settings and every weight and buffer."""
+    config = pooling_config(model)
+    weights = sum(float(t.double().sum()) for t in model.state_dict().values() if t.is_floating_point())
+    return model.default_cfg.get("architecture"), len(model.blocks), config and str(config.to_dict()), weights
 
 
 # Every method after attention (the default place, the block run as two halves), and after the block the
 # default method, a selection and tome: the pooling layer is the same module in both places.
-EXPORTED = [(method, AFTER_ATTENTION) for method in METHODS] + [(method, AFTER_BLOCK) for method in ("kmedoids", "importance", "tome")]
+EXPORTED = [pytest.param(method, AFTER_ATTENTION, marks=[SHARED_TRACE] if method == "kmedoids" else []) for method in METHODS] + [
+    (method, AFTER_BLOCK) for method in ("kmedoids", "importance", "tome")]
 
 
 @pytest.mark.parametrize("method, position", EXPORTED)
@@ -42,10 +79,11 @@ def test_every_method_exports_and_agrees_with_pytorch_on_real_images(method, pos
     assert not any(node.op_type == "ScatterND" for node in graph.node)
 
 
+@SHARED_TRACE
 def test_threaded_onnx_runtime_gives_the_same_logits_every_run(real_deit_tiny, tmp_path):
     import onnxruntime as ort
 
-    pooled = vitpool.convert(real_deit_tiny, budget=0.6)
+    pooled = vitpool.convert(real_deit_tiny, **SCHEDULE)
     path = export_module.export(pooled, tmp_path / "m.onnx", run_check=False).path
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
@@ -101,8 +139,9 @@ def test_distilled_model_exports_with_both_prefix_tokens(tmp_path):
     assert result.check.agreement == 100.0 and result.check.max_abs_diff < 1e-3
 
 
+@SHARED_TRACE
 def test_int8_export_quantizes_the_linear_layers_only(real_deit_tiny, imagenet_sample, tmp_path):
-    pooled = vitpool.convert(real_deit_tiny, budget=0.6)
+    pooled = vitpool.convert(real_deit_tiny, **SCHEDULE)
     # int8 flips some top-1s of the pooled model and the unpooled one alike (benchmarks/int8_deit_tiny.py)
     result = export_module.export(pooled, tmp_path / "int8.onnx", data=imagenet_sample, limit=16, min_agreement=70,
                                   passes=export_module.GraphPasses(quantize="int8"), unpooled=real_deit_tiny)
@@ -133,6 +172,7 @@ def test_int8_export_without_images_to_check_on_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@SHARED_TRACE
 def test_optimized_export_accounts_for_every_layer_norm(real_deit_tiny, imagenet_sample, tmp_path):
     pooled = vitpool.convert(real_deit_tiny, **SCHEDULE)
     # real photos, as for every export: on random inputs a K-Medoids near-tie may resolve differently (see module)
@@ -147,8 +187,9 @@ def test_optimized_export_accounts_for_every_layer_norm(real_deit_tiny, imagenet
     assert result.check.agreement >= 93.75 and result.check.close >= 87.5 and result.check.unpooled_agreement == 100.0
 
 
+@SHARED_TRACE
 def test_existing_file_needs_force_and_failed_checks_write_nothing(real_deit_tiny, tmp_path, monkeypatch):
-    pooled = vitpool.convert(real_deit_tiny, method="importance", k=[100], layers=[4])
+    pooled = vitpool.convert(real_deit_tiny, **SCHEDULE)
     target = tmp_path / "m.onnx"
     target.write_bytes(b"old")
     with pytest.raises(VitpoolError, match="already exists"):
