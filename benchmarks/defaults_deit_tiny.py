@@ -4,8 +4,8 @@ The real DeiT-Tiny on the 500 shared photos, no fine-tuning, at MAC budgets 0.5,
 layers counted). The photos are split into two halves (even and odd positions in the folder's order, each
 spread over the classes): settings were compared on half A and confirmed on half B, and a setting is kept
 only where both halves agree. Rows: the three presets (vitpool, paper, tome = ToMe as published), ToMe at its
-own r = 8, 12, 16, and the default with one thing changed at a time (clustering iterations, position, method,
-outputs, size weighting, placement of the pooling layers). Every row has its MAC ratio with the pooling layers and their own
+own r = 8, 12, 16, the earlier defaults, and the default with one thing changed at a time (seeds, clustering
+iterations, position, method, outputs, size weighting, placement of the pooling layers). Every row has its MAC ratio with the pooling layers and their own
 share (`pooling_mac_ratio`), so that ratios without them compare with ToMe's papers, which leave the merge out.
 Writes benchmarks/results/defaults_deit_tiny.json.
 
@@ -35,9 +35,10 @@ VARIANTS = {
     "paper preset": ({"preset": "paper"}, None, None),
     "tome preset (ToMe as published)": ({"preset": "tome"}, None, None),
     "tome preset with the last block trimmed": ({"preset": "tome", "trim_last": True}, None, None),
-    "earlier default (2 K-Medoids iterations)": ({"iters": 2}, None, None),
+    "default, top-K seeds (no spread seeds; the default before 2026-12-06 night)": ({"spread": 0}, None, None),
+    "earlier default (2 K-Medoids iterations)": ({"iters": 2, "spread": 0}, None, None),
     "default, last block not trimmed": ({"trim_last": False}, None, None),
-    "default before that (every other block from 3, 2 iterations, not trimmed)": ({"trim_last": False, "iters": 2}, None,
+    "default before that (every other block from 3, 2 iterations, not trimmed)": ({"trim_last": False, "iters": 2, "spread": 0}, None,
                                                                                  (3, 5, 7, 9, 11)),
     "default, after the block": ({"position": "after-block"}, None, None),
     "default, weighted K-Medoids": ({"method": "wkmedoids", "iters": 0}, None, None),

@@ -148,7 +148,7 @@ def test_trim_applies_only_where_it_is_exact():
     assert apply_pooling(averaging, make_config(k=(150,), layers=(5,))).blocks.head_tokens == 0
     assert family_layers(12, LATE, AFTER_ATTENTION, trimmed=True)[-1] < 11
     old = PoolingConfig.from_dict({"method": "kmedoids", "k": [150], "layers": [5], "position": "after-attention"})
-    assert not old.trim_last  # saved before the trim existed: loads as it was built
+    assert not old.trim_last and old.spread == 0  # saved before these existed: loads as it was built
 
 
 def test_a_budget_is_solved_in_the_blocks_given():

@@ -56,19 +56,22 @@ def test_weighted_kmedoids_cost_is_counted_exactly():
     assert report.macs == sum(b.block_macs + b.pool_macs for b in report.blocks) + patch_embed + final_norm + head
 
 
-def _pool_macs(method: str, n: int, k: int, c: int, head_dim: int, iters: int) -> int:
+def _pool_macs(method: str, n: int, k: int, c: int, head_dim: int, iters: int, spread: int = 8) -> int:
     """A pooling layer's MACs by hand: distances and Gram matrices are matmuls, cluster sums one multiply-add per
     element; the cluster sizes that proportional attention reads are N adds. K-Medoids with mean outputs (the
     default) adds one cluster sum of the tokens and one of their weights; with no iteration it computes only the
-    distances from the N - K other tokens to the K seeds."""
-    sizes = n
+    distances from the N - K other tokens to the K seeds. `spread` seeds cost the distances from the N - K + s
+    tokens after the first K - s seeds to those (with their norms); with no iteration these serve the assignment."""
+    sizes, s = n, min(spread, k // 2)
+    seeding = (n - k + s) * (k - s) * c + (k - s) * c if s else 0  # distances to the first seeds, their norms
     if method in ("wkmedoids", "kmedoids") and iters == 0:
-        return n * c + (n - k) * k * c + k * c + n * c + n + sizes  # norms, distances, seeds' norms, means
+        # norms, distances to the seeds (to the first ones from seeding), the seeds' norms, means
+        return n * c + (seeding or (n - k) * k * c + k * c) + (n - k) * s * c + s * c + n * c + n + sizes
     if method in ("wkmedoids", "kmedoids"):
-        return n * n * c + iters * n * n + n * c + n + sizes
+        return n * n * c + iters * n * n + n * c + n + sizes + seeding + (n * c if s else 0)  # norms for the seeds
     if method in ("wkmeans", "kmeans"):
         assign = n * k * c + k * c  # x . centres, and the centres' norms
-        return n * c + assign + iters * (n * c + n + assign) + sizes
+        return n * c + seeding + assign + iters * (n * c + n + assign) + sizes
     if method == "tome":
         n_a = n // 2  # after one prefix token, set A holds the odd patches
         return n * head_dim + n_a * (n - n_a) * head_dim + n * c + n + sizes

@@ -317,6 +317,41 @@ def test_no_iteration_joins_every_other_token_to_the_nearest_of_the_k_most_signi
     torch.testing.assert_close(out.tokens.double()[has_weight], expected[has_weight], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", list(CLUSTERING))
+@settings(max_examples=25, **SETTINGS)
+@given(case=cases(modes=("separated", "arbitrary"), min_n=3), spread=st.integers(1, 6))
+def test_spread_seeds_are_the_tokens_the_most_significant_represent_worst(name, case, spread):
+    """With `spread` s, the seeds (the outputs before any iteration) are the k - s most significant tokens and the
+    s others of largest significance times distance to the nearest of those, s at most k // 2."""
+    x, sig, k = case
+    assume(well_separated(x))  # float32 distances of near tokens are rounding noise, which the ranking would read
+    s = min(spread, k // 2)
+    first = sig.topk(k - s, dim=-1).indices
+    error = sig.double() * sq_dist64(x, P.gather_tokens(x, first)).amin(-1).sqrt()
+    error = error.scatter(1, first, -1.0)  # the first seeds are not candidates
+    ranked = error.sort(-1, descending=True).values
+    if s:  # a near-tie between the s-th and the next candidate may resolve either way in float32
+        assume(bool((ranked[:, s - 1] - ranked[:, s] > 1e-3 * ranked[:, 0] + 1e-9).all()))
+    expected = torch.cat([first, error.topk(s, dim=-1).indices], 1).sort(-1).values
+    function, _ = CLUSTERING[name]
+    out = function(x, k, sig, 0, spread=spread)
+    assert torch.equal(bits(out.tokens), bits(P.gather_tokens(x, expected)))
+    assert torch.equal(out.assign.gather(1, expected), torch.arange(k).expand_as(expected))
+
+
+def test_a_distinct_region_gets_a_spread_seed_where_top_k_puts_every_seed_in_one_region():
+    """Ten attended tokens around the origin and three less attended ones far away, four seeds: top-K seeds the
+    origin four times and the far tokens join it; one spread seed goes to the far region instead."""
+    near = torch.tensor([[0.1 * i, 0.0] for i in range(10)])
+    far = torch.tensor([[10.0, 10.0], [10.1, 10.0], [10.0, 10.1]])
+    x = torch.cat([near, far]).unsqueeze(0)
+    sig = torch.cat([torch.linspace(1.0, 0.5, 10), torch.tensor([0.3, 0.2, 0.1])]).unsqueeze(0)
+    top_k, spread = (P.kmedoids(x, 4, sig, 0, means=True, spread=s) for s in (0, 1))
+    assert top_k.assign[0, 10:].unique().numel() == 1 and top_k.assign[0, 10] in top_k.assign[0, :10]
+    assert spread.assign[0, 10:].unique().numel() == 1 and spread.assign[0, 10] not in spread.assign[0, :10]
+    assert P.reconstruction_error(x, spread.tokens, sig) < P.reconstruction_error(x, top_k.tokens, sig) / 10
+
+
 @pytest.mark.parametrize("name", SELECTION)
 @settings(max_examples=20, **SETTINGS)
 @given(case=cases(modes=("separated", "arbitrary", "duplicates")))

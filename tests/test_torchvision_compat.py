@@ -107,5 +107,5 @@ def test_readme_python_example_runs_as_written(deit_tiny_weights, tmp_path):
     assert run.returncode == 0, run.stderr
     shape, description = run.stdout.splitlines()
     assert shape == "torch.Size([2, 1000])"
-    assert description.startswith("kmedoids, 0 iterations, mean outputs") and "after-attention" in description
+    assert description.startswith("kmedoids, 0 iterations, 8 seeds for spread, mean outputs") and "after-attention" in description
     assert (project / "runs" / "deit_tiny_example" / "vitpool.json").is_file()

@@ -104,9 +104,9 @@ def test_later_pooling_layers_weigh_tokens_by_size_only_with_proportional(deit_t
     seen = {}
     original = pooling.kmedoids
 
-    def spy(x, k, significance, iters, means, size=None):
+    def spy(x, k, significance, iters, means, size=None, spread=0):
         seen[x.shape[1]] = size
-        return original(x, k, significance, iters, means, size)
+        return original(x, k, significance, iters, means, size, spread)
 
     x = torch.randn(1, 3, 224, 224)
     for proportional in (True, False):
@@ -119,3 +119,21 @@ def test_later_pooling_layers_weigh_tokens_by_size_only_with_proportional(deit_t
             assert seen[128].sum().item() == 196 and seen[128].max().item() > 1
         else:
             assert seen[196] is None and seen[128] is None
+
+
+def test_spread_seeds_are_for_the_clustering_methods_and_named_in_the_flags(deit_tiny):
+    from vitpool.config import make_config
+
+    default = vitpool.convert(deit_tiny, k=[100], layers=[5])
+    assert default.vitpool_config.spread == 8 and "--spread 8" in default.vitpool_config.flags()
+    assert default.blocks[5].token_pool.spread == 8
+    assert make_config(preset="paper", layers=()).spread == 0  # the paper's top-K initialisation
+    assert make_config(method="importance", layers=()).spread == 0 and "--spread" not in make_config(method="importance", k=(100,), layers=(5,)).flags()
+    assert make_config(method="kmeans", layers=()).spread == 8
+    x = torch.randn(2, 3, 224, 224)
+    top_k = vitpool.convert(deit_tiny, k=[100], layers=[5], spread=0)
+    assert not torch.equal(default(x), top_k(x))  # the setting reaches the pooling layer
+    with pytest.raises(VitpoolError, match="--spread applies to"):
+        vitpool.convert(deit_tiny, method="importance", spread=4, k=[100], layers=[5])
+    with pytest.raises(VitpoolError, match="--spread must be 0 or more"):
+        vitpool.convert(deit_tiny, spread=-1, k=[100], layers=[5])

@@ -24,11 +24,11 @@ def __getattr__(name: str):
 def convert(model, method: str | None = None, k=(), layers=None, iters: int | None = None, seed: int = 0,
             budget: float | None = None, target_gmacs: float | None = None, output: str | None = None,
             proportional: bool | None = None, position: str | None = None, preset: str = "vitpool",
-            trim_last: bool | None = None):
+            trim_last: bool | None = None, spread: int | None = None):
     """A copy of timm `model` with Token Pooling in blocks `layers`, keeping `k[i]` patch tokens in each.
 
     Settings left as None are the `preset`'s (`config.PRESETS`: "vitpool", the best measured, by default;
-    "paper"; "tome"); `output`, `proportional`, `position` and `trim_last` are described on `PoolingConfig`. `layers` left
+    "paper"; "tome"); `output`, `proportional`, `position`, `trim_last` and `spread` are described on `PoolingConfig`. `layers` left
     out spreads the K values evenly over the blocks (see `config.default_layers`). `budget` (a fraction of the
     unpooled MACs) or `target_gmacs` picks K from the preset's schedule family instead (see `vitpool.budget`), in
     `layers` where given, else in the family's blocks. The result is still a timm model: `forward_features`, `forward_head` and
@@ -43,7 +43,7 @@ def convert(model, method: str | None = None, k=(), layers=None, iters: int | No
     if solving and len(k):
         raise VitpoolError("give either k or a budget (budget=, target_gmacs=), not both: a budget chooses K")
     config = make_config(method, k, layers, iters, seed, depth=len(model.blocks), output=output,
-                         proportional=proportional, position=position, preset=preset, trim_last=trim_last)
+                         proportional=proportional, position=position, preset=preset, trim_last=trim_last, spread=spread)
     if solving:
         from vitpool.budget import solve
 

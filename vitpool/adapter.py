@@ -88,9 +88,10 @@ class TokenPool(nn.Module):
     """Replaces the patch tokens after a block with `k` tokens; prefix tokens pass through unchanged."""
 
     def __init__(self, method: str, stage: PoolingStage, num_prefix_tokens: int, iters: int, seed: int,
-                 output: str = "medoid", proportional: bool = True, position: str = "after-block") -> None:
+                 output: str = "medoid", proportional: bool = True, position: str = "after-block", spread: int = 0) -> None:
         super().__init__()
         self.method = method
+        self.spread = spread
         self.position = position
         self.output = output
         self.proportional = proportional
@@ -143,9 +144,9 @@ class TokenPool(nn.Module):
         method = self.method
         counted = size if self.proportional else None  # tokens count as the patches they stand for
         if method in MEDOID_METHODS:
-            return getattr(pooling, method)(patches, k, seen, self.iters, self.output == "mean", counted)
+            return getattr(pooling, method)(patches, k, seen, self.iters, self.output == "mean", counted, self.spread)
         if method in CLUSTERING_METHODS:
-            return getattr(pooling, method)(patches, k, seen, self.iters, counted)
+            return getattr(pooling, method)(patches, k, seen, self.iters, counted, self.spread)
         if method == "importance":
             return pooling.importance(patches, k, seen)
         if method == "random":
@@ -170,6 +171,7 @@ class TokenPool(nn.Module):
 
     def extra_repr(self) -> str:
         iters = f", iters={self.iters}" if self.method in CLUSTERING_METHODS else ""
+        iters += f", spread={self.spread}" if self.spread else ""
         extra = (", output=mean" if self.output == "mean" else "") + (", proportional" if self.proportional else "")
         k = f"k={self.fraction} of tokens_in" if self.fraction is not None else f"k={self.k}"
         return f"method={self.method}, {self.position}, tokens_in={self.tokens_in}, {k}{iters}{extra}"
@@ -535,7 +537,7 @@ def apply_pooling(model: nn.Module, config: PoolingConfig) -> nn.Module:
     for stage in stages:
         block = model.blocks[stage.layer]
         block.token_pool = TokenPool(config.method, stage, model.num_prefix_tokens, config.iters, config.seed,
-                                     config.output, config.proportional, config.position)
+                                     config.output, config.proportional, config.position, config.spread)
         attach_taps(block.token_pool, block)
         if config.method in NEEDS_ATTENTION:
             for attention in attention_modules(block):

@@ -213,7 +213,8 @@ class MacModel:
 
     def pool(self, stage, sizes_live: bool = False, positions_live: bool = True) -> int:
         stage = replace(stage, layer=0)
-        fits = METHODS[self.template.method].cubic_macs and stage.fraction is None
+        # a cubic where the spread seeds are `spread` whatever K (`pooling.seed_tokens`: at most half)
+        fits = METHODS[self.template.method].cubic_macs and stage.fraction is None and stage.k >= 2 * self.template.spread
         fitted = self._pool_count(sizes_live, positions_live) if fits else None
         return fitted(stage.tokens_in, stage.k) if fitted is not None else self._pool(stage, sizes_live, positions_live)
 
@@ -232,7 +233,7 @@ class MacModel:
     @lru_cache(maxsize=None)
     def _pool(self, stage, sizes_live: bool, positions_live: bool) -> int:
         t = self.template
-        layer = TokenPool(t.method, stage, self.prefix, t.iters, seed=0, output=t.output)
+        layer = TokenPool(t.method, stage, self.prefix, t.iters, seed=0, output=t.output, spread=t.spread)
         tokens = stage.tokens_in + self.prefix
         attn = attention_modules(self.model.blocks[stage.layer])[0]
         if t.method in NEEDS_ATTENTION:

@@ -28,7 +28,7 @@ class PoolingConfig:
     `k[i]` is the number of patch tokens (prefix tokens such as CLS excluded) kept in block `layers[i]` (0-based),
     or, as a number in (0, 1), the fraction of the patch tokens reaching it: fractions pool any input size of a
     `dynamic_img_size` model alike, where counts are planned at the size it was built for. `iters` is the fixed
-    iteration count of the clustering methods (0: the K most significant tokens as seeds, each other token joined to
+    iteration count of the clustering methods (0: the seeds (`spread`) as medoids, each other token joined to
     the nearest, no update); `seed` draws the `random` baseline's fixed token order. `output` is what the K-Medoids
     methods emit: the medoid token, or the (weighted) mean of its cluster. `proportional` lets a token that stands
     for s patches count as s patches: log(s) is added to its attention logits in every block after a pooling layer
@@ -37,7 +37,9 @@ class PoolingConfig:
     place), so that the MLP, two thirds of a block's MACs, already runs on the K tokens. `trim_last`: where the head
     reads only the prefix tokens (a class-token head) and the last block has no pooling layer, that block's MLP runs
     on the prefix tokens alone, since its other outputs are never read: exact, and the MACs it saves go to the
-    pooling schedule.
+    pooling schedule. `spread`: of the K seeds the clustering methods start from, this many (at most half) are
+    not the most significant tokens but those the first seeds represent worst (`pooling.seed_tokens`); 0 is the
+    paper's top-K initialisation.
 
     The defaults are the `vitpool` preset, the best setting measured (benchmarks/defaults_deit_tiny.py);
     `PRESETS["paper"]` is the paper's.
@@ -52,6 +54,7 @@ class PoolingConfig:
     proportional: bool = True
     position: str = AFTER_ATTENTION
     trim_last: bool = True
+    spread: int = 8
 
     def to_dict(self) -> dict:
         return {**asdict(self), "k": list(self.k), "layers": list(self.layers)}
@@ -62,7 +65,7 @@ class PoolingConfig:
         unknown = set(data) - known
         if unknown:
             raise VitpoolError(f"unknown pooling settings {sorted(unknown)}: was this saved by a newer vitpool?")
-        values = {"position": AFTER_BLOCK, "trim_last": False, **data}  # saved before these settings existed
+        values = {"position": AFTER_BLOCK, "trim_last": False, "spread": 0, **data}  # saved before these settings existed
         values["k"] = tuple(values.get("k", ()))
         values["layers"] = tuple(values.get("layers", ()))
         return cls(**values)
@@ -72,12 +75,14 @@ class PoolingConfig:
         text = (f"--method {self.method} --k {','.join(map(str, self.k))} --layers {','.join(map(str, self.layers))} "
                 f"--position {self.position} --iters {self.iters}")
         text += f" --output {self.output}" if self.method in MEDOID_METHODS else ""
+        text += f" --spread {self.spread}" if self.method in CLUSTERING_METHODS else ""
         return text + ("" if self.proportional else " --no-proportional") + ("" if self.trim_last else " --no-trim-last")
 
     def describe(self) -> str:
         if not self.k:
             return "no pooling"
         iters = f", {self.iters} iterations" if self.method in CLUSTERING_METHODS else ""
+        iters += f", {self.spread} seeds for spread" if self.method in CLUSTERING_METHODS and self.spread else ""
         output = ", mean outputs" if self.output == "mean" else ""
         proportional = "" if self.proportional else ", no proportional attention"
         trimmed = ", last block trimmed to the head's tokens" if self.trim_last else ""
@@ -96,12 +101,12 @@ class Preset:
 
 PRESETS = {
     "vitpool": Preset(PoolingConfig(), LATE,
-                      "the best measured: K-Medoids with no iteration (each token joins the nearest of the most significant), mean outputs, after attention, every block from a quarter of the depth, last block trimmed to the head's tokens"),
+                      "the best measured: K-Medoids with no iteration (each token joins the nearest seed: the most significant tokens and 8 that they represent worst), mean outputs, after attention, every block from a quarter of the depth, last block trimmed to the head's tokens"),
     "paper": Preset(PoolingConfig("wkmedoids", iters=5, output="medoid", proportional=False, position=AFTER_BLOCK,
-                                  trim_last=False),
+                                  trim_last=False, spread=0),
                     SPREAD,
                     "Marin et al.: weighted K-Medoids (5 iterations), medoid outputs, after the block, three layers"),
-    "tome": Preset(PoolingConfig("tome", output="medoid", position=AFTER_ATTENTION, trim_last=False), EVERY_BLOCK,
+    "tome": Preset(PoolingConfig("tome", output="medoid", position=AFTER_ATTENTION, trim_last=False, spread=0), EVERY_BLOCK,
                    "Bolya et al.: ToMe's matching after attention in every block, the same number merged in each"),
 }
 
@@ -222,6 +227,10 @@ def plan_stages(config: PoolingConfig, depth: int, num_patches: int, grid: tuple
         raise VitpoolError(f"--output mean applies to {' and '.join(MEDOID_METHODS)}; {config.method} has one kind of output")
     if config.iters < 0:
         raise VitpoolError(f"--iters must be 0 or more; got {config.iters}")
+    if config.spread < 0:
+        raise VitpoolError(f"--spread must be 0 or more; got {config.spread}")
+    if config.spread and config.method not in CLUSTERING_METHODS:
+        raise VitpoolError(f"--spread applies to {', '.join(CLUSTERING_METHODS)}; {config.method} has no seeds")
     if len(config.k) != len(config.layers):
         raise VitpoolError(
             f"--k has {len(config.k)} values but --layers has {len(config.layers)}: give one block per K value"
@@ -276,18 +285,21 @@ def make_config(
     position: str | None = None,
     preset: str = "vitpool",
     trim_last: bool | None = None,
+    spread: int | None = None,
 ) -> PoolingConfig:
     """Build a configuration: the preset's settings where an argument is None (a method other than the
-    preset's gets its own output kind: medoid for all but the K-Medoids methods; and it iterates where the
-    preset's method does not, so that `--method kmeans` is K-Means). With `layers` left out,
+    preset's gets its own output kind: medoid for all but the K-Medoids methods; no spread seeds where it has no
+    seeds; and it iterates where the preset's method does not, so that `--method kmeans` is K-Means). With `layers` left out,
     K values are spread by `default_layers` over `depth` blocks."""
     base = preset_named(preset).template
     if output is None:
         output = base.output if method in (None, base.method) or method in MEDOID_METHODS else "medoid"
     if iters is None and base.iters == 0 and method not in (None, base.method):
         iters = NAMED_METHOD_ITERS
+    if spread is None and method is not None and method not in CLUSTERING_METHODS:
+        spread = 0
     given = {"method": method, "iters": iters, "output": output, "proportional": proportional, "position": position,
-             "trim_last": trim_last}
+             "trim_last": trim_last, "spread": spread}
     config = replace(base, seed=int(seed), **{name: value for name, value in given.items() if value is not None})
     k = check_k(k)
     if layers is None or (len(layers) == 0 and k):

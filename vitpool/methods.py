@@ -20,7 +20,7 @@ class Method:
     about: str  # one line for --help and the docs
     reads: str | None = None  # ATTENTION: significance, from the attention probabilities (the block's explicit
     # attention path); KEYS: ToMe's metric, the attention keys (fused attention kept); None: nothing
-    clusters: bool = False  # iterates (--iters) from the most significant tokens
+    clusters: bool = False  # iterates (--iters) from seeds (--spread) chosen by significance
     medoids: bool = False  # outputs may be the medoids or the clusters' means (--output)
     fixed_layout: bool = False  # its order or grid is drawn at conversion: K cannot follow the input size
     removes_at_most_half: bool = False  # per layer (ToMe's bipartite matching)

@@ -310,7 +310,7 @@ class Loaded:
 
 
 POOLING_FIELD_TYPES = {"method": str, "k": list, "layers": list, "iters": int, "seed": int, "output": str,
-                       "proportional": bool, "position": str, "trim_last": bool}
+                       "proportional": bool, "position": str, "trim_last": bool, "spread": int}
 
 
 def _numbers(values: list, fractions: bool) -> bool:

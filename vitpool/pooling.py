@@ -149,8 +149,9 @@ def in_token_order(index: Tensor) -> Tensor:
     return index.topk(index.shape[-1], dim=-1, largest=False).values
 
 
-def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int, means: bool = False) -> Pooled:
-    """Alternate nearest-medoid assignment and per-cluster medoid update, from the top-k tokens by score.
+def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int, means: bool = False,
+              spread: int = 0) -> Pooled:
+    """Alternate nearest-medoid assignment and per-cluster medoid update, from the seeds (`seed_tokens`).
 
     Medoids are input tokens, so every distance is read from one pairwise distance matrix built from the
     Gram matrix X X^T (N*N*C MACs, once); an iteration adds only N*N MACs, whatever K and the width C are,
@@ -158,7 +159,7 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
     """
     xf, w = x.float(), float_weights(weight, x)
     if iters == 0:
-        return _nearest_seeds(x, xf, w, k, init_scores, means)
+        return _nearest_seeds(x, xf, w, k, init_scores, means, spread)
     distance = pairwise_squared_distances(xf)
     batch, n = w.shape
     # gather_tokens(distance, index), with its reshape and offsets made once rather than in every iteration
@@ -176,26 +177,60 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
         updated = _update_medoids(flat.view(-1, n, n), weight_row, assign, rows, above_any_cost)
         return *medoids_of(updated), (updated != index).any()
 
-    index, rows, assign = iterate(step, medoids_of(top_k_indices(init_scores, k)), iters)
+    seeds = in_token_order(seed_tokens(xf, squared_norms(xf) if spread else None, init_scores, k, spread).seeds)
+    index, rows, assign = iterate(step, medoids_of(seeds), iters)
     assign = assign.squeeze(1)
     return _outputs(x, xf, w, index, assign, means)
 
 
-def _nearest_seeds(x: Tensor, xf: Tensor, w: Tensor, k: int, init_scores: Tensor, means: bool) -> Pooled:
-    """K-Medoids with no iteration: the top-k tokens by score are the medoids and every other token joins the
+class Seeds(NamedTuple):
+    seeds: Tensor  # [B, K]: the K - s most significant tokens in token order, then the s spread seeds
+    others: Tensor  # [B, N - K]: the other tokens
+    to_first: Tensor | None  # [B, N - K, K - s]: the others' squared distances to the first K - s seeds (s > 0)
+
+
+def seed_tokens(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int, spread: int) -> Seeds:
+    """Where clustering starts: the k most significant tokens (the paper's top-K initialisation), or with `spread`
+    s > 0 the k - s most significant and then the s tokens of largest significance times distance to the nearest
+    of those: the attended tokens that the first seeds represent worst. So a distinct region gets a seed of its own
+    where top-K would spend it on a second token of a region already seeded. (Times the squared distance, the
+    reconstruction error's terms, far tokens of little attention won more seeds and CLIP's embeddings moved more
+    at a budget of 0.5: benchmarks/README.md.) `to_first` serves the assignment after no iteration, which then
+    costs s(k - s)*C MACs more than from top-K seeds. `x_sq` (the squared norms) is needed with a spread only."""
+    n = scores.shape[1]
+    ranked = scores.topk(n, dim=-1).indices
+    s = min(spread, k // 2)  # significance stays the main criterion
+    if s == 0:
+        return Seeds(in_token_order(ranked[:, :k]), ranked[:, k:], None)
+    first, rest = in_token_order(ranked[:, : k - s]), ranked[:, k - s :]
+    to_first = squared_distances(gather_tokens(xf, rest), x_sq.gather(1, rest), gather_tokens(xf, first))
+    error = scores.gather(1, rest).float() * to_first.amin(-1).clamp_min(0).sqrt()
+    # the rest's positions: the s of largest error last, the others before them in order of significance
+    picked = torch.zeros_like(error).scatter(1, error.topk(s, dim=-1).indices, 1.0)
+    position = (picked * n + torch.arange(n - k + s, device=xf.device)).topk(n - k + s, dim=-1, largest=False).indices
+    return Seeds(torch.cat([first, rest.gather(1, position[:, n - k :])], 1), rest.gather(1, position[:, : n - k]),
+                 gather_tokens(to_first, position[:, : n - k]))
+
+
+def _nearest_seeds(x: Tensor, xf: Tensor, w: Tensor, k: int, init_scores: Tensor, means: bool, spread: int) -> Pooled:
+    """K-Medoids with no iteration: the seeds (`seed_tokens`) are the medoids and every other token joins the
     nearest. Only the distances from the N - k others to the k seeds are needed, (N - k)*k*C MACs where the
     iterations' pairwise matrix costs N*N*C: at K near N, a tenth. Every seed is its own cluster's member, even
     beside an exact duplicate seed.
     """
     batch, n = w.shape
-    ranked = init_scores.topk(n, dim=-1).indices
-    seeds, others = in_token_order(ranked[:, :k]), ranked[:, k:]
     x_sq = squared_norms(xf)
     check_finite(x_sq)  # a NaN or inf anywhere in a token shows in its squared norm
-    distance = squared_distances(gather_tokens(xf, others), x_sq.gather(1, others), gather_tokens(xf, seeds))
+    seeds, others, to_first = seed_tokens(xf, x_sq, init_scores, k, spread)
+    new = seeds if to_first is None else seeds[:, to_first.shape[2] :]
+    distance = squared_distances(gather_tokens(xf, others), x_sq.gather(1, others), gather_tokens(xf, new))
+    nearest_seed = first_argmin(distance if to_first is None else torch.cat([to_first, distance], -1), -1)
     own = torch.arange(k, device=x.device).expand(batch, k)
-    assign = torch.zeros_like(ranked).scatter(1, torch.cat([seeds, others], 1),
-                                              torch.cat([own, first_argmin(distance, -1)], 1))
+    if to_first is not None:  # the seeds in token order, and each seed's place in it
+        order = seeds.topk(k, dim=-1, largest=False).indices
+        seeds, nearest_seed = seeds.gather(1, order), torch.zeros_like(order).scatter(1, order, own).gather(1, nearest_seed)
+    assign = torch.zeros_like(init_scores, dtype=torch.int64).scatter(
+        1, torch.cat([seeds, others], 1), torch.cat([own, nearest_seed], 1))
     return _outputs(x, xf, w, seeds, assign, means)
 
 
@@ -266,12 +301,12 @@ def _update_medoids(distance: Tensor, weight_row: Tensor, assign: Tensor, rows: 
     return first_argmin(where_member(member, cost, above_any_cost + rows), 2)
 
 
-def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int) -> Pooled:
-    """Alternate nearest-centre assignment and (weighted) mean update, from the top-k tokens by score."""
+def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int, spread: int = 0) -> Pooled:
+    """Alternate nearest-centre assignment and (weighted) mean update, from the seeds (`seed_tokens`)."""
     xf, w = x.float(), float_weights(weight, x)
     x_sq = squared_norms(xf)
     check_finite(x_sq)
-    centers = gather_tokens(xf, top_k_indices(init_scores, k))
+    centers = gather_tokens(xf, in_token_order(seed_tokens(xf, x_sq, init_scores, k, spread).seeds))
     assign = nearest(xf, x_sq, centers)
 
     def recentred(centers: Tensor, assign: Tensor) -> Tensor:
@@ -297,29 +332,32 @@ def _weights(significance: Tensor | None, size: Tensor | None) -> Tensor | None:
 
 
 def kmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5, means: bool = False,
-             size: Tensor | None = None) -> Pooled:
+             size: Tensor | None = None, spread: int = 0) -> Pooled:
     """K-Medoids (outputs are input tokens, or with `means` their clusters' means), from the k most significant
-    tokens; with `size`, a token's error counts as many times as the patches it stands for."""
-    return _kmedoids(x, k, _weights(None, size), significance, iters, means)
+    tokens (`spread` of them chosen for spread instead: `seed_tokens`); with `size`, a token's error counts as many
+    times as the patches it stands for."""
+    return _kmedoids(x, k, _weights(None, size), significance, iters, means, spread)
 
 
 def wkmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5, means: bool = False,
-              size: Tensor | None = None) -> Pooled:
+              size: Tensor | None = None, spread: int = 0) -> Pooled:
     """Weighted K-Medoids, the paper's best: each token's error is weighted by its significance (times `size`).
 
     With `means`, each output is its cluster's weighted mean instead of the medoid.
     """
-    return _kmedoids(x, k, _weights(significance, size), significance, iters, means)
+    return _kmedoids(x, k, _weights(significance, size), significance, iters, means, spread)
 
 
-def kmeans(x: Tensor, k: int, significance: Tensor, iters: int = 5, size: Tensor | None = None) -> Pooled:
-    """K-Means (outputs are cluster means), initialised with the k most significant tokens."""
-    return _kmeans(x, k, _weights(None, size), significance, iters)
+def kmeans(x: Tensor, k: int, significance: Tensor, iters: int = 5, size: Tensor | None = None,
+           spread: int = 0) -> Pooled:
+    """K-Means (outputs are cluster means), initialised with the seeds of `seed_tokens`."""
+    return _kmeans(x, k, _weights(None, size), significance, iters, spread)
 
 
-def wkmeans(x: Tensor, k: int, significance: Tensor, iters: int = 5, size: Tensor | None = None) -> Pooled:
+def wkmeans(x: Tensor, k: int, significance: Tensor, iters: int = 5, size: Tensor | None = None,
+            spread: int = 0) -> Pooled:
     """Weighted K-Means: outputs are significance-weighted (times `size`) cluster means."""
-    return _kmeans(x, k, _weights(significance, size), significance, iters)
+    return _kmeans(x, k, _weights(significance, size), significance, iters, spread)
 
 
 def select(x: Tensor, k: int, scores: Tensor) -> Pooled:

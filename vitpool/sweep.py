@@ -20,7 +20,7 @@ from vitpool import data
 from vitpool.config import EVERY_BLOCK, LATE, PRESETS, PoolingConfig, make_config
 from vitpool.errors import VitpoolError
 from vitpool.evaluate import ImageSet, Tally, load_images, score
-from vitpool.methods import MEDOID_METHODS, METHODS
+from vitpool.methods import CLUSTERING_METHODS, MEDOID_METHODS, METHODS
 from vitpool.outputs import writable_parent, write_atomically
 
 CSV_FIELDS = ("method", "budget", "schedule", "k", "layers", "gmacs", "mac_ratio", "top1", "top5", "agreement", "kl",
@@ -48,7 +48,7 @@ def sweep_settings(model_name: str, checkpoint, pretrained: bool, data_dir, limi
             **({"preprocess": preprocess.record()} if preprocess.record() else {}),
             "limit": limit, "preset": preset, "iters": template.iters, "output": template.output,
             "proportional": template.proportional, "position": template.position, "trim_last": template.trim_last,
-            "calibration": calibration}
+            "spread": template.spread, "calibration": calibration}
 
 
 def settings_data(settings: dict) -> tuple[data.Source, data.Preprocess]:
@@ -64,7 +64,7 @@ def settings_template(settings: dict) -> PoolingConfig:
     """The shared pooling setting of a sweep's settings."""
     return make_config(iters=settings["iters"], layers=(), output=settings["output"],
                        proportional=settings["proportional"], position=settings["position"], preset=settings["preset"],
-                       trim_last=settings.get("trim_last", False))
+                       trim_last=settings.get("trim_last", False), spread=settings.get("spread", 0))
 
 
 def parse_methods(text: str | None) -> list[str]:
@@ -145,7 +145,8 @@ def run_point(model, method: str, budget: float, images: ImageSet, template: Poo
 
     started = time.perf_counter()
     row = {"method": method, "budget": budget, "schedule": schedule}
-    template = replace(template, method=method, output=template.output if method in MEDOID_METHODS else "medoid")
+    template = replace(template, method=method, output=template.output if method in MEDOID_METHODS else "medoid",
+                       spread=template.spread if method in CLUSTERING_METHODS else 0)
     if schedule == EVERY_BLOCK:
         template, family = PRESETS["tome"].template, EVERY_BLOCK
     try:

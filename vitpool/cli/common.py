@@ -69,7 +69,8 @@ def build(model_or_dir: str, flags: ModelFlags):
                            "of --layers where given)")
     pooling_flags = {"--method": method, "--k": k, "--layers": layers, "--iters": iters, "--budget": budget,
                      "--target-gmacs": target_gmacs, "--output": flags.output, "--proportional": flags.proportional,
-                     "--position": flags.position, "--trim-last": flags.trim_last, "--preset": flags.preset}
+                     "--position": flags.position, "--trim-last": flags.trim_last, "--spread": flags.spread,
+                     "--preset": flags.preset}
     given = [flag for flag, value in pooling_flags.items() if value is not None]
     k_values, layer_values = parse_k(k), parse_int_list(layers, "--layers")
     template = flags.template()  # checks the flags before the model loads

@@ -19,12 +19,13 @@ PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", hel
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help=f"One of {', '.join(METHODS)} (default kmedoids; the paper's is wkmedoids).")]
 KOpt = Annotated[Optional[str], typer.Option("--k", help="Comma list of patch-token counts to keep (prefix tokens excluded), e.g. 160,128,96, or of fractions of the tokens reaching each layer, e.g. 0.67,0.45,0.3 (any input size of a dynamic_img_size model).")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Comma list of the 0-based blocks each K applies in (with --budget: the blocks to pool in). Default: spread evenly (3 values on 12 blocks: 3,6,9 after attention, 2,5,8 after the block).")]
-ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (at most; default 0: each token joins the nearest of the K most significant; 2 for a clustering method other than the preset's; the paper preset 5).")]
+ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (at most; default 0: each token joins the nearest seed (--spread); 2 for a clustering method other than the preset's; the paper preset 5).")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", help="K-Medoids outputs: mean (default: each cluster's weighted mean) or medoid (the paper's, --preset paper).")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Settings and --budget family to start from: vitpool (default: the best measured, K-Medoids with no iteration and mean outputs after attention, every block from a quarter of the depth, last block trimmed to the head's tokens), paper (Marin et al.: weighted K-Medoids, medoid outputs, after the block, three layers) or tome (ToMe as published). The other flags override it.")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Settings and --budget family to start from: vitpool (default: the best measured, K-Medoids with no iteration from 8 spread seeds and mean outputs after attention, every block from a quarter of the depth, last block trimmed to the head's tokens), paper (Marin et al.: weighted K-Medoids, medoid outputs, after the block, three layers) or tome (ToMe as published). The other flags override it.")]
 PositionOpt = Annotated[Optional[str], typer.Option("--position", help="Where a pooling layer sits in its block: after-attention (default: between attention and MLP, ToMe's place, so the MLP runs on K tokens) or after-block (the paper's).")]
 ProportionalOpt = Annotated[Optional[bool], typer.Option("--proportional/--no-proportional", help="Add log(cluster size) to the attention logits after pooling (ToMe's proportional attention) and weight the clustering by it. Default: on (off in --preset paper).")]
 TrimOpt = Annotated[Optional[bool], typer.Option("--trim-last/--no-trim-last", help="Run the last block's MLP on the tokens a class-token head reads (CLS and other prefix tokens) only: exact, and the MACs saved go to the pooling schedule; no effect on heads that pool all tokens or a last block with a pooling layer. Default: on (off in --preset paper and tome, as published).")]
+SpreadOpt = Annotated[Optional[int], typer.Option("--spread", help="Of the K seeds a clustering method starts from, how many (at most half) are the tokens the most significant ones represent worst (largest significance times distance to the nearest of them) rather than the next most significant. Default: 8 (0 in --preset paper: the paper's top-K initialisation).")]
 BudgetOpt = Annotated[Optional[float], typer.Option("--budget", help="Instead of --k: the fraction of the unpooled MACs to keep, e.g. 0.6 (pooling layers included), in the preset's blocks or in --layers (see README for the schedule family).")]
 TargetOpt = Annotated[Optional[float], typer.Option("--target-gmacs", help="Instead of --k: the GMACs to land on, within 1%.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only a JSON document on stdout.")]
@@ -53,6 +54,7 @@ class ModelFlags:
     proportional: bool | None = None
     position: str | None = None
     trim_last: bool | None = None
+    spread: int | None = None
     preset: str | None = None
     budget: float | None = None
     target_gmacs: float | None = None
@@ -66,7 +68,8 @@ class ModelFlags:
         from vitpool.config import check_budget, check_method_and_output, make_config
 
         template = make_config(self.method, layers=(), iters=self.iters, output=self.output, proportional=self.proportional,
-                               position=self.position, preset=self.preset or "vitpool", trim_last=self.trim_last)
+                               position=self.position, preset=self.preset or "vitpool", trim_last=self.trim_last,
+                               spread=self.spread)
         check_method_and_output(template.method, template.output, template.position)
         check_budget(self.budget, self.target_gmacs)
         return template
@@ -80,7 +83,7 @@ class ModelFlags:
 
 MODEL_OPTIONS = {"checkpoint": CheckpointOpt, "pretrained": PretrainedOpt, "method": MethodOpt, "k": KOpt,
                  "layers": LayersOpt, "iters": ItersOpt, "output": OutputOpt, "proportional": ProportionalOpt,
-                 "position": PositionOpt, "trim_last": TrimOpt, "preset": PresetOpt, "budget": BudgetOpt, "target_gmacs": TargetOpt}
+                 "position": PositionOpt, "trim_last": TrimOpt, "spread": SpreadOpt, "preset": PresetOpt, "budget": BudgetOpt, "target_gmacs": TargetOpt}
 
 
 def option_group(parameter: str, group: type, options: dict, defaults: dict):
