@@ -7,9 +7,10 @@ only where both halves agree. Rows: the three presets (vitpool, paper, tome = To
 own r = 8, 12, 16, the earlier defaults, and the default with one thing changed at a time (seeds, clustering
 iterations, position, method, outputs, size weighting, placement of the pooling layers). Every row has its MAC ratio with the pooling layers and their own
 share (`pooling_mac_ratio`), so that ratios without them compare with ToMe's papers, which leave the merge out.
-Writes benchmarks/results/defaults_deit_tiny.json.
+Writes benchmarks/results/defaults_deit_tiny.json; `--variants 0,1` reruns those rows of VARIANTS only (by
+position) and keeps the file's other rows, each with the configuration it was measured with.
 
-    .venv/bin/python benchmarks/defaults_deit_tiny.py [--budgets 0.5,0.6,0.75,0.9]
+    .venv/bin/python benchmarks/defaults_deit_tiny.py [--budgets 0.5,0.6,0.75,0.9] [--variants 0,1]
 """
 
 from __future__ import annotations
@@ -72,17 +73,20 @@ def scored(model, config, parts: dict[str, ImageSet], baseline_macs: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="0.5,0.6,0.75,0.9")
+    parser.add_argument("--variants", default=None, help="positions in VARIANTS to rerun (default: every row)")
     args = parser.parse_args()
+    chosen = list(VARIANTS) if args.variants is None else [list(VARIANTS)[int(i)] for i in args.variants.split(",")]
     model = create_model("deit_tiny", checkpoint=WEIGHTS)
     parts = halves(load_images(model, imagenet_sample(), None))
     baseline_macs = count_macs(model).macs
     reference = {name: float((p.reference.argmax(-1) == p.labels).float().mean() * 100) for name, p in parts.items()}
     rows, started = [], time.perf_counter()
-    for r in (8, 12, 16):  # ToMe's own schedules, as in its paper's tables
+    for r in (8, 12, 16) if args.variants is None else ():  # ToMe's own schedules, as in its paper's tables
         config = make_config(k=tome_schedule(r, 196, 12), layers=range(12), preset="tome")
         rows.append({"variant": f"ToMe r={r}", "budget": None, **scored(model, config, parts, baseline_macs)})
         print(json.dumps(rows[-1]["all"] | {"variant": rows[-1]["variant"]}), flush=True)
-    for label, (arguments, family, layers) in VARIANTS.items():
+    for label in chosen:
+        arguments, family, layers = VARIANTS[label]
         template = make_config(layers=(), **arguments)
         family = family or PRESETS[arguments.get("preset", "vitpool")].family
         for budget in (float(b) for b in args.budgets.split(",")):
@@ -96,10 +100,21 @@ def main() -> None:
             print(f"[{time.perf_counter() - started:.0f} s] {label} at {budget}: "
                   f"A {rows[-1]['A']['agreement']:.1f}, B {rows[-1]['B']['agreement']:.1f}, "
                   f"KL {rows[-1]['all']['kl']:.4f}", flush=True)
+    if args.variants is not None:
+        rows = kept_rows(rows)
     write_json(RESULTS / "defaults_deit_tiny.json", {
         "model": "deit_tiny_patch16_224 (../shared/data/weights)", "images": "../shared/data/imagenet-sample",
         "halves": "A: even positions in the folder's sorted order, B: odd", "unpooled_top1": reference,
         "env": run_environment(), "rows": rows})
+
+
+def kept_rows(rows: list[dict]) -> list[dict]:
+    """`rows` with the other rows of the file, in the order ToMe's r, then VARIANTS, then budget."""
+    earlier = json.loads((RESULTS / "defaults_deit_tiny.json").read_text())["rows"]
+    rerun = {row["variant"] for row in rows}
+    order = {label: i for i, label in enumerate(VARIANTS)}
+    merged = [row for row in earlier if row["variant"] not in rerun] + rows
+    return sorted(merged, key=lambda row: (order.get(row["variant"], -1), row["budget"] or 0))
 
 
 if __name__ == "__main__":
