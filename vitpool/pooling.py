@@ -177,8 +177,7 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
         updated = _update_medoids(flat.view(-1, n, n), weight_row, assign, rows, above_any_cost)
         return *medoids_of(updated), (updated != index).any()
 
-    seeds = in_token_order(seed_tokens(xf, squared_norms(xf) if spread else None, init_scores, k, spread).seeds)
-    index, rows, assign = iterate(step, medoids_of(seeds), iters)
+    index, rows, assign = iterate(step, medoids_of(seeds_in_token_order(xf, None, init_scores, k, spread)), iters)
     assign = assign.squeeze(1)
     return _outputs(x, xf, w, index, assign, means)
 
@@ -196,13 +195,14 @@ def seed_tokens(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int, spread:
     where top-K would spend it on a second token of a region already seeded. (Times the squared distance, the
     reconstruction error's terms, far tokens of little attention won more seeds and CLIP's embeddings moved more
     at a budget of 0.5: benchmarks/README.md.) `to_first` serves the assignment after no iteration, which then
-    costs s(k - s)*C MACs more than from top-K seeds. `x_sq` (the squared norms) is needed with a spread only."""
+    costs s(k - s)*C MACs more than from top-K seeds. `x_sq`, the squared norms, is computed here if None and needed."""
     n = scores.shape[1]
     ranked = scores.topk(n, dim=-1).indices
     s = min(spread, k // 2)  # significance stays the main criterion
     if s == 0:
         return Seeds(in_token_order(ranked[:, :k]), ranked[:, k:], None)
     first, rest = in_token_order(ranked[:, : k - s]), ranked[:, k - s :]
+    x_sq = squared_norms(xf) if x_sq is None else x_sq
     to_first = squared_distances(gather_tokens(xf, rest), x_sq.gather(1, rest), gather_tokens(xf, first))
     error = scores.gather(1, rest).float() * to_first.amin(-1).clamp_min(0).sqrt()
     # the rest's positions: the s of largest error last, the others before them in order of significance
@@ -210,6 +210,12 @@ def seed_tokens(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int, spread:
     position = (picked * n + torch.arange(n - k + s, device=xf.device)).topk(n - k + s, dim=-1, largest=False).indices
     return Seeds(torch.cat([first, rest.gather(1, position[:, n - k :])], 1), rest.gather(1, position[:, : n - k]),
                  gather_tokens(to_first, position[:, : n - k]))
+
+
+def seeds_in_token_order(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int, spread: int) -> Tensor:
+    """The seeds [B, K] of `seed_tokens` in token order, where clustering iterations start."""
+    seeds = seed_tokens(xf, x_sq, scores, k, spread)
+    return seeds.seeds if seeds.to_first is None else in_token_order(seeds.seeds)  # top-K seeds come sorted
 
 
 def _nearest_seeds(x: Tensor, xf: Tensor, w: Tensor, k: int, init_scores: Tensor, means: bool, spread: int) -> Pooled:
@@ -306,7 +312,7 @@ def _kmeans(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters
     xf, w = x.float(), float_weights(weight, x)
     x_sq = squared_norms(xf)
     check_finite(x_sq)
-    centers = gather_tokens(xf, in_token_order(seed_tokens(xf, x_sq, init_scores, k, spread).seeds))
+    centers = gather_tokens(xf, seeds_in_token_order(xf, x_sq, init_scores, k, spread))
     assign = nearest(xf, x_sq, centers)
 
     def recentred(centers: Tensor, assign: Tensor) -> Tensor:
