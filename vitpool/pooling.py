@@ -184,8 +184,9 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
 
 class Seeds(NamedTuple):
     seeds: Tensor  # [B, K]: the K - s most significant tokens in token order, then the s spread seeds
-    others: Tensor  # [B, N - K]: the other tokens
-    to_first: Tensor | None  # [B, N - K, K - s]: the others' squared distances to the first K - s seeds (s > 0)
+    rest: Tensor  # [B, N - K + s]: the tokens after the first K - s in significance, the spread seeds among them
+    picked: Tensor | None  # [B, s]: the spread seeds' places in `rest`, ascending (s > 0)
+    to_first: Tensor | None  # [B, N - K + s, K - s]: `rest`'s squared distances to the first K - s seeds (s > 0)
 
 
 def seed_tokens(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int, spread: int) -> Seeds:
@@ -195,48 +196,48 @@ def seed_tokens(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int, spread:
     where top-K would spend it on a second token of a region already seeded. (Times the squared distance, the
     reconstruction error's terms, far tokens of little attention won more seeds and CLIP's embeddings moved more
     at a budget of 0.5: benchmarks/README.md.) `to_first` serves the assignment after no iteration, which then
-    costs s(k - s)*C MACs more than from top-K seeds. `x_sq`, the squared norms, is computed here if None and needed."""
+    costs s*k*C MACs more than from top-K seeds. `x_sq`, the squared norms, is computed here if None and needed."""
     n = scores.shape[1]
     ranked = scores.topk(n, dim=-1).indices
     s = min(spread, k // 2)  # significance stays the main criterion
     if s == 0:
-        return Seeds(in_token_order(ranked[:, :k]), ranked[:, k:], None)
+        return Seeds(in_token_order(ranked[:, :k]), ranked[:, k:], None, None)
     first, rest = in_token_order(ranked[:, : k - s]), ranked[:, k - s :]
     x_sq = squared_norms(xf) if x_sq is None else x_sq
     to_first = squared_distances(gather_tokens(xf, rest), x_sq.gather(1, rest), gather_tokens(xf, first))
     error = scores.gather(1, rest).float() * to_first.amin(-1).clamp_min(0).sqrt()
-    # the rest's positions: the s of largest error last, the others before them in order of significance
-    picked = torch.zeros_like(error).scatter(1, error.topk(s, dim=-1).indices, 1.0)
-    position = (picked * n + torch.arange(n - k + s, device=xf.device)).topk(n - k + s, dim=-1, largest=False).indices
-    return Seeds(torch.cat([first, rest.gather(1, position[:, n - k :])], 1), rest.gather(1, position[:, : n - k]),
-                 gather_tokens(to_first, position[:, : n - k]))
+    picked = in_token_order(error.topk(s, dim=-1).indices)  # in order of significance, as `rest` is
+    return Seeds(torch.cat([first, rest.gather(1, picked)], 1), rest, picked, to_first)
 
 
 def seeds_in_token_order(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int, spread: int) -> Tensor:
     """The seeds [B, K] of `seed_tokens` in token order, where clustering iterations start."""
     seeds = seed_tokens(xf, x_sq, scores, k, spread)
-    return seeds.seeds if seeds.to_first is None else in_token_order(seeds.seeds)  # top-K seeds come sorted
+    return seeds.seeds if seeds.picked is None else in_token_order(seeds.seeds)  # top-K seeds come sorted
 
 
 def _nearest_seeds(x: Tensor, xf: Tensor, w: Tensor, k: int, init_scores: Tensor, means: bool, spread: int) -> Pooled:
     """K-Medoids with no iteration: the seeds (`seed_tokens`) are the medoids and every other token joins the
     nearest. Only the distances from the N - k others to the k seeds are needed, (N - k)*k*C MACs where the
     iterations' pairwise matrix costs N*N*C: at K near N, a tenth. Every seed is its own cluster's member, even
-    beside an exact duplicate seed.
+    beside an exact duplicate seed. The outputs are in token order, as the input tokens were: K = N changes nothing.
     """
-    batch, n = w.shape
+    batch = w.shape[0]
     x_sq = squared_norms(xf)
     check_finite(x_sq)  # a NaN or inf anywhere in a token shows in its squared norm
-    seeds, others, to_first = seed_tokens(xf, x_sq, init_scores, k, spread)
-    new = seeds if to_first is None else seeds[:, to_first.shape[2] :]
-    distance = squared_distances(gather_tokens(xf, others), x_sq.gather(1, others), gather_tokens(xf, new))
+    seeds, rest, picked, to_first = seed_tokens(xf, x_sq, init_scores, k, spread)
+    s = 0 if picked is None else picked.shape[1]
+    columns = seeds[:, k - s :] if s else seeds  # the seeds whose distances `to_first` lacks
+    distance = squared_distances(gather_tokens(xf, rest), x_sq.gather(1, rest), gather_tokens(xf, columns))
     nearest_seed = first_argmin(distance if to_first is None else torch.cat([to_first, distance], -1), -1)
     own = torch.arange(k, device=x.device).expand(batch, k)
-    if to_first is not None:  # the seeds in token order, and each seed's place in it
-        order = seeds.topk(k, dim=-1, largest=False).indices
-        seeds, nearest_seed = seeds.gather(1, order), torch.zeros_like(order).scatter(1, order, own).gather(1, nearest_seed)
+    if s:  # each spread seed in its own cluster, though it is in `rest`
+        nearest_seed = nearest_seed.scatter(1, picked, own[:, k - s :])
     assign = torch.zeros_like(init_scores, dtype=torch.int64).scatter(
-        1, torch.cat([seeds, others], 1), torch.cat([own, nearest_seed], 1))
+        1, torch.cat([seeds[:, : k - s], rest], 1), torch.cat([own[:, : k - s], nearest_seed], 1))
+    if s:  # the spread seeds into token order among the first: renumber the clusters
+        order = seeds.topk(k, dim=-1, largest=False).indices
+        seeds, assign = seeds.gather(1, order), torch.zeros_like(order).scatter(1, order, own).gather(1, assign)
     return _outputs(x, xf, w, seeds, assign, means)
 
 
