@@ -218,8 +218,8 @@ def seeds_in_token_order(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int
 
 def _nearest_seeds(x: Tensor, xf: Tensor, w: Tensor, k: int, init_scores: Tensor, means: bool, spread: int) -> Pooled:
     """K-Medoids with no iteration: the seeds (`seed_tokens`) are the medoids and every other token joins the
-    nearest. Only the distances from the N - k others to the k seeds are needed, (N - k)*k*C MACs where the
-    iterations' pairwise matrix costs N*N*C: at K near N, a tenth. Every seed is its own cluster's member, even
+    nearest. Only the distances from the N - k others (with spread seeds, N - k + s) to the k seeds are needed,
+    (N - k)*k*C MACs where the iterations' pairwise matrix costs N*N*C: at K near N, a tenth. Every seed is its own cluster's member, even
     beside an exact duplicate seed. The outputs are in token order, as the input tokens were: K = N changes nothing.
     """
     batch = w.shape[0]
