@@ -96,6 +96,21 @@ def test_family_keeps_method_constraints():
     assert family_schedule(1.0, 196, (14, 14), 3, "wkmedoids") == (196, 196, 196)
 
 
+def test_late_family_shape_bends_the_schedule():
+    """Shape 1 (the default) keeps the same fraction r in every layer; below 1 each layer removes a smaller
+    fraction than the one before, so at the same MACs the last blocks keep more tokens."""
+    assert family_schedule(0.7, 196, (14, 14), 8, "kmedoids", LATE) == tuple(round(196 * 0.7 ** (i + 1)) for i in range(8))
+    front = family_schedule(0.75, 196, (14, 14), 8, "kmedoids", LATE, 0.8)
+    kept = [k / before for before, k in zip((196,) + front, front)]
+    assert all(b > a - 0.02 for a, b in zip(kept, kept[1:])) and kept[-1] - kept[0] > 0.1, kept  # 0.02: rounding
+    model = _model("deit_tiny")
+    macs = MacModel(model, make_config(layers=()))
+    even = solve(model, make_config(layers=()), budget=0.5, macs=macs)
+    bent = solve(model, make_config(layers=()), budget=0.5, macs=macs, shape=0.8)
+    assert abs(even[1] / even[2] - 0.5) <= 0.005 and abs(bent[1] / bent[2] - 0.5) <= 0.005
+    assert bent[0].k[-1] > even[0].k[-1] and bent[0].k[0] < even[0].k[0]  # same MACs, more tokens late
+
+
 def test_python_api_and_unreachable_budgets():
     model = _model("deit_tiny")
     converted = vitpool.convert(model, budget=0.7)

@@ -2,7 +2,8 @@
 
 A schedule family places the pooling layers (`family_layers`) and has one parameter r in (0, 1]: the `late`
 family (the default preset's) and the `spread` family (the paper preset's) keep K_i = round(N * r^(i+1)) patch
-tokens in the i-th pooling layer, so that each keeps the same fraction r of the tokens reaching it;
+tokens in the i-th pooling layer, so that each keeps the same fraction r of the tokens reaching it (`solve`'s
+`shape` p makes that N * r^((i+1)^p); no p but 1 held on both DeiT-Tiny and CLIP, benchmarks/schedule_shape.py);
 `every-block` (the tome preset's) removes the same number in every block. Method constraints are kept:
 `tome` never removes more than half of the tokens of a layer, and `grid` rounds K down to a count its token
 grid can make. The MACs of a schedule, pooling layers included, are the same
@@ -57,18 +58,19 @@ def schedule_layers(model, template: PoolingConfig, family: str, layers=None) ->
 
 
 def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: int, method: str,
-                    family: str = LATE) -> tuple[int, ...]:
+                    family: str = LATE, shape: float = 1.0) -> tuple[int, ...]:
     """K values of the family at parameter r in [0, 1] for `count` pooling layers, within the method's constraints.
 
-    late and spread: K_i = round(N r^(i+1)), each layer keeping the same fraction r. every-block (ToMe's own
-    schedule): the same number of tokens, (1 - r) N / count, removed in each block, rounded cumulatively.
+    late and spread: K_i = round(N r^((i+1)^shape)); with shape 1 each layer keeps the same fraction r.
+    every-block (ToMe's own schedule): the same number of tokens, (1 - r) N / count, removed in each block,
+    rounded cumulatively.
     """
     k_values, tokens, current = [], num_patches, grid
     for i in range(count):
         if family == EVERY_BLOCK:
             wanted = num_patches - round((i + 1) * (1 - r) * num_patches / count)
         else:
-            wanted = round(num_patches * r ** (i + 1))
+            wanted = round(num_patches * r ** ((i + 1) ** shape))
         k = min(tokens, max(1, wanted))
         if METHODS[method].removes_at_most_half:
             k = max(k, tokens - tokens // 2)
@@ -310,11 +312,13 @@ def budget_target(macs: MacModel, budget: float | None, target_gmacs: float | No
 
 def solve(model, template: PoolingConfig, budget: float | None = None, target_gmacs: float | None = None,
           layers: tuple[int, ...] | None = None, macs: MacModel | None = None,
-          family: str = LATE) -> tuple[PoolingConfig, int, int]:
+          family: str = LATE, shape: float = 1.0) -> tuple[PoolingConfig, int, int]:
     """The family schedule for `template`'s setting whose MACs come closest to the budget; (config, its MACs,
     the unpooled MACs).
 
-    `layers` replaces the family's pooling blocks; `macs` reuses a MacModel's cached counts."""
+    `layers` replaces the family's pooling blocks; `macs` reuses a MacModel's cached counts; `shape` bends a
+    late or spread schedule: below 1 each layer removes a smaller fraction than the one before, above 1 a
+    larger one (the calibration search tries a few)."""
     if family not in FAMILIES:
         raise VitpoolError(f"schedule family must be one of {', '.join(FAMILIES)}; got {family!r}")
     macs = macs or MacModel(model, template)
@@ -323,7 +327,7 @@ def solve(model, template: PoolingConfig, budget: float | None = None, target_gm
     layers = schedule_layers(model, template, family, layers)
 
     def config_at(r: float) -> PoolingConfig:
-        k = family_schedule(r, macs.num_patches, grid, len(layers), template.method, family)
+        k = family_schedule(r, macs.num_patches, grid, len(layers), template.method, family, shape)
         return replace(template, k=k, layers=layers)
 
     low, high = 0.0, 1.0

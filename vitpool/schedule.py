@@ -2,12 +2,13 @@
 
 The paper took its schedules from PoWER-BERT's learned search; here the search runs on the user's model and
 a few unlabelled calibration images. It scores the budget family's schedule (`vitpool.budget`) at the
-family's own placement and with 1, 2 and 3 pooling layers spread evenly (or at the user's `layers`), starts
-from the best of them, and then moves tokens
-between its pooling layers: a move adds `step` tokens to one layer and takes from another as many
-as keeps the MACs (pooling layers included) within 1% of the budget. Every move of the current step is
-scored by the mean KL(unpooled || pooled) on the calibration images (ties: top-1 agreement); the best one
-is taken while it improves, then the step halves. Greedy, deterministic, and a few dozen forward passes.
+family's own placement, even and bent (`SHAPES`: the shape that keeps a model closest depends on the model,
+benchmarks/schedule_shape.py), and with 1, 2 and 3 pooling layers spread evenly (or at the user's `layers`),
+starts from the best of them, and then moves tokens between its pooling layers: a move adds `step` tokens
+to one layer and takes from another as many as keeps the MACs (pooling layers included) within 1% of the
+budget. Every move of the current step is scored by the mean KL(unpooled || pooled) on the calibration images
+(ties: top-1 agreement); the best one is taken while it improves, then the step halves. Greedy,
+deterministic, and a few dozen forward passes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vitpool.evaluate import ImageSet, score
 
 STEPS = (32, 16, 8, 4)
 PLACEMENT_COUNTS = (1, 2, 3)  # pooling layers tried, spread as `default_layers` spreads them
+SHAPES = (1.0, 0.8, 1.25)  # the family's schedule and two bent ones (`budget.solve`), at the family's placement
 MAX_EVALUATIONS = 80
 
 
@@ -70,8 +72,8 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
            target_gmacs: float | None = None, layers: tuple[int, ...] | None = None,
            on_step: Callable[[str], None] | None = None, family: str = LATE) -> SearchResult:
     """Greedy search over per-layer K within the budget for `template`'s setting (its K and layers are
-    ignored), scored on `images` against the unpooled logits, from the best of `family`'s schedule and the
-    candidate placements."""
+    ignored), scored on `images` against the unpooled logits, from the best of `family`'s schedule (even and
+    bent to `SHAPES`) and the candidate placements."""
     macs = MacModel(model, template)
     target = budget_target(macs, budget, target_gmacs)
     note = on_step or (lambda text: None)
@@ -88,19 +90,22 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
 
     family_placement = schedule_layers(model, template, family, layers)
     placements = [family_placement] if layers else [family_placement] + candidate_placements(macs.depth, template.position)
-    starts, family_start, problem = [], None, None  # the family schedule at each candidate placement
+    starts, family_start, problem = [], None, None  # the family schedule at each candidate placement and shape
     for placement in dict.fromkeys(placements):
-        try:
-            config = solve(model, template, budget, target_gmacs, layers=placement, macs=macs, family=family)[0]
-        except VitpoolError as error:  # this placement cannot reach the budget
-            problem = error
-            continue
-        starts.append((evaluate_config(config), config))
-        if placement == family_placement:
-            family_start = starts[-1][0]
+        for shape in SHAPES if placement == family_placement else SHAPES[:1]:
+            try:
+                config = solve(model, template, budget, target_gmacs, layers=placement, macs=macs, family=family,
+                               shape=shape)[0]
+            except VitpoolError as error:  # this placement cannot reach the budget
+                problem = error
+                continue
+            if all(config != earlier for _, earlier, _ in starts):  # one pooling layer has one shape
+                starts.append((evaluate_config(config), config, shape))
+            if placement == family_placement and shape == SHAPES[0]:
+                family_start = starts[-1][0]
     if not starts:
         raise problem
-    start, start_config = min(starts, key=lambda pair: (pair[0].kl, -pair[0].agreement))
+    start, start_config, _ = min(starts, key=lambda scored: (scored[0].kl, -scored[0].agreement))
 
     def evaluate(k: tuple[int, ...]) -> Scored:
         return evaluate_config(replace(start_config, k=k))
@@ -134,8 +139,8 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
         return best[0]
 
     current = start
-    history = [{"k": list(c.k), "layers": list(c.layers), "kl": scored.kl, "agreement": scored.agreement}
-               for scored, c in starts]
+    history = [{"k": list(c.k), "layers": list(c.layers), "shape": shape, "kl": scored.kl, "agreement": scored.agreement}
+               for scored, c, shape in starts]
     for step in STEPS:
         while len(scores) < MAX_EVALUATIONS:
             moves = []

@@ -1,0 +1,85 @@
+"""Would the default schedule do better with another shape? `vitpool.budget.solve(..., shape=p)` on two models.
+
+The default preset pools in every block from depth/4 and keeps K_i = N r^((i+1)^p) patch tokens in its i-th
+pooling layer, r solved to the MAC budget: p = 1 (the default) keeps the same fraction in every layer; p < 1
+removes less in each later layer (more tokens reach the last blocks), p > 1 more. On the real DeiT-Tiny: agreement, top-1 and KL on the two halves
+of the 500 shared photos (even and odd positions, as defaults_deit_tiny.py); on CLIP ViT-B/16's image tower
+(`--model clip`, built on demand as in clip_embeddings.py): cosine to the unpooled embedding and the share of
+photos whose nearest neighbour is unchanged. A run replaces its own (model, shape, budget) rows and keeps the
+file's others. Writes benchmarks/results/schedule_shape.json.
+
+    .venv/bin/python benchmarks/schedule_shape.py [--model deit_tiny|clip] [--shapes 0.8,1,1.25] [--budgets 0.5,0.6,0.75,0.9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from _common import RESULTS, deit_tiny_weights, imagenet_sample, run_environment, write_json
+from clip_embeddings import clip_model, embed, nearest_neighbours
+from defaults_deit_tiny import halves, scored
+
+from vitpool.adapter import apply_pooling
+from vitpool.budget import solve
+from vitpool.config import make_config
+from vitpool.evaluate import load_images
+from vitpool.flops import total_macs
+from vitpool.models import create_model
+
+PATH = RESULTS / "schedule_shape.json"
+
+
+def deit_tiny_rows(shapes: list[str], budgets: list[float]):
+    model = create_model("deit_tiny", checkpoint=deit_tiny_weights())
+    parts = halves(load_images(model, imagenet_sample(), None))
+    baseline = total_macs(model)
+    for shape in shapes:
+        for budget in budgets:
+            config = solve(model, make_config(layers=()), budget, shape=float(shape))[0]
+            yield shape, budget, scored(model, config, parts, baseline)
+
+
+def clip_rows(shapes: list[str], budgets: list[float]):
+    model = clip_model()
+    images = load_images(model, imagenet_sample(), None)
+    reference = torch.nn.functional.normalize(images.reference, dim=-1)
+    reference_neighbours = nearest_neighbours(reference)
+    baseline = total_macs(model)
+    for shape in shapes:
+        for budget in budgets:
+            config = solve(model, make_config(layers=()), budget, shape=float(shape))[0]
+            pooled = apply_pooling(model, config)
+            embeddings = embed(pooled, images.images)
+            cosine = (embeddings * reference).sum(-1)
+            yield shape, budget, {
+                "k": list(config.k), "layers": list(config.layers), "mac_ratio": total_macs(pooled) / baseline,
+                "cosine_mean": cosine.mean().item(), "cosine_p10": cosine.quantile(0.1).item(),
+                "same_neighbour": 100 * (nearest_neighbours(embeddings) == reference_neighbours).float().mean().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("deit_tiny", "clip"), default="deit_tiny")
+    parser.add_argument("--shapes", default="0.8,0.9,1,1.25")
+    parser.add_argument("--budgets", default="0.5,0.6,0.75,0.9")
+    args = parser.parse_args()
+    shapes, budgets = args.shapes.split(","), [float(b) for b in args.budgets.split(",")]
+    measure = deit_tiny_rows if args.model == "deit_tiny" else clip_rows
+    earlier = json.loads(PATH.read_text())["rows"] if PATH.is_file() else []
+    rows = [row for row in earlier if not (row["model"] == args.model and row["shape"] in shapes
+                                           and row["budget"] in budgets)]
+    started = time.perf_counter()
+    for shape, budget, row in measure(shapes, budgets):
+        rows.append({"model": args.model, "shape": shape, "budget": budget, **row,
+                     "seconds": round(time.perf_counter() - started, 1)})
+        print(json.dumps({key: value for key, value in rows[-1].items() if key != "config"}), flush=True)
+        started = time.perf_counter()
+    rows.sort(key=lambda row: (row["model"], row["budget"], row["shape"]))
+    write_json(PATH, {"images": "../shared/data/imagenet-sample (500)", "env": run_environment(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
