@@ -26,7 +26,7 @@ from vitpool.evaluate import ImageSet, score
 STEPS = (32, 16, 8, 4)
 PLACEMENT_COUNTS = (1, 2, 3)  # pooling layers tried, spread as `default_layers` spreads them
 SHAPES = (1.0, 0.8, 1.25)  # the family's schedule and two bent ones (`budget.solve`), at the family's placement
-MAX_EVALUATIONS = 80
+MAX_EVALUATIONS = 80  # checked between rounds of moves: a round is scored whole
 
 
 @dataclass(frozen=True)
