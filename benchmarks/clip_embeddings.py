@@ -53,6 +53,22 @@ def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
     return similarity.argmax(-1)
 
 
+def unpooled_neighbours(images) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpooled model's embeddings of `images` (an ImageSet: its reference outputs), normalised, and each
+    photo's nearest neighbour among them."""
+    reference = torch.nn.functional.normalize(images.reference, dim=-1)
+    return reference, nearest_neighbours(reference)
+
+
+def closeness(pooled, images, reference: torch.Tensor, neighbours: torch.Tensor) -> dict:
+    """How close `pooled`'s embeddings stay to the unpooled ones: mean and 10th-percentile cosine, and the %
+    of photos whose nearest neighbour is unchanged."""
+    embeddings = embed(pooled, images.images)
+    cosine = (embeddings * reference).sum(-1)
+    return {"cosine_mean": cosine.mean().item(), "cosine_p10": cosine.quantile(0.1).item(),
+            "same_neighbour": 100 * (nearest_neighbours(embeddings) == neighbours).float().mean().item()}
+
+
 def earlier_rows() -> list[dict]:
     path = RESULTS / "clip_embeddings.json"
     return json.loads(path.read_text())["rows"] if path.is_file() else []
@@ -67,8 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     model = clip_model()
     images = load_images(model, imagenet_sample(), None)
-    reference = torch.nn.functional.normalize(images.reference, dim=-1)
-    reference_neighbours = nearest_neighbours(reference)
+    reference, reference_neighbours = unpooled_neighbours(images)
     baseline_macs = total_macs(model)
     presets = args.presets.split(",")
     changed = "".join(f" --{name} {value}" for name, value in (("iters", args.iters), ("spread", args.spread)) if value is not None)
@@ -80,13 +95,9 @@ def main() -> None:
             template = make_config(layers=(), preset=preset, iters=args.iters, spread=args.spread)
             config = solve(model, template, budget, family=PRESETS[preset].family)[0]
             pooled = apply_pooling(model, config)
-            embeddings = embed(pooled, images.images)
-            cosine = (embeddings * reference).sum(-1)
             rows.append({"preset": labels[preset], "budget": budget, "k": list(config.k), "layers": list(config.layers),
-                         "config": config.to_dict(),
-                         "mac_ratio": total_macs(pooled) / baseline_macs, "cosine_mean": cosine.mean().item(),
-                         "cosine_p10": cosine.quantile(0.1).item(),
-                         "same_neighbour": 100 * (nearest_neighbours(embeddings) == reference_neighbours).float().mean().item(),
+                         "config": config.to_dict(), "mac_ratio": total_macs(pooled) / baseline_macs,
+                         **closeness(pooled, images, reference, reference_neighbours),
                          "seconds": round(time.perf_counter() - started, 1)})
             print(json.dumps(rows[-1]), flush=True)
     write_json(RESULTS / "clip_embeddings.json", {

@@ -17,9 +17,8 @@ import argparse
 import json
 import time
 
-import torch
 from _common import RESULTS, deit_tiny_weights, imagenet_sample, run_environment, write_json
-from clip_embeddings import clip_model, embed, nearest_neighbours
+from clip_embeddings import clip_model, closeness, unpooled_neighbours
 from defaults_deit_tiny import halves, scored
 
 from vitpool.adapter import apply_pooling
@@ -45,19 +44,15 @@ def deit_tiny_rows(shapes: list[str], budgets: list[float]):
 def clip_rows(shapes: list[str], budgets: list[float]):
     model = clip_model()
     images = load_images(model, imagenet_sample(), None)
-    reference = torch.nn.functional.normalize(images.reference, dim=-1)
-    reference_neighbours = nearest_neighbours(reference)
+    reference, reference_neighbours = unpooled_neighbours(images)
     baseline = total_macs(model)
     for shape in shapes:
         for budget in budgets:
             config = solve(model, make_config(layers=()), budget, shape=float(shape))[0]
             pooled = apply_pooling(model, config)
-            embeddings = embed(pooled, images.images)
-            cosine = (embeddings * reference).sum(-1)
-            yield shape, budget, {
-                "k": list(config.k), "layers": list(config.layers), "mac_ratio": total_macs(pooled) / baseline,
-                "cosine_mean": cosine.mean().item(), "cosine_p10": cosine.quantile(0.1).item(),
-                "same_neighbour": 100 * (nearest_neighbours(embeddings) == reference_neighbours).float().mean().item()}
+            yield shape, budget, {"k": list(config.k), "layers": list(config.layers),
+                                  "mac_ratio": total_macs(pooled) / baseline,
+                                  **closeness(pooled, images, reference, reference_neighbours)}
 
 
 def main() -> None:

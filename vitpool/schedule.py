@@ -99,7 +99,7 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
             except VitpoolError as error:  # this placement cannot reach the budget
                 problem = error
                 continue
-            if all(config != earlier for _, earlier, _ in starts):  # one pooling layer has one shape
+            if all(config != earlier for _, earlier, _ in starts):  # a shape that changes nothing, scored once
                 starts.append((evaluate_config(config), config, shape))
             if placement == family_placement and shape == SHAPES[0]:
                 family_start = starts[-1][0]
