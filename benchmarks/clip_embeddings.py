@@ -4,11 +4,12 @@ CLIP has no class head here (its 512-d image projection is the head), so the mea
 changes the embeddings of the 500 shared photos: the cosine to the unpooled embedding, and how often each
 photo's nearest neighbour among the photos (all embedded by the same model) is the one the unpooled model
 finds. The three presets at MAC budgets 0.5, 0.6 and 0.75, and with `--iters N` a preset's clustering run for N
-iterations instead (rows "vitpool --iters N"), with `--spread N` from N spread seeds (rows "vitpool --spread N");
+iterations instead (rows "vitpool --iters N"), with `--spread N` from N spread seeds (rows "vitpool --spread N"),
+with `--output KIND` another K-Medoids output (rows "vitpool --output mean");
 a run of some rows keeps the other rows of the file it replaces. The model is built on demand by ../shared/tools/clip-vit-b16 into ~/.cache/vitpool (never into the
 repository). Writes benchmarks/results/clip_embeddings.json.
 
-    .venv/bin/python benchmarks/clip_embeddings.py [--presets vitpool,tome,paper] [--budgets 0.5,0.6,0.75] [--iters N] [--spread N]
+    .venv/bin/python benchmarks/clip_embeddings.py [--presets vitpool,tome,paper] [--budgets 0.5,0.6,0.75] [--iters N] [--spread N] [--output KIND]
 """
 
 from __future__ import annotations
@@ -80,19 +81,21 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.5,0.6,0.75")
     parser.add_argument("--iters", type=int, default=None, help="clustering iterations instead of the preset's")
     parser.add_argument("--spread", type=int, default=None, help="spread seeds instead of the preset's")
+    parser.add_argument("--output", default=None, help="K-Medoids outputs instead of the preset's")
     args = parser.parse_args()
     model = clip_model()
     images = load_images(model, imagenet_sample(), None)
     reference, reference_neighbours = unpooled_neighbours(images)
     baseline_macs = total_macs(model)
     presets = args.presets.split(",")
-    changed = "".join(f" --{name} {value}" for name, value in (("iters", args.iters), ("spread", args.spread)) if value is not None)
+    changed = "".join(f" --{name} {value}" for name, value in (("iters", args.iters), ("spread", args.spread),
+                                                               ("output", args.output)) if value is not None)
     labels = {preset: preset + changed for preset in presets}
     rows = [row for row in earlier_rows() if row["preset"] not in labels.values()]
     for preset in presets:
         for budget in (float(b) for b in args.budgets.split(",")):
             started = time.perf_counter()
-            template = make_config(layers=(), preset=preset, iters=args.iters, spread=args.spread)
+            template = make_config(layers=(), preset=preset, iters=args.iters, spread=args.spread, output=args.output)
             config = solve(model, template, budget, family=PRESETS[preset].family)[0]
             pooled = apply_pooling(model, config)
             rows.append({"preset": labels[preset], "budget": budget, "k": list(config.k), "layers": list(config.layers),

@@ -5,7 +5,7 @@ layers counted). The photos are split into two halves (even and odd positions in
 spread over the classes): settings were compared on half A and confirmed on half B, and a setting is kept
 only where both halves agree. Rows: the three presets (vitpool, paper, tome = ToMe as published), ToMe at its
 own r = 8, 12, 16, the earlier defaults, and the default with one thing changed at a time (seeds, clustering
-iterations, position, method, outputs, size weighting, placement of the pooling layers). Every row has its MAC ratio with the pooling layers and their own
+iterations, position, method, outputs and their norm, size weighting, placement of the pooling layers). Every row has its MAC ratio with the pooling layers and their own
 share (`pooling_mac_ratio`), so that ratios without them compare with ToMe's papers, which leave the merge out.
 Writes benchmarks/results/defaults_deit_tiny.json; `--variants 0,1` reruns those rows of VARIANTS only (by
 position) and keeps the file's other rows, each with the configuration it was measured with.
@@ -33,6 +33,7 @@ WEIGHTS = deit_tiny_weights()
 # label -> (make_config arguments, family, layers); None: the preset's
 VARIANTS = {
     "vitpool preset (the default)": ({}, None, None),
+    "default, plain cluster means (`--output mean`: the default before 2026-12-07)": ({"output": "mean"}, None, None),
     "paper preset": ({"preset": "paper"}, None, None),
     "tome preset (ToMe as published)": ({"preset": "tome"}, None, None),
     "tome preset with the last block trimmed": ({"preset": "tome", "trim_last": True}, None, None),

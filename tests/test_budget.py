@@ -62,7 +62,7 @@ def test_paper_preset_is_the_papers_configuration():
     assert (config.method, config.output, config.position, config.proportional) == ("wkmedoids", "medoid", "after-block", False)
     assert config.layers == (2, 5, 8)
     default = vitpool.convert(model, budget=0.6).vitpool_config
-    assert (default.method, default.output, default.position) == ("kmedoids", "mean", "after-attention")
+    assert (default.method, default.output, default.position) == ("kmedoids", "mean-norm", "after-attention")
 
 
 @pytest.mark.parametrize("method", ["kmedoids", "wkmedoids", "kmeans", "tome", "grid", "random"])

@@ -1,4 +1,5 @@
-"""Proportional attention (log cluster size as an attention bias) and weighted-mean outputs for K-Medoids."""
+"""Proportional attention (log cluster size as an attention bias) and weighted-mean outputs for K-Medoids, as they
+are or at their members' norm."""
 
 from __future__ import annotations
 
@@ -75,6 +76,39 @@ def test_mean_outputs_cost_one_cluster_sum_more(deit_tiny):
     assert mean - medoid == 196 * 192 + 196
 
 
+def test_mean_norm_outputs_keep_the_members_norm_and_the_means_direction():
+    """Two orthogonal unit tokens joined in one cluster: their mean is 1/sqrt(2) long, the kept-norm output 1 long
+    along the same direction; a token of norm 3 alone stays as it is. Sizes weigh the norms as they weigh the mean."""
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-3.0, 0.0]]])
+    significance = torch.tensor([[2.0, 1.0, 3.0]])
+    mean = pooling.kmedoids(x, 2, significance, iters=0, means=True)
+    kept = pooling.kmedoids(x, 2, significance, iters=0, means=True, keep_norm=True)
+    assert torch.equal(kept.assign, mean.assign) and kept.assign.tolist() == [[0, 0, 1]]
+    torch.testing.assert_close(mean.tokens[0, 0], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(kept.tokens[0], torch.tensor([[0.5**0.5, 0.5**0.5], [-3.0, 0.0]]))
+    stretched = torch.tensor([[[1.0, 0.0], [0.0, 3.0], [-3.0, 0.0]]])  # norms 1 and 3, sizes 3 and 1: mean norm 1.5
+    sized = pooling.kmedoids(stretched, 2, significance, iters=0, means=True, size=torch.tensor([[3.0, 1.0, 1.0]]),
+                             keep_norm=True)
+    torch.testing.assert_close(sized.tokens[0, 0].norm(), torch.tensor(1.5))
+    torch.testing.assert_close(sized.tokens[0, 0] / 1.5, torch.nn.functional.normalize(torch.tensor([0.75, 0.75]), dim=0))
+
+
+def test_mean_norm_outputs_with_k_equal_n_are_the_tokens():
+    generator = torch.Generator().manual_seed(1)
+    x, significance = torch.randn(2, 30, 16, generator=generator) * 3, torch.rand(2, 30, generator=generator)
+    for iters in (0, 2):
+        out = pooling.wkmedoids(x, 30, significance, iters=iters, means=True, size=torch.rand(2, 30) + 1, keep_norm=True)
+        torch.testing.assert_close(pooling.gather_tokens(out.tokens, out.assign), x)
+
+
+def test_mean_norm_outputs_cost_the_norms(deit_tiny):
+    mean = count_macs(vitpool.convert(deit_tiny, output="mean", **SCHEDULE)).blocks[2].pool_macs
+    kept = count_macs(vitpool.convert(deit_tiny, output="mean-norm", **SCHEDULE)).blocks[2].pool_macs
+    k = SCHEDULE["k"][0]
+    # the tokens' norms, their weighted sums (a scatter-add), the means' norms
+    assert kept - mean == 196 * 192 + 196 + k * 192
+
+
 def test_variants_are_saved_and_validated(deit_tiny, tmp_path):
     converted = vitpool.convert(deit_tiny, output="mean", proportional=False, **SCHEDULE)
     vitpool.save(converted, tmp_path / "m")
@@ -83,8 +117,11 @@ def test_variants_are_saved_and_validated(deit_tiny, tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(reloaded(x), converted(x))
-    with pytest.raises(VitpoolError, match="--output mean applies to"):
-        vitpool.convert(deit_tiny, method="tome", output="mean", k=[150], layers=[2])
+    for output in ("mean", "mean-norm"):
+        with pytest.raises(VitpoolError, match=f"--output {output} applies to"):
+            vitpool.convert(deit_tiny, method="tome", output=output, k=[150], layers=[2])
+    with pytest.raises(VitpoolError, match="choose medoid, mean or mean-norm"):
+        vitpool.convert(deit_tiny, output="norm", **SCHEDULE)
 
 
 def test_a_token_counts_as_the_patches_it_stands_for():
@@ -104,9 +141,9 @@ def test_later_pooling_layers_weigh_tokens_by_size_only_with_proportional(deit_t
     seen = {}
     original = pooling.kmedoids
 
-    def spy(x, k, significance, iters, means, size=None, spread=0):
+    def spy(x, k, significance, iters, means, size=None, spread=0, keep_norm=False):
         seen[x.shape[1]] = size
-        return original(x, k, significance, iters, means, size, spread)
+        return original(x, k, significance, iters, means, size, spread, keep_norm)
 
     x = torch.randn(1, 3, 224, 224)
     for proportional in (True, False):

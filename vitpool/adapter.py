@@ -144,7 +144,8 @@ class TokenPool(nn.Module):
         method = self.method
         counted = size if self.proportional else None  # tokens count as the patches they stand for
         if method in MEDOID_METHODS:
-            return getattr(pooling, method)(patches, k, seen, self.iters, self.output == "mean", counted, self.spread)
+            return getattr(pooling, method)(patches, k, seen, self.iters, self.output != "medoid", counted, self.spread,
+                                            self.output == "mean-norm")
         if method in CLUSTERING_METHODS:
             return getattr(pooling, method)(patches, k, seen, self.iters, counted, self.spread)
         if method == "importance":
@@ -172,7 +173,7 @@ class TokenPool(nn.Module):
     def extra_repr(self) -> str:
         iters = f", iters={self.iters}" if self.method in CLUSTERING_METHODS else ""
         iters += f", spread={self.spread}" if self.spread else ""
-        extra = (", output=mean" if self.output == "mean" else "") + (", proportional" if self.proportional else "")
+        extra = (f", output={self.output}" if self.output != "medoid" else "") + (", proportional" if self.proportional else "")
         k = f"k={self.fraction} of tokens_in" if self.fraction is not None else f"k={self.k}"
         return f"method={self.method}, {self.position}, tokens_in={self.tokens_in}, {k}{iters}{extra}"
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from vitpool.errors import VitpoolError
 from vitpool.methods import CLUSTERING_METHODS, MEDOID_METHODS, METHODS
 
-OUTPUTS = ("medoid", "mean")
+OUTPUTS = ("medoid", "mean", "mean-norm")
 AFTER_ATTENTION, AFTER_BLOCK = "after-attention", "after-block"
 POSITIONS = (AFTER_ATTENTION, AFTER_BLOCK)
 # Budget schedule families (`vitpool.budget`): where the pooling layers go, and how K shrinks.
@@ -30,7 +30,8 @@ class PoolingConfig:
     `dynamic_img_size` model alike, where counts are planned at the size it was built for. `iters` is the fixed
     iteration count of the clustering methods (0: the seeds (`spread`) as medoids, each other token joined to
     the nearest, no update); `seed` draws the `random` baseline's fixed token order. `output` is what the K-Medoids
-    methods emit: the medoid token, or the (weighted) mean of its cluster. `proportional` lets a token that stands
+    methods emit: the medoid token, the (weighted) mean of its cluster, or that mean rescaled to its members'
+    (weighted) mean norm (`mean-norm`: `pooling.norm_kept`). `proportional` lets a token that stands
     for s patches count as s patches: log(s) is added to its attention logits in every block after a pooling layer
     (ToMe's proportional attention) and the clustering weights its reconstruction error by s. `position` is where in
     block `layers[i]` its pooling layer sits: after the whole block, or between its attention and its MLP (ToMe's
@@ -50,7 +51,7 @@ class PoolingConfig:
     layers: tuple[int, ...] = ()
     iters: int = 0
     seed: int = 0
-    output: str = "mean"
+    output: str = "mean-norm"
     proportional: bool = True
     position: str = AFTER_ATTENTION
     trim_last: bool = True
@@ -83,7 +84,7 @@ class PoolingConfig:
             return "no pooling"
         iters = f", {self.iters} iterations" if self.method in CLUSTERING_METHODS else ""
         iters += f", {self.spread} seeds for spread" if self.method in CLUSTERING_METHODS and self.spread else ""
-        output = ", mean outputs" if self.output == "mean" else ""
+        output = {"mean": ", mean outputs", "mean-norm": ", mean outputs at their members' norm"}.get(self.output, "")
         proportional = "" if self.proportional else ", no proportional attention"
         trimmed = ", last block trimmed to the head's tokens" if self.trim_last else ""
         return (f"{self.method}{iters}{output}{proportional}{trimmed}: K {','.join(map(str, self.k))} {self.position} "
@@ -101,7 +102,7 @@ class Preset:
 
 PRESETS = {
     "vitpool": Preset(PoolingConfig(), LATE,
-                      "the best measured: K-Medoids with no iteration (each token joins the nearest seed: the most significant tokens and 8 that they represent worst), mean outputs, after attention, every block from a quarter of the depth, last block trimmed to the head's tokens"),
+                      "the best measured: K-Medoids with no iteration (each token joins the nearest seed: the most significant tokens and 8 that they represent worst), mean outputs at their members' norm, after attention, every block from a quarter of the depth, last block trimmed to the head's tokens"),
     "paper": Preset(PoolingConfig("wkmedoids", iters=5, output="medoid", proportional=False, position=AFTER_BLOCK,
                                   trim_last=False, spread=0),
                     SPREAD,
@@ -215,7 +216,7 @@ def check_method_and_output(method: str, output: str, position: str = AFTER_BLOC
     if method not in METHODS:
         raise VitpoolError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if output not in OUTPUTS:
-        raise VitpoolError(f"unknown --output {output!r}: choose medoid or mean")
+        raise VitpoolError(f"unknown --output {output!r}: choose {', '.join(OUTPUTS[:-1])} or {OUTPUTS[-1]}")
     if position not in POSITIONS:
         raise VitpoolError(f"unknown --position {position!r}: choose {' or '.join(POSITIONS)}")
 
@@ -223,8 +224,8 @@ def check_method_and_output(method: str, output: str, position: str = AFTER_BLOC
 def plan_stages(config: PoolingConfig, depth: int, num_patches: int, grid: tuple[int, int]) -> list[PoolingStage]:
     """Check `config` against a model with `depth` blocks and `num_patches` patch tokens; return its stages."""
     check_method_and_output(config.method, config.output, config.position)
-    if config.output == "mean" and config.method not in MEDOID_METHODS:
-        raise VitpoolError(f"--output mean applies to {' and '.join(MEDOID_METHODS)}; {config.method} has one kind of output")
+    if config.output != "medoid" and config.method not in MEDOID_METHODS:
+        raise VitpoolError(f"--output {config.output} applies to {' and '.join(MEDOID_METHODS)}; {config.method} has one kind of output")
     if config.iters < 0:
         raise VitpoolError(f"--iters must be 0 or more; got {config.iters}")
     if config.spread < 0:

@@ -150,7 +150,7 @@ def in_token_order(index: Tensor) -> Tensor:
 
 
 def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int, means: bool = False,
-              spread: int = 0) -> Pooled:
+              spread: int = 0, keep_norm: bool = False) -> Pooled:
     """Alternate nearest-medoid assignment and per-cluster medoid update, from the seeds (`seed_tokens`).
 
     Medoids are input tokens, so every distance is read from one pairwise distance matrix built from the
@@ -159,7 +159,7 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
     """
     xf, w = x.float(), float_weights(weight, x)
     if iters == 0:
-        return _nearest_seeds(x, xf, w, k, init_scores, means, spread)
+        return _nearest_seeds(x, xf, w, k, init_scores, means, spread, keep_norm)
     distance = pairwise_squared_distances(xf)
     batch, n = w.shape
     # gather_tokens(distance, index), with its reshape and offsets made once rather than in every iteration
@@ -179,7 +179,7 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
 
     index, rows, assign = iterate(step, medoids_of(seeds_in_token_order(xf, None, init_scores, k, spread)), iters)
     assign = assign.squeeze(1)
-    return _outputs(x, xf, w, index, assign, means)
+    return _outputs(x, xf, w, index, assign, means, keep_norm)
 
 
 class Seeds(NamedTuple):
@@ -216,7 +216,8 @@ def seeds_in_token_order(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int
     return seeds.seeds if seeds.picked is None else in_token_order(seeds.seeds)  # top-K seeds come sorted
 
 
-def _nearest_seeds(x: Tensor, xf: Tensor, w: Tensor, k: int, init_scores: Tensor, means: bool, spread: int) -> Pooled:
+def _nearest_seeds(x: Tensor, xf: Tensor, w: Tensor, k: int, init_scores: Tensor, means: bool, spread: int,
+                   keep_norm: bool = False) -> Pooled:
     """K-Medoids with no iteration: the seeds (`seed_tokens`) are the medoids and every other token joins the
     nearest. Only the distances from the N - k others (with spread seeds, N - k + s) to the k seeds are needed,
     (N - k)*k*C MACs where the iterations' pairwise matrix costs N*N*C: at K near N, a tenth. Every seed is its own cluster's member, even
@@ -238,18 +239,34 @@ def _nearest_seeds(x: Tensor, xf: Tensor, w: Tensor, k: int, init_scores: Tensor
     if s:  # the spread seeds into token order among the first: renumber the clusters
         order = seeds.topk(k, dim=-1, largest=False).indices
         seeds, assign = seeds.gather(1, order), torch.zeros_like(order).scatter(1, order, own).gather(1, assign)
-    return _outputs(x, xf, w, seeds, assign, means)
+    return _outputs(x, xf, w, seeds, assign, means, keep_norm)
 
 
-def _outputs(x: Tensor, xf: Tensor, w: Tensor, medoid_index: Tensor, assign: Tensor, means: bool) -> Pooled:
-    """The medoids, or with `means` the clusters' weighted means (N*C more MACs). A cluster without weight (its
-    medoid went to an exact duplicate medoid of a lower index, or every member has weight 0) keeps its medoid, as
-    in K-Means, rather than a mean of nothing: a token of zeros."""
+def _outputs(x: Tensor, xf: Tensor, w: Tensor, medoid_index: Tensor, assign: Tensor, means: bool,
+             keep_norm: bool = False) -> Pooled:
+    """The medoids, or with `means` the clusters' weighted means (N*C more MACs), with `keep_norm` at their members'
+    norm (`norm_kept`). A cluster without weight (its medoid went to an exact duplicate medoid of a lower index, or
+    every member has weight 0) keeps its medoid, as in K-Means, rather than a mean of nothing: a token of zeros."""
     medoids = gather_tokens(x, medoid_index)
     if not means:
         return Pooled(medoids, assign)
     means, mass = cluster_means(xf, w, assign, medoid_index.shape[1])
+    if keep_norm:
+        means = norm_kept(means, mass, xf, w, assign)
     return Pooled(torch.where((mass > 0).unsqueeze(-1), means.to(x.dtype), medoids), assign)
+
+
+def norm_kept(means: Tensor, mass: Tensor, xf: Tensor, w: Tensor, assign: Tensor) -> Tensor:
+    """Cluster means [B, K, C] rescaled to their members' weighted mean norm, direction unchanged (written from
+    the observation behind MLERP merging, Kim et al., "Token Fusion", WACV 2024: averaging shrinks tokens).
+    A mean of tokens that point different ways is shorter than they are, the more so the looser its cluster. In a
+    pre-norm ViT the LayerNorms read direction only, but every later block adds its output to the token itself:
+    a shortened token is moved further by each of them than its members would have been. (N + K)*C + N MACs more.
+    """
+    index, weight = _members(assign, w)
+    tiny = torch.finfo(xf.dtype).tiny
+    target = row_sums(squared_norms(xf).sqrt() * weight, index, means.shape[1]) / mass.clamp_min(tiny)
+    return means * (target / squared_norms(means).sqrt().clamp_min(tiny)).unsqueeze(-1)
 
 
 def pairwise_squared_distances(x: Tensor) -> Tensor:
@@ -339,20 +356,20 @@ def _weights(significance: Tensor | None, size: Tensor | None) -> Tensor | None:
 
 
 def kmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5, means: bool = False,
-             size: Tensor | None = None, spread: int = 0) -> Pooled:
-    """K-Medoids (outputs are input tokens, or with `means` their clusters' means), from the k most significant
-    tokens (`spread` of them chosen for spread instead: `seed_tokens`); with `size`, a token's error counts as many
-    times as the patches it stands for."""
-    return _kmedoids(x, k, _weights(None, size), significance, iters, means, spread)
+             size: Tensor | None = None, spread: int = 0, keep_norm: bool = False) -> Pooled:
+    """K-Medoids (outputs are input tokens, or with `means` their clusters' means, with `keep_norm` at their
+    members' norm), from the k most significant tokens (`spread` of them chosen for spread instead: `seed_tokens`);
+    with `size`, a token's error counts as many times as the patches it stands for."""
+    return _kmedoids(x, k, _weights(None, size), significance, iters, means, spread, keep_norm)
 
 
 def wkmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5, means: bool = False,
-              size: Tensor | None = None, spread: int = 0) -> Pooled:
+              size: Tensor | None = None, spread: int = 0, keep_norm: bool = False) -> Pooled:
     """Weighted K-Medoids, the paper's best: each token's error is weighted by its significance (times `size`).
 
-    With `means`, each output is its cluster's weighted mean instead of the medoid.
+    With `means`, each output is its cluster's weighted mean instead of the medoid (`keep_norm`: as kmedoids).
     """
-    return _kmedoids(x, k, _weights(significance, size), significance, iters, means, spread)
+    return _kmedoids(x, k, _weights(significance, size), significance, iters, means, spread, keep_norm)
 
 
 def kmeans(x: Tensor, k: int, significance: Tensor, iters: int = 5, size: Tensor | None = None,
