@@ -33,7 +33,7 @@ WEIGHTS = deit_tiny_weights()
 # label -> (make_config arguments, family, layers); None: the preset's
 VARIANTS = {
     "vitpool preset (the default)": ({}, None, None),
-    "default, plain cluster means (`--output mean`: the default before 2026-12-07)": ({"output": "mean"}, None, None),
+    "default, plain cluster means (`--output mean`)": ({"output": "mean"}, None, None),
     "paper preset": ({"preset": "paper"}, None, None),
     "tome preset (ToMe as published)": ({"preset": "tome"}, None, None),
     "tome preset with the last block trimmed": ({"preset": "tome", "trim_last": True}, None, None),

@@ -1,14 +1,15 @@
 """Would the default schedule do better with another shape? `vitpool.budget.solve(..., shape=p)` on two models.
 
 The default preset pools in every block from depth/4 and keeps K_i = N r^((i+1)^p) patch tokens in its i-th
-pooling layer, r solved to the MAC budget: p = 1 (the default) keeps the same fraction in every layer; p < 1
-removes less in each later layer (more tokens reach the last blocks), p > 1 more. On the real DeiT-Tiny: agreement, top-1 and KL on the two halves
+pooling layer, r solved to the MAC budget: p = 1 keeps the same fraction in every layer; p < 1 removes less in
+each later layer (more tokens reach the last blocks), p > 1 more. The default's p follows the budget
+(`budget.default_shape`), chosen from these rows. On the real DeiT-Tiny: agreement, top-1 and KL on the two halves
 of the 500 shared photos (even and odd positions, as defaults_deit_tiny.py); on CLIP ViT-B/16's image tower
 (`--model clip`, built on demand as in clip_embeddings.py): cosine to the unpooled embedding and the share of
 photos whose nearest neighbour is unchanged. A run replaces its own (model, shape, budget) rows and keeps the
 file's others. Writes benchmarks/results/schedule_shape.json.
 
-    .venv/bin/python benchmarks/schedule_shape.py [--model deit_tiny|clip] [--shapes 0.8,1,1.25] [--budgets 0.5,0.6,0.75,0.9]
+    .venv/bin/python benchmarks/schedule_shape.py [--model deit_tiny|clip] [--shapes 0.8,1,1.125,1.25] [--budgets 0.5,0.55,0.575,0.6,0.75,0.9]
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def clip_rows(shapes: list[str], budgets: list[float]):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("deit_tiny", "clip"), default="deit_tiny")
-    parser.add_argument("--shapes", default="0.8,0.9,1,1.25")
-    parser.add_argument("--budgets", default="0.5,0.6,0.75,0.9")
+    parser.add_argument("--shapes", default="0.8,1,1.125,1.25")
+    parser.add_argument("--budgets", default="0.5,0.55,0.575,0.6,0.75,0.9")
     args = parser.parse_args()
     shapes, budgets = args.shapes.split(","), [float(b) for b in args.budgets.split(",")]
     measure = deit_tiny_rows if args.model == "deit_tiny" else clip_rows

@@ -8,7 +8,7 @@ import vitpool
 from dataclasses import replace
 
 from vitpool.adapter import apply_pooling
-from vitpool.budget import MacModel, family_layers, family_schedule, solve
+from vitpool.budget import MacModel, default_shape, family_layers, family_schedule, solve
 from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK, EVERY_BLOCK, LATE, PRESETS, SPREAD, PoolingConfig, PoolingStage, make_config
 from vitpool.errors import VitpoolError
 from vitpool.flops import count_macs, total_macs
@@ -97,7 +97,7 @@ def test_family_keeps_method_constraints():
 
 
 def test_late_family_shape_bends_the_schedule():
-    """Shape 1 (the default) keeps the same fraction r in every layer; below 1 each layer removes a smaller
+    """Shape 1 (the default at 0.5) keeps the same fraction r in every layer; below 1 each layer removes a smaller
     fraction than the one before, so at the same MACs the last blocks keep more tokens."""
     assert family_schedule(0.7, 196, (14, 14), 8, "kmedoids", LATE) == tuple(round(196 * 0.7 ** (i + 1)) for i in range(8))
     front = family_schedule(0.75, 196, (14, 14), 8, "kmedoids", LATE, 0.8)
@@ -109,6 +109,22 @@ def test_late_family_shape_bends_the_schedule():
     bent = solve(model, make_config(layers=()), budget=0.5, macs=macs, shape=0.8)
     assert abs(even[1] / even[2] - 0.5) <= 0.005 and abs(bent[1] / bent[2] - 0.5) <= 0.005
     assert bent[0].k[-1] > even[0].k[-1] and bent[0].k[0] < even[0].k[0]  # same MACs, more tokens late
+
+
+def test_late_family_shape_follows_the_budget():
+    """The late family keeps the same fraction in every layer up to 0.55 and removes more in later layers from
+    0.6 on, linearly between; --target-gmacs takes the shape of the budget it amounts to; the paper's spread
+    family keeps p = 1."""
+    shapes = [default_shape(LATE, f) for f in (0.3, 0.5, 0.55, 0.575, 0.6, 0.75, 1.0)]
+    assert shapes == pytest.approx([1, 1, 1, 1.125, 1.25, 1.25, 1.25])
+    assert default_shape(SPREAD, 0.75) == 1
+    model = _model("deit_tiny")
+    macs = MacModel(model, make_config(layers=()))
+    solved = solve(model, make_config(layers=()), budget=0.75, macs=macs)
+    assert solved[0] == solve(model, make_config(layers=()), budget=0.75, macs=macs, shape=1.25)[0]
+    assert solved[0] != solve(model, make_config(layers=()), budget=0.75, macs=macs, shape=1.0)[0]
+    by_gmacs = solve(model, make_config(layers=()), target_gmacs=0.75 * macs.baseline / 1e9, macs=macs)
+    assert by_gmacs[0] == solved[0]
 
 
 def test_python_api_and_unreachable_budgets():

@@ -63,15 +63,16 @@ def _pool_macs(method: str, n: int, k: int, c: int, head_dim: int, iters: int, s
     distances from the N - K other tokens to the K seeds. `spread` seeds cost the distances from the N - K + s
     tokens after the first K - s seeds to those (with their norms); with no iteration these serve the assignment,
     with the distances from the same tokens to the s spread seeds. The means kept at their members' norm (the
-    default `mean-norm`) cost the tokens' norms, their weighted sums and the means' norms."""
+    default `mean-norm`) cost their members' norms' weighted sums and the means' norms, and after iterations the
+    tokens' norms (with no iteration, the assignment's serve)."""
     sizes, s = n, min(spread, k // 2)
     seeding = (n - k + s) * (k - s) * c + (k - s) * c if s else 0  # distances to the first seeds, their norms
-    keep_norm = n * c + n + k * c
+    keep_norm = n + k * c  # with the tokens' norms, which the assignment made unless it iterated
     if method in ("wkmedoids", "kmedoids") and iters == 0:
         # norms, distances to the seeds (to the first ones from seeding), the seeds' norms, means
         return n * c + (seeding or (n - k) * k * c + k * c) + (n - k + s) * s * c + s * c + n * c + n + sizes + keep_norm
     if method in ("wkmedoids", "kmedoids"):  # the seeds' norms
-        return n * n * c + iters * n * n + n * c + n + sizes + seeding + (n * c if s else 0) + keep_norm
+        return n * n * c + iters * n * n + n * c + n + sizes + seeding + (n * c if s else 0) + n * c + keep_norm
     if method in ("wkmeans", "kmeans"):
         assign = n * k * c + k * c  # x . centres, and the centres' norms
         return n * c + seeding + assign + iters * (n * c + n + assign) + sizes

@@ -35,10 +35,10 @@ def test_search_stays_in_budget_improves_and_is_deterministic(tiny_model, folder
     assert first.macs == total_macs(apply_pooling(tiny_model, first.config))
     placements = [tuple(range(3, 11))] * 3 + [(6,), (4, 8), (3, 6, 9)]
     assert [tuple(h["layers"]) for h in first.history[:6]] == placements, "the family's layers, then 1, 2 and 3 spread"
-    assert [h["shape"] for h in first.history[:3]] == [1.0, 0.8, 1.25]
-    even, front, back = (first.history[i]["k"] for i in range(3))
+    assert [h["shape"] for h in first.history[:3]] == [1.25, 0.8, 1.0], "the budget's shape first"
+    back, front, even = (first.history[i]["k"] for i in range(3))
     assert back[-1] < even[-1] < front[-1] and back[0] > even[0] > front[0], "shape < 1 keeps more tokens late"
-    assert first.start.layers == placements[0] and list(first.start.k) == even  # the --budget schedule
+    assert first.start.layers == placements[0] and list(first.start.k) == back  # the --budget schedule
     starts = min(h["kl"] for h in first.history[:6])
     moves = [step["kl"] for step in first.history[6:]]
     assert moves == sorted(moves, reverse=True) and all(kl < starts for kl in moves)

@@ -2,8 +2,8 @@
 
 A schedule family places the pooling layers (`family_layers`) and has one parameter r in (0, 1]: the `late`
 family (the default preset's) and the `spread` family (the paper preset's) keep K_i = round(N * r^(i+1)) patch
-tokens in the i-th pooling layer, so that each keeps the same fraction r of the tokens reaching it (`solve`'s
-`shape` p makes that N * r^((i+1)^p); no p but 1 held on both DeiT-Tiny and CLIP, benchmarks/schedule_shape.py);
+tokens in the i-th pooling layer, so that each keeps the same fraction r of the tokens reaching it, and `solve`'s
+`shape` p bends that to N * r^((i+1)^p): the late family's p follows the budget (`default_shape`);
 `every-block` (the tome preset's) removes the same number in every block. Method constraints are kept:
 `tome` never removes more than half of the tokens of a layer, and `grid` rounds K down to a count its token
 grid can make. The MACs of a schedule, pooling layers included, are the same
@@ -33,6 +33,10 @@ from vitpool.methods import KEYS, METHODS, NEEDS_ATTENTION
 
 TOLERANCE = 0.01  # a solved schedule lands within 1% of the budget
 STEPS = 16  # r to 1/65536: finer than one token of K
+# The late family's shape p against the budget (a fraction of the unpooled MACs): 1 up to the first point, then
+# linear to the second's p and held there. From 0.6 up, removing more in each later layer kept DeiT-Tiny and CLIP
+# ViT-B/16 closer to the unpooled model; at 0.55 and below neither gained (benchmarks/schedule_shape.py).
+LATE_SHAPE_RAMP = ((0.55, 1.0), (0.6, 1.25))
 
 
 def family_layers(depth: int, family: str = LATE, position: str = AFTER_ATTENTION,
@@ -80,6 +84,15 @@ def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: in
         k_values.append(k)
         tokens = k
     return tuple(k_values)
+
+
+def default_shape(family: str, fraction: float) -> float:
+    """The shape p a family's schedule takes at a budget of `fraction` of the unpooled MACs (`LATE_SHAPE_RAMP`
+    for the late family; 1, the same fraction in every layer, for the paper's spread family)."""
+    if family != LATE:
+        return 1.0
+    (start, flat), (end, bent) = LATE_SHAPE_RAMP
+    return flat + (bent - flat) * min(max((fraction - start) / (end - start), 0.0), 1.0)
 
 
 def tome_schedule(r: int, num_patches: int, depth: int) -> tuple[int, ...]:
@@ -312,19 +325,20 @@ def budget_target(macs: MacModel, budget: float | None, target_gmacs: float | No
 
 def solve(model, template: PoolingConfig, budget: float | None = None, target_gmacs: float | None = None,
           layers: tuple[int, ...] | None = None, macs: MacModel | None = None,
-          family: str = LATE, shape: float = 1.0) -> tuple[PoolingConfig, int, int]:
+          family: str = LATE, shape: float | None = None) -> tuple[PoolingConfig, int, int]:
     """The family schedule for `template`'s setting whose MACs come closest to the budget; (config, its MACs,
     the unpooled MACs).
 
     `layers` replaces the family's pooling blocks; `macs` reuses a MacModel's cached counts; `shape` bends a
     late or spread schedule: below 1 each layer removes a smaller fraction than the one before, above 1 a
-    larger one (the calibration search tries a few)."""
+    larger one (the calibration search tries a few). None: the family's at this budget (`default_shape`)."""
     if family not in FAMILIES:
         raise VitpoolError(f"schedule family must be one of {', '.join(FAMILIES)}; got {family!r}")
     macs = macs or MacModel(model, template)
     target = budget_target(macs, budget, target_gmacs)
     grid = token_grid(model)
     layers = schedule_layers(model, template, family, layers)
+    shape = default_shape(family, target / macs.baseline) if shape is None else shape
 
     def config_at(r: float) -> PoolingConfig:
         k = family_schedule(r, macs.num_patches, grid, len(layers), template.method, family, shape)

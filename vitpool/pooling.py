@@ -239,33 +239,37 @@ def _nearest_seeds(x: Tensor, xf: Tensor, w: Tensor, k: int, init_scores: Tensor
     if s:  # the spread seeds into token order among the first: renumber the clusters
         order = seeds.topk(k, dim=-1, largest=False).indices
         seeds, assign = seeds.gather(1, order), torch.zeros_like(order).scatter(1, order, own).gather(1, assign)
-    return _outputs(x, xf, w, seeds, assign, means, keep_norm)
+    return _outputs(x, xf, w, seeds, assign, means, keep_norm, x_sq)
 
 
 def _outputs(x: Tensor, xf: Tensor, w: Tensor, medoid_index: Tensor, assign: Tensor, means: bool,
-             keep_norm: bool = False) -> Pooled:
+             keep_norm: bool = False, x_sq: Tensor | None = None) -> Pooled:
     """The medoids, or with `means` the clusters' weighted means (N*C more MACs), with `keep_norm` at their members'
-    norm (`norm_kept`). A cluster without weight (its medoid went to an exact duplicate medoid of a lower index, or
-    every member has weight 0) keeps its medoid, as in K-Means, rather than a mean of nothing: a token of zeros."""
+    norm (`norm_kept`, reading the tokens' squared norms `x_sq` where the clustering made them). A cluster without
+    weight (its medoid went to an exact duplicate medoid of a lower index, or every member has weight 0) keeps its
+    medoid, as in K-Means, rather than a mean of nothing: a token of zeros."""
     medoids = gather_tokens(x, medoid_index)
     if not means:
         return Pooled(medoids, assign)
     means, mass = cluster_means(xf, w, assign, medoid_index.shape[1])
     if keep_norm:
-        means = norm_kept(means, mass, xf, w, assign)
+        means = norm_kept(means, mass, xf, w, assign, x_sq)
     return Pooled(torch.where((mass > 0).unsqueeze(-1), means.to(x.dtype), medoids), assign)
 
 
-def norm_kept(means: Tensor, mass: Tensor, xf: Tensor, w: Tensor, assign: Tensor) -> Tensor:
+def norm_kept(means: Tensor, mass: Tensor, xf: Tensor, w: Tensor, assign: Tensor,
+              x_sq: Tensor | None = None) -> Tensor:
     """Cluster means [B, K, C] rescaled to their members' weighted mean norm, direction unchanged (written from
     the observation behind MLERP merging, Kim et al., "Token Fusion", WACV 2024: averaging shrinks tokens).
     A mean of tokens that point different ways is shorter than they are, the more so the looser its cluster. In a
     pre-norm ViT the LayerNorms read direction only, but every later block adds its output to the token itself:
-    a shortened token is moved further by each of them than its members would have been. (N + K)*C + N MACs more.
+    a shortened token is moved further by each of them than its members would have been. (N + K)*C + N MACs more,
+    K*C + N where the tokens' squared norms `x_sq` come with them.
     """
     index, weight = _members(assign, w)
     tiny = torch.finfo(xf.dtype).tiny
-    target = row_sums(squared_norms(xf).sqrt() * weight, index, means.shape[1]) / mass.clamp_min(tiny)
+    x_sq = squared_norms(xf) if x_sq is None else x_sq
+    target = row_sums(x_sq.sqrt() * weight, index, means.shape[1]) / mass.clamp_min(tiny)
     return means * (target / squared_norms(means).sqrt().clamp_min(tiny)).unsqueeze(-1)
 
 

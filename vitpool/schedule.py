@@ -2,11 +2,11 @@
 
 The paper took its schedules from PoWER-BERT's learned search; here the search runs on the user's model and
 a few unlabelled calibration images. It scores the budget family's schedule (`vitpool.budget`) at the
-family's own placement, even and bent (`SHAPES`: the shape that keeps a model closest depends on the model,
-benchmarks/schedule_shape.py), and with 1, 2 and 3 pooling layers spread evenly (or at the user's `layers`),
-starts from the best of them, and then moves tokens between its pooling layers: a move adds `step` tokens
-to one layer and takes from another as many as keeps the MACs (pooling layers included) within 1% of the
-budget. Every move of the current step is scored by the mean KL(unpooled || pooled) on the calibration images
+family's own placement, with the budget's shape (`budget.default_shape`) and the others of `SHAPES` (the shape
+that keeps a model closest depends on the model, benchmarks/schedule_shape.py), and with 1, 2 and 3 pooling
+layers spread evenly (or at the user's `layers`), starts from the best of them, and then moves tokens between
+its pooling layers: a move adds `step` tokens to one layer and takes from another as many as keeps the MACs
+(pooling layers included) within 1% of the budget. Every move of the current step is scored by the mean KL(unpooled || pooled) on the calibration images
 (ties: top-1 agreement); the best one is taken while it improves, then the step halves. Greedy,
 deterministic, and a few dozen forward passes.
 """
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from vitpool.adapter import apply_pooling, plan_for
-from vitpool.budget import TOLERANCE, MacModel, budget_target, schedule_layers, solve
+from vitpool.budget import TOLERANCE, MacModel, budget_target, default_shape, schedule_layers, solve
 from vitpool.config import LATE, PoolingConfig, default_layers
 from vitpool.errors import VitpoolError
 from vitpool.flops import total_macs
@@ -25,7 +25,7 @@ from vitpool.evaluate import ImageSet, score
 
 STEPS = (32, 16, 8, 4)
 PLACEMENT_COUNTS = (1, 2, 3)  # pooling layers tried, spread as `default_layers` spreads them
-SHAPES = (1.0, 0.8, 1.25)  # the family's schedule and two bent ones (`budget.solve`), at the family's placement
+SHAPES = (0.8, 1.0, 1.25)  # shapes (`budget.solve`) tried besides the budget's own, at the family's placement
 MAX_EVALUATIONS = 80  # checked between rounds of moves: a round is scored whole
 
 
@@ -72,8 +72,8 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
            target_gmacs: float | None = None, layers: tuple[int, ...] | None = None,
            on_step: Callable[[str], None] | None = None, family: str = LATE) -> SearchResult:
     """Greedy search over per-layer K within the budget for `template`'s setting (its K and layers are
-    ignored), scored on `images` against the unpooled logits, from the best of `family`'s schedule (even and
-    bent to `SHAPES`) and the candidate placements."""
+    ignored), scored on `images` against the unpooled logits, from the best of `family`'s schedule (the budget's
+    shape first, then the others of `SHAPES`) and the candidate placements."""
     macs = MacModel(model, template)
     target = budget_target(macs, budget, target_gmacs)
     note = on_step or (lambda text: None)
@@ -90,9 +90,10 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
 
     family_placement = schedule_layers(model, template, family, layers)
     placements = [family_placement] if layers else [family_placement] + candidate_placements(macs.depth, template.position)
+    shapes = list(dict.fromkeys((default_shape(family, target / macs.baseline), *SHAPES)))
     starts, family_start, problem = [], None, None  # the family schedule at each candidate placement and shape
     for placement in dict.fromkeys(placements):
-        for shape in SHAPES if placement == family_placement else SHAPES[:1]:
+        for shape in shapes if placement == family_placement else shapes[:1]:
             try:
                 config = solve(model, template, budget, target_gmacs, layers=placement, macs=macs, family=family,
                                shape=shape)[0]
@@ -101,7 +102,7 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
                 continue
             if all(config != earlier for _, earlier, _ in starts):  # a shape that changes nothing, scored once
                 starts.append((evaluate_config(config), config, shape))
-            if placement == family_placement and shape == SHAPES[0]:
+            if placement == family_placement and shape == shapes[0]:
                 family_start = starts[-1][0]
     if not starts:
         raise problem
