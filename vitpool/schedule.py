@@ -6,9 +6,9 @@ family's own placement, with the budget's shape (`budget.default_shape`) and the
 that keeps a model closest depends on the model, benchmarks/schedule_shape.py), and with 1, 2 and 3 pooling
 layers spread evenly (or at the user's `layers`), starts from the best of them, and then moves tokens between
 its pooling layers: a move adds `step` tokens to one layer and takes from another as many as keeps the MACs
-(pooling layers included) within 1% of the budget. Every move of the current step is scored by the mean KL(unpooled || pooled) on the calibration images
-(ties: top-1 agreement); the best one is taken while it improves, then the step halves. Greedy,
-deterministic, and a few dozen forward passes.
+(pooling layers included) within 1% of the budget. Every move of the current step is scored by the mean
+KL(unpooled || pooled) on the calibration images (ties: top-1 agreement); the best one is taken while it
+improves, then the step halves. Greedy, deterministic, and a few dozen forward passes.
 """
 
 from __future__ import annotations

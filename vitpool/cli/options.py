@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from vitpool.config import PRESETS
 from vitpool.data import Preprocess, Source
 from vitpool.methods import METHODS
 
@@ -21,7 +22,9 @@ KOpt = Annotated[Optional[str], typer.Option("--k", help="Comma list of patch-to
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Comma list of the 0-based blocks each K applies in (with --budget: the blocks to pool in). Default: spread evenly (3 values on 12 blocks: 3,6,9 after attention, 2,5,8 after the block).")]
 ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (at most; default 0: each token joins the nearest seed (--spread); 2 for a clustering method other than the preset's; the paper preset 5).")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", help="K-Medoids outputs: mean-norm (default: each cluster's weighted mean, rescaled to its members' mean norm), mean (the mean as it is) or medoid (the paper's, --preset paper).")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Settings and --budget family to start from: vitpool (default: the best measured, K-Medoids with no iteration from 8 spread seeds and mean outputs at their members' norm after attention, every block from a quarter of the depth, each later one removing more from a budget of 0.6, last block trimmed to the head's tokens), paper (Marin et al.: weighted K-Medoids, medoid outputs, after the block, three layers) or tome (ToMe as published). The other flags override it.")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Settings and --budget family to start from: " + ", ".join(
+    f"{name} ({'default: ' if name == 'vitpool' else ''}{preset.about})" for name, preset in PRESETS.items())
+    + ". The other flags override it.")]
 PositionOpt = Annotated[Optional[str], typer.Option("--position", help="Where a pooling layer sits in its block: after-attention (default: between attention and MLP, ToMe's place, so the MLP runs on K tokens) or after-block (the paper's).")]
 ProportionalOpt = Annotated[Optional[bool], typer.Option("--proportional/--no-proportional", help="Add log(cluster size) to the attention logits after pooling (ToMe's proportional attention) and weight the clustering by it. Default: on (off in --preset paper).")]
 TrimOpt = Annotated[Optional[bool], typer.Option("--trim-last/--no-trim-last", help="Run the last block's MLP on the tokens a class-token head reads (CLS and other prefix tokens) only: exact, and the MACs saved go to the pooling schedule; no effect on heads that pool all tokens or a last block with a pooling layer. Default: on (off in --preset paper and tome, as published).")]
