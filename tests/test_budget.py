@@ -8,7 +8,7 @@ import vitpool
 from dataclasses import replace
 
 from vitpool.adapter import apply_pooling
-from vitpool.budget import MacModel, default_shape, family_layers, family_schedule, solve
+from vitpool.budget import LATE_FLOOR, MacModel, default_shape, family_layers, family_schedule, solve, without_keep_all
 from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK, EVERY_BLOCK, LATE, PRESETS, SPREAD, PoolingConfig, PoolingStage, make_config
 from vitpool.errors import VitpoolError
 from vitpool.flops import count_macs, total_macs
@@ -41,7 +41,8 @@ def test_solved_schedule_lands_within_one_percent(name, method, budget, target_g
     converted = vitpool.convert(model, method=method, k=config.k, layers=config.layers)
     assert total_macs(converted) == reached  # the figure reported is the whole converted model's count
     assert abs(reached - target) <= 0.01 * target
-    assert config.layers == tuple(range(3, 11)) and list(config.k) == sorted(config.k, reverse=True)
+    assert config.layers == tuple(range(3, 11))[: len(config.k)], "every block from 3, less those that would keep every token"
+    assert all(a > b for a, b in zip(config.k, config.k[1:])), "each layer removes tokens"
 
 
 def test_families_place_their_layers():
@@ -105,8 +106,8 @@ def test_late_family_shape_bends_the_schedule():
     assert all(b > a - 0.02 for a, b in zip(kept, kept[1:])) and kept[-1] - kept[0] > 0.1, kept  # 0.02: rounding
     model = _model("deit_tiny")
     macs = MacModel(model, make_config(layers=()))
-    even = solve(model, make_config(layers=()), budget=0.5, macs=macs)
-    bent = solve(model, make_config(layers=()), budget=0.5, macs=macs, shape=0.8)
+    even = solve(model, make_config(layers=()), budget=0.5, macs=macs, floor=0.0)  # the shape alone
+    bent = solve(model, make_config(layers=()), budget=0.5, macs=macs, shape=0.8, floor=0.0)
     assert abs(even[1] / even[2] - 0.5) <= 0.005 and abs(bent[1] / bent[2] - 0.5) <= 0.005
     assert bent[0].k[-1] > even[0].k[-1] and bent[0].k[0] < even[0].k[0]  # same MACs, more tokens late
 
@@ -125,6 +126,28 @@ def test_late_family_shape_follows_the_budget():
     assert solved[0] != solve(model, make_config(layers=()), budget=0.75, macs=macs, shape=1.0)[0]
     by_gmacs = solve(model, make_config(layers=()), target_gmacs=0.75 * macs.baseline / 1e9, macs=macs)
     assert by_gmacs[0] == solved[0]
+
+
+def test_late_family_keeps_a_floor_and_leaves_out_layers_that_keep_every_token():
+    """No layer keeps fewer than LATE_FLOOR N tokens (or K_0, where fewer); where the floor leaves a layer with
+    every token it receives, the layer is not made, and the MACs it would have spent go to the tokens."""
+    floor = round(196 * LATE_FLOOR)
+    assert family_schedule(0.7, 196, (14, 14), 8, "kmedoids", LATE, 1.0, LATE_FLOOR) == tuple(
+        max(round(196 * 0.7 ** (i + 1)), floor) for i in range(8))
+    assert family_schedule(0.1, 196, (14, 14), 3, "kmedoids", LATE, 1.0, LATE_FLOOR) == (20, 20, 20)  # K_0 < floor
+    assert without_keep_all(make_config(k=(150, 150, 90, 90), layers=(3, 4, 5, 6)), 196) == make_config(k=(150, 90), layers=(3, 5))
+    assert without_keep_all(make_config(k=(196, 196), layers=(3, 4)), 196) == make_config(k=(), layers=())
+    model = _model("deit_tiny")
+    macs = MacModel(model, make_config(layers=()))
+    floored, reached, baseline = solve(model, make_config(layers=()), budget=0.5, macs=macs)
+    plain = solve(model, make_config(layers=()), budget=0.5, macs=macs, floor=0.0)[0]
+    assert abs(reached / baseline - 0.5) <= 0.005 and reached == total_macs(apply_pooling(model, floored))
+    assert min(plain.k) < floor <= min(floored.k) and floored.k[-1] < floored.k[-2]
+    assert floored.layers == plain.layers[: len(floored.k)] and len(floored.k) < len(plain.k) == 8
+    assert solve(model, make_config(layers=()), budget=0.75, macs=macs)[0] == solve(
+        model, make_config(layers=()), budget=0.75, macs=macs, floor=0.0)[0], "not binding at 0.75"
+    spread = solve(model, PRESETS["paper"].template, budget=0.5, family=SPREAD)[0]
+    assert spread == solve(model, PRESETS["paper"].template, budget=0.5, family=SPREAD, floor=0.0)[0]
 
 
 def test_python_api_and_unreachable_budgets():

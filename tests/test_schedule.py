@@ -13,6 +13,7 @@ from conftest import noise_folder
 
 import vitpool
 from vitpool.adapter import apply_pooling
+from vitpool.budget import LATE_FLOOR
 from vitpool.config import make_config
 from vitpool.flops import total_macs
 from vitpool.schedule import search
@@ -49,6 +50,18 @@ def test_search_stays_in_budget_improves_and_is_deterministic(tiny_model, folder
     assert list(first.config.k) == [h for h in first.history if tuple(h["layers"]) == first.config.layers][-1]["k"]
     again = search(tiny_model, images, make_config("wkmedoids", layers=(), iters=1), budget=0.6)
     assert again.config == first.config and again.best == first.best
+
+
+def test_search_also_starts_without_the_floor_where_it_binds(tiny_model, folder):
+    """At 0.5 the late family's floor leaves out its last layers; the search also scores the schedule without it,
+    all eight layers, since which of the two keeps a model closer depends on the model."""
+    images = load_images(tiny_model, folder, 2, workers=0)
+    found = search(tiny_model, images, make_config(layers=()), budget=0.5, layers=tuple(range(3, 11)))
+    starts = [h for h in found.history if "floor" in h]
+    assert [(h["shape"], h["floor"]) for h in starts] == [(1.0, LATE_FLOOR), (0.8, LATE_FLOOR), (1.25, LATE_FLOOR), (1.0, 0.0)]
+    floored, plain = starts[0], starts[-1]
+    assert len(floored["layers"]) < len(plain["layers"]) == 8 and min(plain["k"]) < round(196 * LATE_FLOOR) <= min(floored["k"])
+    assert found.best.kl <= min(h["kl"] for h in starts)
 
 
 def test_search_keeps_tome_constraints_and_custom_layers(tiny_model, folder):

@@ -3,7 +3,8 @@
 A schedule family places the pooling layers (`family_layers`) and has one parameter r in (0, 1]: the `late`
 family (the default preset's) and the `spread` family (the paper preset's) keep K_i = round(N * r^(i+1)) patch
 tokens in the i-th pooling layer, so that each keeps the same fraction r of the tokens reaching it, and `solve`'s
-`shape` p bends that to N * r^((i+1)^p): the late family's p follows the budget (`default_shape`);
+`shape` p bends that to N * r^((i+1)^p): the late family's p follows the budget (`default_shape`), and its
+layers keep at least a floor (`default_floor`), those left with every token they receive being left out;
 `every-block` (the tome preset's) removes the same number in every block. Method constraints are kept:
 `tome` never removes more than half of the tokens of a layer, and `grid` rounds K down to a count its token
 grid can make. The MACs of a schedule, pooling layers included, are the same
@@ -37,6 +38,11 @@ STEPS = 16  # r to 1/65536: finer than one token of K
 # linear to the second's p and held there. From 0.6 up, removing more in each later layer kept DeiT-Tiny and CLIP
 # ViT-B/16 closer to the unpooled model; at 0.55 and below neither gained (benchmarks/schedule_shape.py).
 LATE_SHAPE_RAMP = ((0.55, 1.0), (0.6, 1.25))
+# The fewest patch tokens a late-family layer keeps, as a fraction of N (or as many as its first layer keeps, if
+# fewer). It binds below a budget of about 0.55, where the layers it leaves with every token are not made: there
+# DeiT-Tiny's last blocks lost more from fewer tokens than its early blocks gained (CLIP ViT-B/16, the other way
+# round, lost a little at 0.5; benchmarks/schedule_shape.py).
+LATE_FLOOR = 1 / 7
 
 
 def family_layers(depth: int, family: str = LATE, position: str = AFTER_ATTENTION,
@@ -62,10 +68,11 @@ def schedule_layers(model, template: PoolingConfig, family: str, layers=None) ->
 
 
 def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: int, method: str,
-                    family: str = LATE, shape: float = 1.0) -> tuple[int, ...]:
+                    family: str = LATE, shape: float = 1.0, floor: float = 0.0) -> tuple[int, ...]:
     """K values of the family at parameter r in [0, 1] for `count` pooling layers, within the method's constraints.
 
-    late and spread: K_i = round(N r^((i+1)^shape)); with shape 1 each layer keeps the same fraction r.
+    late and spread: K_i = round(N r^((i+1)^shape)); with shape 1 each layer keeps the same fraction r; no
+    layer keeps fewer than `floor` N tokens, or K_0 where that is fewer.
     every-block (ToMe's own schedule): the same number of tokens, (1 - r) N / count, removed in each block,
     rounded cumulatively.
     """
@@ -75,6 +82,8 @@ def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: in
             wanted = num_patches - round((i + 1) * (1 - r) * num_patches / count)
         else:
             wanted = round(num_patches * r ** ((i + 1) ** shape))
+        if k_values:
+            wanted = max(wanted, min(round(num_patches * floor), k_values[0]))
         k = min(tokens, max(1, wanted))
         if METHODS[method].removes_at_most_half:
             k = max(k, tokens - tokens // 2)
@@ -86,6 +95,17 @@ def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: in
     return tuple(k_values)
 
 
+def without_keep_all(config: PoolingConfig, num_patches: int) -> PoolingConfig:
+    """`config` without the pooling layers that keep every token reaching them (a schedule's floor, or r = 1):
+    such a layer changes nothing and costs its clustering."""
+    kept, tokens = [], num_patches
+    for k, layer in zip(config.k, config.layers):
+        if k < tokens:
+            kept.append((k, layer))
+            tokens = k
+    return replace(config, k=tuple(k for k, _ in kept), layers=tuple(layer for _, layer in kept))
+
+
 def default_shape(family: str, fraction: float) -> float:
     """The shape p a family's schedule takes at a budget of `fraction` of the unpooled MACs (`LATE_SHAPE_RAMP`
     for the late family; 1, the same fraction in every layer, for the paper's spread family)."""
@@ -93,6 +113,12 @@ def default_shape(family: str, fraction: float) -> float:
         return 1.0
     (start, flat), (end, bent) = LATE_SHAPE_RAMP
     return flat + (bent - flat) * min(max((fraction - start) / (end - start), 0.0), 1.0)
+
+
+def default_floor(family: str) -> float:
+    """The fewest tokens a family's layer keeps, a fraction of N: `LATE_FLOOR` for the late family, none for the
+    paper's spread family and ToMe's every-block schedule."""
+    return LATE_FLOOR if family == LATE else 0.0
 
 
 def tome_schedule(r: int, num_patches: int, depth: int) -> tuple[int, ...]:
@@ -325,13 +351,15 @@ def budget_target(macs: MacModel, budget: float | None, target_gmacs: float | No
 
 def solve(model, template: PoolingConfig, budget: float | None = None, target_gmacs: float | None = None,
           layers: tuple[int, ...] | None = None, macs: MacModel | None = None,
-          family: str = LATE, shape: float | None = None) -> tuple[PoolingConfig, int, int]:
+          family: str = LATE, shape: float | None = None, floor: float | None = None) -> tuple[PoolingConfig, int, int]:
     """The family schedule for `template`'s setting whose MACs come closest to the budget; (config, its MACs,
     the unpooled MACs).
 
     `layers` replaces the family's pooling blocks; `macs` reuses a MacModel's cached counts; `shape` bends a
     late or spread schedule: below 1 each layer removes a smaller fraction than the one before, above 1 a
-    larger one (the calibration search tries a few). None: the family's at this budget (`default_shape`)."""
+    larger one (the calibration search tries a few). None: the family's at this budget (`default_shape`).
+    `floor`: the fewest tokens a layer keeps, a fraction of N (None: the family's, `default_floor`);
+    layers that then keep every token are left out (`without_keep_all`)."""
     if family not in FAMILIES:
         raise VitpoolError(f"schedule family must be one of {', '.join(FAMILIES)}; got {family!r}")
     macs = macs or MacModel(model, template)
@@ -339,10 +367,11 @@ def solve(model, template: PoolingConfig, budget: float | None = None, target_gm
     grid = token_grid(model)
     layers = schedule_layers(model, template, family, layers)
     shape = default_shape(family, target / macs.baseline) if shape is None else shape
+    floor = default_floor(family) if floor is None else floor
 
     def config_at(r: float) -> PoolingConfig:
-        k = family_schedule(r, macs.num_patches, grid, len(layers), template.method, family, shape)
-        return replace(template, k=k, layers=layers)
+        k = family_schedule(r, macs.num_patches, grid, len(layers), template.method, family, shape, floor)
+        return without_keep_all(replace(template, k=k, layers=layers), macs.num_patches)
 
     low, high = 0.0, 1.0
     best = min((config_at(r) for r in (low, high)), key=lambda c: abs(macs.total(c) - target))

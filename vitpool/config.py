@@ -102,7 +102,7 @@ class Preset:
 
 PRESETS = {
     "vitpool": Preset(PoolingConfig(), LATE,
-                      "the best measured: K-Medoids with no iteration (each token joins the nearest seed: the most significant tokens and 8 that they represent worst), mean outputs at their members' norm, after attention, every block from a quarter of the depth (each later one removing more from a budget of 0.6), last block trimmed to the head's tokens"),
+                      "the best measured: K-Medoids with no iteration (each token joins the nearest seed: the most significant tokens and 8 that they represent worst), mean outputs at their members' norm, after attention, every block from a quarter of the depth (each later one removing more from a budget of 0.6, none keeping fewer than a seventh of the tokens), last block trimmed to the head's tokens"),
     "paper": Preset(PoolingConfig("wkmedoids", iters=5, output="medoid", proportional=False, position=AFTER_BLOCK,
                                   trim_last=False, spread=0),
                     SPREAD,

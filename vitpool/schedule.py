@@ -2,8 +2,9 @@
 
 The paper took its schedules from PoWER-BERT's learned search; here the search runs on the user's model and
 a few unlabelled calibration images. It scores the budget family's schedule (`vitpool.budget`) at the
-family's own placement, with the budget's shape (`budget.default_shape`) and the others of `SHAPES` (the shape
-that keeps a model closest depends on the model, benchmarks/schedule_shape.py), and with 1, 2 and 3 pooling
+family's own placement, with the budget's shape (`budget.default_shape`) and the others of `SHAPES`, and without
+the family's floor on K (the shape and the floor that keep a model closest depend on the model,
+benchmarks/schedule_shape.py), and with 1, 2 and 3 pooling
 layers spread evenly (or at the user's `layers`), starts from the best of them, and then moves tokens between
 its pooling layers: a move adds `step` tokens to one layer and takes from another as many as keeps the MACs
 (pooling layers included) within 1% of the budget. Every move of the current step is scored by the mean
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from vitpool.adapter import apply_pooling, plan_for
-from vitpool.budget import TOLERANCE, MacModel, budget_target, default_shape, schedule_layers, solve
+from vitpool.budget import TOLERANCE, MacModel, budget_target, default_floor, default_shape, schedule_layers, solve
 from vitpool.config import LATE, PoolingConfig, default_layers
 from vitpool.errors import VitpoolError
 from vitpool.flops import total_macs
@@ -90,19 +91,20 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
 
     family_placement = schedule_layers(model, template, family, layers)
     placements = [family_placement] if layers else [family_placement] + candidate_placements(macs.depth, template.position)
-    shapes = list(dict.fromkeys((default_shape(family, target / macs.baseline), *SHAPES)))
-    starts, family_start, problem = [], None, None  # the family schedule at each candidate placement and shape
+    own_shape, own_floor = default_shape(family, target / macs.baseline), default_floor(family)
+    variants = list(dict.fromkeys([(own_shape, own_floor), *((shape, own_floor) for shape in SHAPES), (own_shape, 0.0)]))
+    starts, family_start, problem = [], None, None  # the family schedule at each candidate placement and variant
     for placement in dict.fromkeys(placements):
-        for shape in shapes if placement == family_placement else shapes[:1]:
+        for shape, floor in variants if placement == family_placement else variants[:1]:
             try:
                 config = solve(model, template, budget, target_gmacs, layers=placement, macs=macs, family=family,
-                               shape=shape)[0]
+                               shape=shape, floor=floor)[0]
             except VitpoolError as error:  # this placement cannot reach the budget
                 problem = error
                 continue
-            if all(config != earlier for _, earlier, _ in starts):  # a shape that changes nothing, scored once
-                starts.append((evaluate_config(config), config, shape))
-            if placement == family_placement and shape == shapes[0]:
+            if all(config != earlier for _, earlier, _ in starts):  # a variant that changes nothing, scored once
+                starts.append((evaluate_config(config), config, {"shape": shape, "floor": floor}))
+            if placement == family_placement and (shape, floor) == variants[0]:
                 family_start = starts[-1][0]
     if not starts:
         raise problem
@@ -140,8 +142,8 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
         return best[0]
 
     current = start
-    history = [{"k": list(c.k), "layers": list(c.layers), "shape": shape, "kl": scored.kl, "agreement": scored.agreement}
-               for scored, c, shape in starts]
+    history = [{"k": list(c.k), "layers": list(c.layers), **variant, "kl": scored.kl, "agreement": scored.agreement}
+               for scored, c, variant in starts]
     for step in STEPS:
         while len(scores) < MAX_EVALUATIONS:
             moves = []
