@@ -1,8 +1,9 @@
-"""Where a pooling layer's batch-1 time goes in ONNX Runtime: one K-Medoids layer of the default (mean outputs,
-proportional attention) exported alone at DeiT-S's width, N = 196 patch tokens to K = 161 (the first layer of
-`--budget 0.6` on DeiT-S), with 2, 1 and 0 clustering iterations; its latency at batch 1 (median of `--rounds`
-calls on 2 threads) and ONNX Runtime's node profile summed by operator type. Random tokens: the graph runs every
-iteration, so its time does not depend on them. Writes benchmarks/results/pool_layer_ops_onnx.json.
+"""Where a pooling layer's batch-1 time goes in ONNX Runtime: one pooling layer of the default (`PoolingConfig()`:
+K-Medoids, spread seeds, outputs, proportional sizes) exported alone at DeiT-S's width, N = 196 patch tokens to
+K = 161 (the first layer of `--budget 0.6` on DeiT-S), with 2, 1 and 0 (the default) clustering iterations; its
+latency at batch 1 (median of `--rounds` calls on 2 threads), its ONNX nodes, and ONNX Runtime's node profile
+summed by operator type. Random tokens: the graph runs every iteration, so its time does not depend on them.
+Writes benchmarks/results/pool_layer_ops_onnx.json.
 
     .venv/bin/python benchmarks/pool_layer_ops_onnx.py [--rounds 300]
 """
@@ -23,7 +24,7 @@ import torch
 from _common import RESULTS, run_environment, write_json
 
 from vitpool.adapter import TokenPool
-from vitpool.config import PoolingStage
+from vitpool.config import PoolingConfig, PoolingStage
 
 TOKENS, KEPT, WIDTH = 196, 161, 384
 
@@ -31,7 +32,9 @@ TOKENS, KEPT, WIDTH = 196, 161, 384
 class OneLayer(torch.nn.Module):
     def __init__(self, iters: int) -> None:
         super().__init__()
-        self.pool = TokenPool("kmedoids", PoolingStage(3, TOKENS, KEPT), 1, iters, 0, output="mean")
+        default = PoolingConfig()
+        self.pool = TokenPool(default.method, PoolingStage(3, TOKENS, KEPT), 1, iters, 0, output=default.output,
+                              proportional=default.proportional, spread=default.spread)
 
     def forward(self, x, size, significance):
         pooled, sizes, _, _ = self.pool(x, size, significance)
@@ -80,7 +83,8 @@ def main() -> None:
             rows.append({"iters": iters, "p50_ms": ms, "nodes": len(onnx.load(str(path)).graph.node), "ops_us_per_call": ops})
             print(json.dumps(rows[-1])[:300], flush=True)
     write_json(RESULTS / "pool_layer_ops_onnx.json", {
-        "layer": f"kmedoids, mean outputs, {TOKENS} -> {KEPT} patch tokens (+1 prefix), width {WIDTH}, batch 1",
+        "layer": f"{PoolingConfig().method}, {PoolingConfig().output} outputs, spread {PoolingConfig().spread}, "
+                 f"{TOKENS} -> {KEPT} patch tokens (+1 prefix), width {WIDTH}, batch 1",
         "rounds": args.rounds, "env": run_environment(), "rows": rows})
 
 

@@ -60,17 +60,17 @@ def _pool_macs(method: str, n: int, k: int, c: int, head_dim: int, iters: int, s
     """A pooling layer's MACs by hand: distances and Gram matrices are matmuls, cluster sums one multiply-add per
     element; the cluster sizes that proportional attention reads are N adds. K-Medoids with mean outputs (the
     default) adds one cluster sum of the tokens and one of their weights; with no iteration it computes only the
-    distances from the N - K other tokens to the K seeds. `spread` seeds cost the distances from the N - K + s
-    tokens after the first K - s seeds to those (with their norms); with no iteration these serve the assignment,
-    with the distances from the same tokens to the s spread seeds. The means kept at their members' norm (the
+    distances from the N - K other tokens to the K seeds (the seeds' norms are gathered, not recomputed). `spread`
+    seeds cost the distances from the N - K + s tokens after the first K - s seeds to those; with no iteration
+    these serve the assignment, with the distances from the same tokens to the s spread seeds. The means kept at their members' norm (the
     default `mean-norm`) cost their members' norms' weighted sums and the means' norms, and after iterations the
     tokens' norms (with no iteration, the assignment's serve)."""
     sizes, s = n, min(spread, k // 2)
-    seeding = (n - k + s) * (k - s) * c + (k - s) * c if s else 0  # distances to the first seeds, their norms
+    seeding = (n - k + s) * (k - s) * c if s else 0  # distances to the first seeds
     keep_norm = n + k * c  # with the tokens' norms, which the assignment made unless it iterated
     if method in ("wkmedoids", "kmedoids") and iters == 0:
-        # norms, distances to the seeds (to the first ones from seeding), the seeds' norms, means
-        return n * c + (seeding or (n - k) * k * c + k * c) + (n - k + s) * s * c + s * c + n * c + n + sizes + keep_norm
+        # norms, distances to the seeds (to the first ones from seeding), means
+        return n * c + (seeding or (n - k) * k * c) + (n - k + s) * s * c + n * c + n + sizes + keep_norm
     if method in ("wkmedoids", "kmedoids"):  # the seeds' norms
         return n * n * c + iters * n * n + n * c + n + sizes + seeding + (n * c if s else 0) + n * c + keep_norm
     if method in ("wkmeans", "kmeans"):

@@ -294,7 +294,7 @@ def test_clustering_assigns_each_token_to_its_nearest_output(name, case, iters):
 def test_no_iteration_joins_every_other_token_to_the_nearest_of_the_k_most_significant(name, case, means):
     """With 0 iterations only the distances to the seeds are computed: each of the k most significant tokens is its
     own output's member (also beside an exact duplicate), every other token joins its nearest seed (ties to the
-    first in token order), and mean outputs are the clusters' weighted means."""
+    more significant), and mean outputs are the clusters' weighted means."""
     x, sig, k = case
     size = torch.arange(x.shape[1], dtype=torch.float32).remainder(3).add(1).expand_as(sig)
     out = CLUSTERING[name][0](x, k, sig, 0, means=means, size=size)

@@ -24,6 +24,7 @@ class Method:
     medoids: bool = False  # outputs may be the medoids or the clusters' means (--output)
     fixed_layout: bool = False  # its order or grid is drawn at conversion: K cannot follow the input size
     removes_at_most_half: bool = False  # per layer (ToMe's bipartite matching)
+    drops: bool = False  # some tokens join no output (selection); the others' every token joins one
     on_grid: bool = False  # K must be a*b on the token grid
     merges_by_size: bool = False  # tracks how many patches each token stands for even without --proportional
     cubic_macs: bool = True  # a layer's MACs are a cubic in (N, K), which budget.MacModel fits (checked) from ten
@@ -36,8 +37,9 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("kmedoids", "K-Medoids: cluster means (default) or medoids as outputs", ATTENTION, clusters=True, medoids=True),
     Method("wkmeans", "weighted K-Means", ATTENTION, clusters=True),
     Method("kmeans", "K-Means", ATTENTION, clusters=True),
-    Method("importance", "the K most significant tokens (PoWER-BERT)", ATTENTION),
-    Method("random", "a fixed random subset per layer, drawn from the seed at conversion", fixed_layout=True),
+    Method("importance", "the K most significant tokens (PoWER-BERT)", ATTENTION, drops=True),
+    Method("random", "a fixed random subset per layer, drawn from the seed at conversion", fixed_layout=True,
+           drops=True),
     Method("grid", "average pooling on the 2-D token grid", fixed_layout=True, on_grid=True, cubic_macs=False),
     Method("tome", "ToMe as published, re-implemented from its paper: bipartite soft matching on the keys", KEYS,
            removes_at_most_half=True, merges_by_size=True, cubic_macs=False),

@@ -64,9 +64,11 @@ def squared_norms(x: Tensor) -> Tensor:
     return torch.linalg.vecdot(x, x)
 
 
-def squared_distances(x: Tensor, x_sq: Tensor, y: Tensor) -> Tensor:
-    """||x_i - y_j||^2 as [B, N, K], via one matmul (cdist is neither counted by fvcore nor cheaper here)."""
-    return x_sq.unsqueeze(-1) - 2 * (x @ y.transpose(1, 2)) + squared_norms(y).unsqueeze(1)
+def squared_distances(x: Tensor, x_sq: Tensor, y: Tensor, y_sq: Tensor | None = None) -> Tensor:
+    """||x_i - y_j||^2 as [B, N, K], via one matmul (cdist is neither counted by fvcore nor cheaper here); `y_sq`,
+    the squared norms of y, where the caller has them."""
+    y_sq = squared_norms(y) if y_sq is None else y_sq
+    return x_sq.unsqueeze(-1) - 2 * (x @ y.transpose(1, 2)) + y_sq.unsqueeze(1)
 
 
 def nearest(x: Tensor, x_sq: Tensor, centers: Tensor) -> Tensor:
@@ -150,8 +152,9 @@ def in_token_order(index: Tensor) -> Tensor:
 
 
 def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, iters: int, means: bool = False,
-              spread: int = 0, keep_norm: bool = False) -> Pooled:
-    """Alternate nearest-medoid assignment and per-cluster medoid update, from the seeds (`seed_tokens`).
+              spread: int = 0, keep_norm: bool = False, positive: bool = False) -> Pooled:
+    """Alternate nearest-medoid assignment and per-cluster medoid update, from the seeds (`seed_tokens`); `positive`:
+    every weight is above 0.
 
     Medoids are input tokens, so every distance is read from one pairwise distance matrix built from the
     Gram matrix X X^T (N*N*C MACs, once); an iteration adds only N*N MACs, whatever K and the width C are,
@@ -159,7 +162,7 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
     """
     xf, w = x.float(), float_weights(weight, x)
     if iters == 0:
-        return _nearest_seeds(x, xf, w, k, init_scores, means, spread, keep_norm)
+        return _nearest_seeds(x, xf, w, k, init_scores, means, spread, keep_norm, positive)
     distance = pairwise_squared_distances(xf)
     batch, n = w.shape
     # gather_tokens(distance, index), with its reshape and offsets made once rather than in every iteration
@@ -183,10 +186,11 @@ def _kmedoids(x: Tensor, k: int, weight: Tensor | None, init_scores: Tensor, ite
 
 
 class Seeds(NamedTuple):
-    seeds: Tensor  # [B, K]: the K - s most significant tokens in token order, then the s spread seeds
-    rest: Tensor  # [B, N - K + s]: the tokens after the first K - s in significance, the spread seeds among them
-    picked: Tensor | None  # [B, s]: the spread seeds' places in `rest`, ascending (s > 0)
-    to_first: Tensor | None  # [B, N - K + s, K - s]: `rest`'s squared distances to the first K - s seeds (s > 0)
+    seeds: Tensor  # [B, K]: the K - s most significant tokens in order of significance, then the s spread seeds
+    ranked: Tensor  # [B, N]: every token in order of significance; the tokens after the first K - s are the rest
+    picked: Tensor | None  # [B, s]: the spread seeds' places in the rest (s > 0)
+    rest: tuple[Tensor, Tensor] | None  # the rest's tokens [B, N - K + s, C] and squared norms (s > 0)
+    to_first: Tensor | None  # [B, N - K + s, K - s]: the rest's squared distances to the first K - s seeds (s > 0)
 
 
 def seed_tokens(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int, spread: int) -> Seeds:
@@ -198,79 +202,92 @@ def seed_tokens(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int, spread:
     at a budget of 0.5: benchmarks/README.md.) `to_first` serves the assignment after no iteration, which then
     costs s*k*C MACs more than from top-K seeds. `x_sq`, the squared norms, is computed here if None and needed."""
     n = scores.shape[1]
-    ranked = scores.topk(n, dim=-1).indices
+    ranked = scores.topk(n, dim=-1)
     s = min(spread, k // 2)  # significance stays the main criterion
+    first = ranked.indices[:, : k - s]
     if s == 0:
-        return Seeds(in_token_order(ranked[:, :k]), ranked[:, k:], None, None)
-    first, rest = in_token_order(ranked[:, : k - s]), ranked[:, k - s :]
+        return Seeds(first, ranked.indices, None, None, None)
     x_sq = squared_norms(xf) if x_sq is None else x_sq
-    to_first = squared_distances(gather_tokens(xf, rest), x_sq.gather(1, rest), gather_tokens(xf, first))
-    error = scores.gather(1, rest).float() * to_first.amin(-1).clamp_min(0).sqrt()
-    picked = in_token_order(error.topk(s, dim=-1).indices)  # in order of significance, as `rest` is
-    return Seeds(torch.cat([first, rest.gather(1, picked)], 1), rest, picked, to_first)
+    rest = rows(xf, x_sq, ranked.indices[:, k - s :])
+    to_first = squared_distances(*rest, *rows(xf, x_sq, first))
+    error = ranked.values[:, k - s :].float() * to_first.amin(-1).clamp_min(0).sqrt()
+    picked = error.topk(s, dim=-1).indices
+    seeds = torch.cat([first, ranked.indices[:, k - s :].gather(1, picked)], 1)
+    return Seeds(seeds, ranked.indices, picked, rest, to_first)
+
+
+def rows(xf: Tensor, x_sq: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """The tokens [B, K, C] at `index` [B, K] and their squared norms [B, K]."""
+    return gather_tokens(xf, index), x_sq.gather(1, index)
 
 
 def seeds_in_token_order(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int, spread: int) -> Tensor:
     """The seeds [B, K] of `seed_tokens` in token order, where clustering iterations start."""
-    seeds = seed_tokens(xf, x_sq, scores, k, spread)
-    return seeds.seeds if seeds.picked is None else in_token_order(seeds.seeds)  # top-K seeds come sorted
+    return in_token_order(seed_tokens(xf, x_sq, scores, k, spread).seeds)
 
 
 def _nearest_seeds(x: Tensor, xf: Tensor, w: Tensor, k: int, init_scores: Tensor, means: bool, spread: int,
-                   keep_norm: bool = False) -> Pooled:
+                   keep_norm: bool = False, positive: bool = False) -> Pooled:
     """K-Medoids with no iteration: the seeds (`seed_tokens`) are the medoids and every other token joins the
-    nearest. Only the distances from the N - k others (with spread seeds, N - k + s) to the k seeds are needed,
-    (N - k)*k*C MACs where the iterations' pairwise matrix costs N*N*C: at K near N, a tenth. Every seed is its own cluster's member, even
-    beside an exact duplicate seed. The outputs are in token order, as the input tokens were: K = N changes nothing.
+    nearest (ties to the seed `seed_tokens` lists first: of two top-K seeds, the more significant). Only the
+    distances from the N - k others (with spread seeds, N - k + s) to the k seeds are needed, (N - k)*k*C MACs
+    where the iterations' pairwise matrix costs N*N*C: at K near N, a tenth. Every seed is its own cluster's
+    member, even beside an exact duplicate seed, so with `positive` weights no cluster is without weight. The
+    outputs are in token order, as the input tokens were: K = N changes nothing. Written for few ONNX nodes,
+    which is what a layer costs ONNX Runtime at batch 1 (benchmarks/pool_layer_ops_onnx.py): the work stays in
+    order of significance, as `seed_tokens` leaves it, and only the assignment returns to token order, by one
+    scatter.
     """
-    batch = w.shape[0]
     x_sq = squared_norms(xf)
     check_finite(x_sq)  # a NaN or inf anywhere in a token shows in its squared norm
-    seeds, rest, picked, to_first = seed_tokens(xf, x_sq, init_scores, k, spread)
+    seeds, ranked, picked, rest, to_first = seed_tokens(xf, x_sq, init_scores, k, spread)
     s = 0 if picked is None else picked.shape[1]
-    columns = seeds[:, k - s :] if s else seeds  # the seeds whose distances `to_first` lacks
-    distance = squared_distances(gather_tokens(xf, rest), x_sq.gather(1, rest), gather_tokens(xf, columns))
-    nearest_seed = first_argmin(distance if to_first is None else torch.cat([to_first, distance], -1), -1)
-    own = torch.arange(k, device=x.device).expand(batch, k)
-    if s:  # each spread seed in its own cluster, though it is in `rest`
-        nearest_seed = nearest_seed.scatter(1, picked, own[:, k - s :])
-    assign = torch.zeros_like(init_scores, dtype=torch.int64).scatter(
-        1, torch.cat([seeds[:, : k - s], rest], 1), torch.cat([own[:, : k - s], nearest_seed], 1))
-    if s:  # the spread seeds into token order among the first: renumber the clusters
-        order = seeds.topk(k, dim=-1, largest=False).indices
-        seeds, assign = seeds.gather(1, order), torch.zeros_like(order).scatter(1, order, own).gather(1, assign)
-    return _outputs(x, xf, w, seeds, assign, means, keep_norm, x_sq)
+    if s:  # the distances to the spread seeds, which are among the rest
+        distance = torch.cat([to_first, squared_distances(*rest, *rows(xf, x_sq, seeds[:, k - s :]))], -1)
+    else:
+        distance = squared_distances(*rows(xf, x_sq, ranked[:, k:]), *rows(xf, x_sq, seeds))
+    nearest_seed = first_argmin(distance, -1)  # [B, N - k + s]: a column of `seeds`
+    if s:  # each spread seed in its own cluster, though it is among the rest
+        nearest_seed = nearest_seed.scatter(1, picked, torch.arange(k - s, k, device=x.device).expand(picked.shape))
+    by_token = seeds.topk(k, dim=-1, largest=False)  # the outputs: the seeds in token order
+    output_of = by_token.indices.topk(k, dim=-1, largest=False).indices  # each seed's output (inverse permutation)
+    in_ranked_order = torch.cat([output_of[:, : k - s], output_of.gather(1, nearest_seed)], 1)
+    assign = ranked.scatter(1, ranked, in_ranked_order)  # every place written: `ranked` is a permutation
+    return _outputs(x, xf, w, by_token.values, assign, means, keep_norm, x_sq, positive)
 
 
 def _outputs(x: Tensor, xf: Tensor, w: Tensor, medoid_index: Tensor, assign: Tensor, means: bool,
-             keep_norm: bool = False, x_sq: Tensor | None = None) -> Pooled:
+             keep_norm: bool = False, x_sq: Tensor | None = None, positive: bool = False) -> Pooled:
     """The medoids, or with `means` the clusters' weighted means (N*C more MACs), with `keep_norm` at their members'
     norm (`norm_kept`, reading the tokens' squared norms `x_sq` where the clustering made them). A cluster without
     weight (its medoid went to an exact duplicate medoid of a lower index, or every member has weight 0) keeps its
-    medoid, as in K-Means, rather than a mean of nothing: a token of zeros."""
-    medoids = gather_tokens(x, medoid_index)
+    medoid, as in K-Means, rather than a mean of nothing: a token of zeros. With `positive` weights, every cluster
+    has weight (`_nearest_seeds`), and the medoids are not read."""
     if not means:
-        return Pooled(medoids, assign)
-    means, mass = cluster_means(xf, w, assign, medoid_index.shape[1])
+        return Pooled(gather_tokens(x, medoid_index), assign)
+    k = medoid_index.shape[1]
+    sums, mass = row_sums(xf * w.unsqueeze(-1), assign, k), row_sums(w, assign, k)
     if keep_norm:
-        means = norm_kept(means, mass, xf, w, assign, x_sq)
-    return Pooled(torch.where((mass > 0).unsqueeze(-1), means.to(x.dtype), medoids), assign)
+        means = norm_kept(sums, mass, w, assign, squared_norms(xf) if x_sq is None else x_sq)
+    else:
+        means = sums / mass.clamp_min(torch.finfo(xf.dtype).tiny).unsqueeze(-1)
+    if positive:
+        return Pooled(means.to(x.dtype), assign)
+    return Pooled(torch.where((mass > 0).unsqueeze(-1), means.to(x.dtype), gather_tokens(x, medoid_index)), assign)
 
 
-def norm_kept(means: Tensor, mass: Tensor, xf: Tensor, w: Tensor, assign: Tensor,
-              x_sq: Tensor | None = None) -> Tensor:
-    """Cluster means [B, K, C] rescaled to their members' weighted mean norm, direction unchanged (written from
-    the observation behind MLERP merging, Kim et al., "Token Fusion", WACV 2024: averaging shrinks tokens).
-    A mean of tokens that point different ways is shorter than they are, the more so the looser its cluster. In a
-    pre-norm ViT the LayerNorms read direction only, but every later block adds its output to the token itself:
-    a shortened token is moved further by each of them than its members would have been. (N + K)*C + N MACs more,
-    K*C + N where the tokens' squared norms `x_sq` come with them.
+def norm_kept(sums: Tensor, mass: Tensor, w: Tensor, assign: Tensor, x_sq: Tensor) -> Tensor:
+    """Cluster means [B, K, C] at their members' weighted mean norm, from the clusters' weighted sums [B, K, C] and
+    weights [B, K] (written from the observation behind MLERP merging, Kim et al., "Token Fusion", WACV 2024:
+    averaging shrinks tokens). A mean of tokens that point different ways is shorter than they are, the more so
+    the looser its cluster. In a pre-norm ViT the LayerNorms read direction only, but every later block adds its
+    output to the token itself: a shortened token is moved further by each of them than its members would have
+    been. The mean's direction is the sum's, so the sums are rescaled directly. K*C + N MACs more, given the
+    tokens' squared norms `x_sq`; `assign` has no -1.
     """
-    index, weight = _members(assign, w)
-    tiny = torch.finfo(xf.dtype).tiny
-    x_sq = squared_norms(xf) if x_sq is None else x_sq
-    target = row_sums(x_sq.sqrt() * weight, index, means.shape[1]) / mass.clamp_min(tiny)
-    return means * (target / squared_norms(means).sqrt().clamp_min(tiny)).unsqueeze(-1)
+    tiny = torch.finfo(sums.dtype).tiny
+    target = row_sums(x_sq.sqrt() * w, assign, sums.shape[1]) / mass.clamp_min(tiny)
+    return sums * (target / squared_norms(sums).sqrt().clamp_min(tiny)).unsqueeze(-1)
 
 
 def pairwise_squared_distances(x: Tensor) -> Tensor:
@@ -363,8 +380,8 @@ def kmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5, means: boo
              size: Tensor | None = None, spread: int = 0, keep_norm: bool = False) -> Pooled:
     """K-Medoids (outputs are input tokens, or with `means` their clusters' means, with `keep_norm` at their
     members' norm), from the k most significant tokens (`spread` of them chosen for spread instead: `seed_tokens`);
-    with `size`, a token's error counts as many times as the patches it stands for."""
-    return _kmedoids(x, k, _weights(None, size), significance, iters, means, spread, keep_norm)
+    with `size` (each above 0), a token's error counts as many times as the patches it stands for."""
+    return _kmedoids(x, k, _weights(None, size), significance, iters, means, spread, keep_norm, positive=True)
 
 
 def wkmedoids(x: Tensor, k: int, significance: Tensor, iters: int = 5, means: bool = False,
