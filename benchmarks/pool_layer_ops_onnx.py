@@ -27,14 +27,14 @@ from vitpool.adapter import TokenPool
 from vitpool.config import PoolingConfig, PoolingStage
 
 TOKENS, KEPT, WIDTH = 196, 161, 384
+DEFAULT = PoolingConfig()
 
 
 class OneLayer(torch.nn.Module):
     def __init__(self, iters: int) -> None:
         super().__init__()
-        default = PoolingConfig()
-        self.pool = TokenPool(default.method, PoolingStage(3, TOKENS, KEPT), 1, iters, 0, output=default.output,
-                              proportional=default.proportional, spread=default.spread)
+        self.pool = TokenPool(DEFAULT.method, PoolingStage(3, TOKENS, KEPT), 1, iters, 0, output=DEFAULT.output,
+                              proportional=DEFAULT.proportional, spread=DEFAULT.spread)
 
     def forward(self, x, size, significance):
         pooled, sizes, _, _ = self.pool(x, size, significance)
@@ -83,7 +83,7 @@ def main() -> None:
             rows.append({"iters": iters, "p50_ms": ms, "nodes": len(onnx.load(str(path)).graph.node), "ops_us_per_call": ops})
             print(json.dumps(rows[-1])[:300], flush=True)
     write_json(RESULTS / "pool_layer_ops_onnx.json", {
-        "layer": f"{PoolingConfig().method}, {PoolingConfig().output} outputs, spread {PoolingConfig().spread}, "
+        "layer": f"{DEFAULT.method}, {DEFAULT.output} outputs, spread {DEFAULT.spread}, "
                  f"{TOKENS} -> {KEPT} patch tokens (+1 prefix), width {WIDTH}, batch 1",
         "rounds": args.rounds, "env": run_environment(), "rows": rows})
 

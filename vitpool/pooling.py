@@ -79,7 +79,12 @@ def cluster_sums(x: Tensor, weight: Tensor, assign: Tensor, k: int) -> tuple[Ten
     """Weighted sums [B, K, C] and total weights [B, K] of the clusters of `assign` [B, N] (-1: in none):
     N*C multiply-adds, where a matmul with the one-hot assignment spends N*K*C, nearly all of them on zeros."""
     index, weight = _members(assign, weight)
-    return row_sums(x * weight.unsqueeze(-1), index, k), row_sums(weight, index, k)
+    return member_sums(x, weight, index, k)
+
+
+def member_sums(x: Tensor, weight: Tensor, assign: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`cluster_sums` where every token is in a cluster (`assign` has no -1): no mask to build."""
+    return row_sums(x * weight.unsqueeze(-1), assign, k), row_sums(weight, assign, k)
 
 
 def row_sums(values: Tensor, index: Tensor, k: int) -> Tensor:
@@ -204,15 +209,15 @@ def seed_tokens(xf: Tensor, x_sq: Tensor | None, scores: Tensor, k: int, spread:
     n = scores.shape[1]
     ranked = scores.topk(n, dim=-1)
     s = min(spread, k // 2)  # significance stays the main criterion
-    first = ranked.indices[:, : k - s]
+    first, rest_index = ranked.indices[:, : k - s], ranked.indices[:, k - s :]
     if s == 0:
         return Seeds(first, ranked.indices, None, None, None)
     x_sq = squared_norms(xf) if x_sq is None else x_sq
-    rest = rows(xf, x_sq, ranked.indices[:, k - s :])
+    rest = rows(xf, x_sq, rest_index)
     to_first = squared_distances(*rest, *rows(xf, x_sq, first))
     error = ranked.values[:, k - s :].float() * to_first.amin(-1).clamp_min(0).sqrt()
     picked = error.topk(s, dim=-1).indices
-    seeds = torch.cat([first, ranked.indices[:, k - s :].gather(1, picked)], 1)
+    seeds = torch.cat([first, rest_index.gather(1, picked)], 1)
     return Seeds(seeds, ranked.indices, picked, rest, to_first)
 
 
@@ -266,7 +271,7 @@ def _outputs(x: Tensor, xf: Tensor, w: Tensor, medoid_index: Tensor, assign: Ten
     if not means:
         return Pooled(gather_tokens(x, medoid_index), assign)
     k = medoid_index.shape[1]
-    sums, mass = row_sums(xf * w.unsqueeze(-1), assign, k), row_sums(w, assign, k)
+    sums, mass = member_sums(xf, w, assign, k)
     if keep_norm:
         means = norm_kept(sums, mass, w, assign, squared_norms(xf) if x_sq is None else x_sq)
     else:
