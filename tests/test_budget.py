@@ -135,6 +135,10 @@ def test_late_family_keeps_a_floor_and_leaves_out_layers_that_keep_every_token()
     assert family_schedule(0.7, 196, (14, 14), 8, "kmedoids", LATE, 1.0, LATE_FLOOR) == tuple(
         max(round(196 * 0.7 ** (i + 1)), floor) for i in range(8))
     assert family_schedule(0.1, 196, (14, 14), 3, "kmedoids", LATE, 1.0, LATE_FLOOR) == (20, 20, 20)  # K_0 < floor
+    for r in (0.151, 0.16, 0.2, 0.3, 0.5):  # grid counts round to a count above the floor, not below it
+        k = family_schedule(r, 196, (14, 14), 8, "grid", LATE, 1.0, LATE_FLOOR)
+        assert min(k) >= min(floor, k[0]) and all(any(n == a * b for a in range(1, 15) for b in range(1, 15)) for n in k)
+    assert family_schedule(0.151, 196, (14, 14), 3, "grid", LATE, 1.0, LATE_FLOOR) == (30, 30, 30)  # 5x6 makes no 28
     assert without_keep_all(make_config(k=(150, 150, 90, 90), layers=(3, 4, 5, 6)), 196) == make_config(k=(150, 90), layers=(3, 5))
     assert without_keep_all(make_config(k=(196, 196), layers=(3, 4)), 196) == make_config(k=(), layers=())
     model = _model("deit_tiny")

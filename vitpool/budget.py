@@ -7,7 +7,7 @@ tokens in the i-th pooling layer, so that each keeps the same fraction r of the 
 layers keep at least a floor (`default_floor`), those left with every token they receive being left out;
 `every-block` (the tome preset's) removes the same number in every block. Method constraints are kept:
 `tome` never removes more than half of the tokens of a layer, and `grid` rounds K down to a count its token
-grid can make. The MACs of a schedule, pooling layers included, are the same
+grid can make (up, where down would cross the floor). The MACs of a schedule, pooling layers included, are the same
 fvcore counts as `vitpool flops`, estimated during the bisection on r from counts of the parts (one block or
 block half at N tokens, one pooling layer from N to K tokens, the final norm and head; within 0.1% of the
 whole-model count), each traced at a few token counts and extended by the polynomial through them, and counted
@@ -82,13 +82,12 @@ def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: in
             wanted = num_patches - round((i + 1) * (1 - r) * num_patches / count)
         else:
             wanted = round(num_patches * r ** ((i + 1) ** shape))
-        if k_values:
-            wanted = max(wanted, min(round(num_patches * floor), k_values[0]))
-        k = min(tokens, max(1, wanted))
+        least = min(round(num_patches * floor), k_values[0]) if k_values else 1
+        k = min(tokens, max(1, least, wanted))
         if METHODS[method].removes_at_most_half:
             k = max(k, tokens - tokens // 2)
         if METHODS[method].on_grid:
-            k = _largest_grid_count(k, current)
+            k = _grid_count(k, current, least)
             current = grid_shape(k, current)
         k_values.append(k)
         tokens = k
@@ -98,11 +97,8 @@ def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: in
 def without_keep_all(config: PoolingConfig, num_patches: int) -> PoolingConfig:
     """`config` without the pooling layers that keep every token reaching them (a schedule's floor, or r = 1):
     such a layer changes nothing and costs its clustering."""
-    kept, tokens = [], num_patches
-    for k, layer in zip(config.k, config.layers):
-        if k < tokens:
-            kept.append((k, layer))
-            tokens = k
+    arriving = (num_patches, *config.k)  # what each layer receives: what the one before it keeps
+    kept = [(k, layer) for k, layer, tokens in zip(config.k, config.layers, arriving) if k < tokens]
     return replace(config, k=tuple(k for k, _ in kept), layers=tuple(layer for _, layer in kept))
 
 
@@ -131,14 +127,17 @@ def tome_schedule(r: int, num_patches: int, depth: int) -> tuple[int, ...]:
     return tuple(k_values)
 
 
-def _largest_grid_count(k: int, grid: tuple[int, int]) -> int:
-    for candidate in range(k, 0, -1):
+def _grid_count(k: int, grid: tuple[int, int], least: int) -> int:
+    """The largest count up to `k` that grid pooling makes from `grid`, not below `least` (a schedule's floor);
+    where there is none, the smallest above `k`, or the whole grid (a layer that keeps it is then left out)."""
+    whole = grid[0] * grid[1]
+    for candidate in [*range(k, least - 1, -1), *range(k + 1, whole)]:
         try:
             grid_shape(candidate, grid)
             return candidate
         except VitpoolError:
             continue
-    return 1
+    return whole
 
 
 class _LiveOutputs(nn.Module):

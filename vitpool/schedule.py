@@ -7,7 +7,8 @@ the family's floor on K (the shape and the floor that keep a model closest depen
 benchmarks/schedule_shape.py), and with 1, 2 and 3 pooling
 layers spread evenly (or at the user's `layers`), starts from the best of them, and then moves tokens between
 its pooling layers: a move adds `step` tokens to one layer and takes from another as many as keeps the MACs
-(pooling layers included) within 1% of the budget. Every move of the current step is scored by the mean
+(pooling layers included) within 1% of the budget, never leaving a layer with every token it receives (such a
+layer changes nothing and costs its clustering). Every move of the current step is scored by the mean
 KL(unpooled || pooled) on the calibration images (ties: top-1 agreement); the best one is taken while it
 improves, then the step halves. Greedy, deterministic, and a few dozen forward passes.
 """
@@ -121,9 +122,10 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
         return True
 
     def rebalance(k: list[int], j: int) -> tuple[int, ...] | None:
-        """k with k[j] set so that the total comes closest to the target, or None if none lands within 1%."""
+        """k with k[j] set so that the total comes closest to the target, or None if none lands within 1%; layer j
+        keeps fewer tokens than it receives and more than the next layer keeps."""
         options = []
-        for value in range(k[j + 1] if j + 1 < len(k) else 1, (k[j - 1] if j else macs.num_patches) + 1):
+        for value in range(k[j + 1] + 1 if j + 1 < len(k) else 1, k[j - 1] if j else macs.num_patches):
             candidate = tuple(k[:j]) + (value,) + tuple(k[j + 1:])
             if valid(candidate):  # method constraints: tome's half per layer, grid's counts
                 options.append(candidate)
@@ -153,7 +155,7 @@ def search(model, images: ImageSet, template: PoolingConfig, budget: float | Non
                         continue
                     k = list(current.k)
                     k[i] += step
-                    if k[i] > (k[i - 1] if i else macs.num_patches):
+                    if k[i] >= (k[i - 1] if i else macs.num_patches):
                         continue
                     moved = rebalance(k, j)
                     if moved is not None and moved != current.k:
