@@ -23,6 +23,8 @@ GRID_SCHEDULE = {"k": [121, 81, 49], "layers": [2, 5, 8]}
 # The tests of what `export` does around tracing (checks, graph passes, atomic writes) use the real DeiT-Tiny with
 # the default method and SCHEDULE, traced once on one worker (`make test` runs pytest with --dist loadgroup).
 SHARED_TRACE = pytest.mark.xdist_group("real-deit-tiny-kmedoids-trace")
+# wkmedoids's graph, traced once for its parity test and the test of graphs that stop at the fixed point
+WKMEDOIDS_TRACE = pytest.mark.xdist_group("real-deit-tiny-wkmedoids-trace")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,8 @@ def graph_key(model: torch.nn.Module) -> tuple:
 
 # Every method after attention (the default place, the block run as two halves), and after the block the
 # default method, a selection and tome: the pooling layer is the same module in both places.
-EXPORTED = [pytest.param(method, AFTER_ATTENTION, marks=[SHARED_TRACE] if method == "kmedoids" else []) for method in METHODS] + [
+SHARED = {"kmedoids": [SHARED_TRACE], "wkmedoids": [WKMEDOIDS_TRACE]}
+EXPORTED = [pytest.param(method, AFTER_ATTENTION, marks=SHARED.get(method, [])) for method in METHODS] + [
     (method, AFTER_BLOCK) for method in ("kmedoids", "importance", "tome")]
 
 
@@ -109,6 +112,7 @@ def test_one_file_runs_any_batch_size(real_deit_tiny, tmp_path):
         np.testing.assert_allclose(logits, expected, atol=1e-3)
 
 
+@WKMEDOIDS_TRACE
 def test_graph_that_stops_at_the_fixed_point_gives_every_iterations_outputs(real_deit_tiny, imagenet_sample, tmp_path):
     # One method here, on the real model through ONNX Runtime; test_pooling checks every clustering method's
     # stopping graph at the torch.export level, which is what differs between them.

@@ -28,7 +28,7 @@ def folder(tmp_path_factory):
     return noise_folder(tmp_path_factory.mktemp("calibration"), ("a", "b"), 4, (230, 230), seed=2)
 
 
-def test_search_stays_in_budget_improves_and_is_deterministic(tiny_model, folder):
+def test_search_stays_in_budget_and_improves(tiny_model, folder):
     images = load_images(tiny_model, folder, None, workers=0)
     first = search(tiny_model, images, make_config("wkmedoids", layers=(), iters=1), budget=0.6)
     baseline = total_macs(tiny_model)
@@ -48,8 +48,7 @@ def test_search_stays_in_budget_improves_and_is_deterministic(tiny_model, folder
     assert first.config.layers == first.best.layers and first.config.layers in set(placements)
     assert first.config.k[0] < 196 and all(a > b for a, b in zip(first.config.k, first.config.k[1:])), "no keep-all layer"
     assert list(first.config.k) == [h for h in first.history if tuple(h["layers"]) == first.config.layers][-1]["k"]
-    again = search(tiny_model, images, make_config("wkmedoids", layers=(), iters=1), budget=0.6)
-    assert again.config == first.config and again.best == first.best
+    # determinism: test_convert_calibrate_... runs one search twice, in the command line and here, and compares
 
 
 def test_search_also_starts_without_the_floor_where_it_binds(tiny_model, folder):
