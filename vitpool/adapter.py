@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitpool import pooling
@@ -377,8 +378,7 @@ HALVES = _halves()  # timm block class -> (attention half, MLP half), each its f
 
 def size_bias(size: Tensor, num_prefix_tokens: int, dtype: torch.dtype) -> Tensor:
     """log(size) per key token as an additive attention mask [B, 1, 1, P+N]; prefix tokens count as one patch."""
-    logs = torch.cat([size.new_zeros(size.shape[0], num_prefix_tokens), size.clamp_min(1).log()], dim=1)
-    return logs.to(dtype)[:, None, None, :]
+    return F.pad(size.clamp_min(1).log(), (num_prefix_tokens, 0)).to(dtype)[:, None, None, :]
 
 
 # timm model class -> why vitpool refuses it (one line each; a family vitpool learns to convert leaves this table)

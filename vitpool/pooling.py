@@ -115,8 +115,7 @@ def sorted_row_sums(values: Tensor, index: Tensor, k: int) -> Tensor:
     """
     batch, n = index.shape
     order = index.topk(n, dim=1, largest=False).indices  # the tokens grouped by cluster
-    running = gather_tokens(values, order).cumsum(1)
-    running = torch.cat([running.new_zeros(batch, 1, values.shape[2]), running], 1)  # [B, N + 1, C]
+    running = F.pad(gather_tokens(values, order).cumsum(1), (0, 0, 1, 0))  # [B, N + 1, C]: a row of zeros first
     count = row_sums(torch.ones_like(index, dtype=values.dtype), index, k).long()  # [B, K]
     end = count.cumsum(1)  # cluster j's rows are the sorted rows end[j] - count[j] to end[j] - 1
     return gather_tokens(running, end) - gather_tokens(running, end - count)
