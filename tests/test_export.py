@@ -135,6 +135,19 @@ def test_graph_that_stops_at_the_fixed_point_gives_every_iterations_outputs(real
         np.testing.assert_array_equal(actual, expected)
 
 
+def test_opset_23_fuses_the_attention_of_blocks_that_read_none_and_runs_their_size_mask(real_deit_tiny, tmp_path):
+    """At opset 23 the exporter writes timm's fused attention as ONNX's own Attention node, in every block whose
+    pooling layer does not read the attention probabilities; after a pooling layer that node takes the log-size
+    mask, which ONNX Runtime's kernel accepts only with the query axis spelled out (`adapter.size_bias`)."""
+    pooled = vitpool.convert(real_deit_tiny, k=[120, 60], layers=[3, 7])
+    result = export_module.export(pooled, tmp_path / "m.onnx", opset=23, limit=8)
+    assert result.check.agreement == 100.0 and result.check.max_abs_diff < 1e-3
+    graph = onnx.load(result.path, load_external_data=False).graph
+    fused = [node for node in graph.node if node.op_type == "Attention"]
+    assert len(fused) == len(real_deit_tiny.blocks) - 2, "blocks 3 and 7 read their probabilities, the others fuse"
+    assert sum(len(node.input) > 3 and node.input[3] != "" for node in fused) == 7, "blocks 4 to 6 and 8 to 11 take the mask"
+
+
 def test_distilled_model_exports_with_both_prefix_tokens(tmp_path):
     torch.manual_seed(0)
     model = create_model("deit_tiny_distilled_patch16_224", pretrained=False)

@@ -42,10 +42,12 @@ def test_blocks_after_pooling_get_log_cluster_sizes(deit_tiny):
     for i in range(3, 12):
         mask = seen[i]
         k = SCHEDULE["k"][sum(i > layer for layer in SCHEDULE["layers"]) - 1]
-        assert mask.shape == (2, 1, 1, 1 + k)
-        assert torch.equal(mask[..., 0], torch.zeros(2, 1, 1))  # CLS stands for itself
+        assert mask.shape == (2, 1, 1 + k, 1 + k)  # the query axis spelled out, for ONNX Runtime's Attention
+        row = mask[:, :, 0]
+        assert torch.equal(mask, row.unsqueeze(2).expand_as(mask))  # the same key biases for every query
+        assert torch.equal(row[..., 0], torch.zeros(2, 1))  # CLS stands for itself
         # every patch is in exactly one cluster: the sizes add up to the 196 patches
-        torch.testing.assert_close(mask[..., 1:].exp().sum(-1), torch.full((2, 1, 1), 196.0))
+        torch.testing.assert_close(row[..., 1:].exp().sum(-1), torch.full((2, 1), 196.0))
     assert all(block.attn.fused_attn for i, block in enumerate(converted.blocks) if i not in SCHEDULE["layers"])
 
 

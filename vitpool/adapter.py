@@ -377,8 +377,11 @@ HALVES = _halves()  # timm block class -> (attention half, MLP half), each its f
 
 
 def size_bias(size: Tensor, num_prefix_tokens: int, dtype: torch.dtype) -> Tensor:
-    """log(size) per key token as an additive attention mask [B, 1, 1, P+N]; prefix tokens count as one patch."""
-    return F.pad(size.clamp_min(1).log(), (num_prefix_tokens, 0)).to(dtype)[:, None, None, :]
+    """log(size) per key token as an additive attention mask [B, 1, P+N, P+N] (a view of one row per batch item);
+    prefix tokens count as one patch. The query axis is spelled out: ONNX Runtime's fused Attention (opset 23)
+    refuses a mask that broadcasts over the queries."""
+    row = F.pad(size.clamp_min(1).log(), (num_prefix_tokens, 0)).to(dtype)[:, None, None, :]
+    return row.expand(-1, -1, row.shape[-1], -1)
 
 
 # timm model class -> why vitpool refuses it (one line each; a family vitpool learns to convert leaves this table)
