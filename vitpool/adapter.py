@@ -33,8 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from vitpool import pooling

@@ -113,7 +113,7 @@ def sorted_row_sums(values: Tensor, index: Tensor, k: int) -> Tensor:
     Gathers, a CumSum and a Sub in ONNX, where ONNX Runtime runs a ScatterElements one element at a time
     (benchmarks/pool_layer_ops_onnx.py). N*C adds, as before.
     """
-    batch, n = index.shape
+    n = index.shape[1]
     order = index.topk(n, dim=1, largest=False).indices  # the tokens grouped by cluster
     running = F.pad(gather_tokens(values, order).cumsum(1), (0, 0, 1, 0))  # [B, N + 1, C]: a row of zeros first
     count = row_sums(torch.ones_like(index, dtype=values.dtype), index, k).long()  # [B, K]
