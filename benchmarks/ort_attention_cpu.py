@@ -1,8 +1,10 @@
 """Would fused attention make ONNX Runtime faster on this CPU? One DeiT-S attention (6 heads, 197 tokens, head
 width 64) as the exporter writes it (Transpose, MatMul, Mul, Softmax, MatMul, Transpose, Reshape) against ONNX
 Runtime's fused `com.microsoft.MultiHeadAttention` on the same query, keys and values (the query reshaped to
-[B, N, C] as the op takes it), batch 1 and 32, median of `--rounds` calls on 2 threads. Writes
-benchmarks/results/ort_attention_cpu.json.
+[B, N, C] as the op takes it) and against ONNX's own `Attention` (opset 23, what `--opset 23` exports), the
+last also with its softmax probabilities as a second output (`qk_matmul_output_mode=3`: what a pooling layer's
+significance would read) next to the explicit form with its probabilities as an output; batch 1 and 32, median
+of `--rounds` calls on 2 threads. Writes benchmarks/results/ort_attention_cpu.json.
 
     .venv/bin/python benchmarks/ort_attention_cpu.py [--rounds 200]
 """
@@ -38,7 +40,23 @@ def graphs() -> dict:
         helper.make_node("MultiHeadAttention", ["query", "k", "v"], ["out"], domain="com.microsoft", num_heads=HEADS),
     ], "fused", inputs, output, [shape])
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
-    return {"exported": helper.make_model(explicit, opset_imports=opsets), "MultiHeadAttention": helper.make_model(fused, opset_imports=opsets)}
+    probabilities = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, None)
+    explicit_with = helper.make_graph(list(explicit.node), "explicit_with", inputs, output + [probabilities], [scale, shape])
+    return {"exported": helper.make_model(explicit, opset_imports=opsets),
+            "MultiHeadAttention": helper.make_model(fused, opset_imports=opsets),
+            "exported, probabilities out": helper.make_model(explicit_with, opset_imports=opsets),
+            "Attention (opset 23)": onnx_attention(inputs, output, shape, with_probabilities=False),
+            "Attention (opset 23), probabilities out": onnx_attention(inputs, output + [probabilities], shape, with_probabilities=True)}
+
+
+def onnx_attention(inputs: list, outputs: list, shape, with_probabilities: bool):
+    """ONNX's Attention on [B, H, N, D] inputs, its output back to [B, N, C] as the exported graph's."""
+    returned = ["heads", "", "", "probabilities"] if with_probabilities else ["heads"]
+    graph = helper.make_graph([
+        helper.make_node("Attention", ["q", "k", "v"], returned, qk_matmul_output_mode=3),
+        helper.make_node("Transpose", ["heads"], ["tokens"], perm=[0, 2, 1, 3]), helper.make_node("Reshape", ["tokens", "shape"], ["out"]),
+    ], "onnx_attention", inputs, outputs, [shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
 
 
 def main() -> None:
