@@ -7,7 +7,7 @@ through the same passes (vitpool.export.GraphPasses), all four models of a pass 
 MAC speed-up, the MACs counted in float (int8 does the same multiply-accumulates). Random weights: latency does
 not depend on them. Writes benchmarks/results/deployed_deit_small_cpu.json (or `--out`).
 
-    .venv/bin/python benchmarks/deployed_deit_small_cpu.py [--runs 3] [--rounds-1 40] [--rounds-32 4] [--graphs LABELS]
+    .venv/bin/python benchmarks/deployed_deit_small_cpu.py [--runs 3] [--rounds-1 40] [--rounds-32 4] [--graphs LABELS] [--out FILE.json]
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ class PooledBlocks(nn.Sequential):
     """timm's blocks, run one after another, each with its `TokenPool` where it has one.
 
     With proportional attention, every block after a pooling layer gets log(cluster size) as an additive
-    attention mask [B, 1, 1, P+N] (0 for prefix tokens), which timm passes to the fused kernel as is.
+    attention mask [B, 1, P+N, P+N] (`size_bias`: 0 for prefix tokens), which timm passes to the fused kernel as is.
     Gradient checkpointing lives here (`grad_checkpointing`, set through the model's `set_grad_checkpointing`):
     timm's own path, `checkpoint_seq` over the blocks, would run them without their pooling layers.
     With `head_only` (a trimmed model's `forward`, `trims_last`), the last block's MLP runs on the `head_tokens`
