@@ -1,25 +1,35 @@
-"""The `vitpool` console script on bad input: exit code 2, one `error:` line on stderr, no traceback, nothing written.
+"""The `vitpool` command line on bad input: exit code 2, one `error:` line on stderr, no traceback, nothing written.
 
-Each case runs the installed console script in a subprocess, as a user would. A subprocess spends ~3 s
-importing torch and timm, so the module fixture starts every case at once on a small thread pool (one per
-core) and each test waits for its own result. Nothing needs the network: hub access is switched off with
-HF_HUB_OFFLINE=1 (or pointed at a closed local port), and weights come from --no-pretrained, --checkpoint
-or ../shared/data, read in place (tests that need the real data skip where it is absent).
+What depends on the process runs the installed console script in a subprocess, as a user would: the hub's
+offline handling (read from the environment at import), a pickle that would run code, and the commands whose
+stdout must be pure JSON (a library writing to the file descriptor would break it). Those start at once on a
+small thread pool (one per core), since a fresh interpreter spends ~3 s importing torch and timm, and each test
+waits for its own result. The other refusals run `vitpool.cli.main`, the console script's function, in this
+process, with its exit code, stdout, stderr, warnings and log records captured as a fresh interpreter would
+print them. Nothing needs the network: hub access is switched off with HF_HUB_OFFLINE=1 (or pointed at a closed
+local port), and weights come from --no-pretrained, --checkpoint or ../shared/data, read in place (tests that
+need the real data skip where it is absent).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import pickle_that_runs_code
@@ -58,16 +68,51 @@ def run_vitpool(args: list[str], env: dict, cwd: Path, timeout: float) -> Result
     return Result(args, done.returncode, done.stdout, done.stderr, time.monotonic() - start)
 
 
+# The warnings a fresh interpreter hides (pytest shows more)
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def run_in_process(args: list[str]) -> Result:
+    """`vitpool.cli.main` with `args` in this process: its exit code, stdout and stderr, with the warnings and log
+    records (of WARNING and above) that a fresh interpreter would print on stderr, and any exception's traceback."""
+    from vitpool.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    records = logging.StreamHandler(err)
+    records.setLevel(logging.WARNING)
+    start = time.monotonic()
+    with (contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught,
+          mock.patch.object(sys, "argv", ["vitpool", *args]), mock.patch.dict(os.environ, HF_HUB_OFFLINE="1")):
+        warnings.simplefilter("default")
+        for category in HIDDEN_WARNINGS:
+            warnings.simplefilter("ignore", category)
+        logging.root.addHandler(records)
+        try:
+            main()
+            rc = 0
+        except SystemExit as exit_:
+            rc = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        except Exception:
+            traceback.print_exc(file=err)
+            rc = 1
+        finally:
+            logging.root.removeHandler(records)
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return Result(args, rc, out.getvalue(), err.getvalue() + shown, time.monotonic() - start)
+
+
 @dataclass
 class Case:
     args: list[str]
     expect: list[str] = field(default_factory=list)  # fragments the error line must contain
     work: Path | None = None  # a folder holding the output path; after a refusal it must be as before
-    future: Future | None = None
+    future: Future | None = None  # a console-script subprocess; None: run in this process when asked
+    done: Result | None = None
 
 
 class Runs:
-    """Cases started in the background; `result(name)` waits for one."""
+    """Cases: console-script subprocesses started in the background (`start`), and cases run in this process
+    (`add`); `result(name)` waits for the one or runs the other."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -84,17 +129,26 @@ class Runs:
         folder.mkdir()
         return folder
 
-    def start(self, name: str, args: list[str], expect=(), work: Path | None = None, env=None, timeout=900.0, pool=None):
+    def add(self, name: str, args: list[str], expect=(), work: Path | None = None) -> Case:
         case = Case([str(a) for a in args], list(expect), work)
         if work is not None:
             self.snapshots[name] = snapshot(work)
-        case.future = (pool or self.pool).submit(run_vitpool, case.args, env or self.env, self.root, timeout)
         self.cases[name] = case
+        return case
+
+    def start(self, name: str, args: list[str], expect=(), work: Path | None = None, env=None, timeout=900.0, pool=None):
+        case = self.add(name, args, expect, work)
+        case.future = (pool or self.pool).submit(run_vitpool, case.args, env or self.env, self.root, timeout)
 
     def result(self, name: str) -> Result:
         if name in self.not_started:
             pytest.skip(self.not_started[name])
-        return self.cases[name].future.result()
+        case = self.cases[name]
+        if case.future is not None:
+            return case.future.result()
+        if case.done is None:
+            case.done = run_in_process(case.args)
+        return case.done
 
 
 def snapshot(folder: Path) -> list[str]:
@@ -143,9 +197,9 @@ def runs(tmp_path_factory):
     runs.start("offline_default", ["convert", "deit_tiny", "--k", "100", "--out", work / "out"], work=work,
                env=offline_env, timeout=OFFLINE_DEFAULT_TIMEOUT, pool=slow_pool)
 
-    def convert_error(name, args, expect):
+    def convert_error(name, args, expect, console_script=False):
         work = runs.workdir(name)
-        runs.start(name, ["convert", *args, "--out", work / "out"], expect, work)
+        (runs.start if console_script else runs.add)(name, ["convert", *args, "--out", work / "out"], expect, work)
 
     # Cases that need no prepared files start first.
     convert_error("unknown_model", ["deit_tiny_patch16_22", "--k", "100", "--no-pretrained"],
@@ -161,11 +215,11 @@ def runs(tmp_path_factory):
     convert_error("missing_checkpoint", ["deit_tiny", "--k", "100", "--checkpoint", root / "nowhere.pth"],
                   ["nowhere.pth", "does not exist"])
     convert_error("offline_pretrained", ["deit_tiny", "--k", "100"],
-                  ["could not load pretrained weights", "--checkpoint", "--no-pretrained"])
+                  ["could not load pretrained weights", "--checkpoint", "--no-pretrained"], console_script=True)
 
     work = runs.workdir("parent_is_file")
     (work / "afile").write_text("not a folder\n")
-    runs.start("parent_is_file", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", work / "afile" / "out"],
+    runs.add("parent_is_file", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", work / "afile" / "out"],
                ["cannot write", "afile"], work)
     if IS_ROOT:
         runs.not_started["readonly_parent"] = "running as root, which writes through directory permissions (see test_convert_write_failure_is_a_user_error)"
@@ -174,16 +228,16 @@ def runs(tmp_path_factory):
         (work / "locked").mkdir()
         (work / "locked").chmod(0o555)
         locked.append(work / "locked")
-        runs.start("readonly_parent", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", work / "locked" / "out"],
+        runs.add("readonly_parent", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", work / "locked" / "out"],
                    ["no permission"], work)
 
     for name in ("existing_out", "existing_out_force", "user_folder_force"):
         work = runs.workdir(name)
         (work / "out").mkdir()
         (work / "out" / ("vitpool.json" if name == "existing_out_force" else "keep.txt")).write_text("precious\n")
-    runs.start("existing_out", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", root / "existing_out" / "out"],
+    runs.add("existing_out", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", root / "existing_out" / "out"],
                ["already exists", "--force"], root / "existing_out")
-    runs.start("user_folder_force", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--force",
+    runs.add("user_folder_force", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--force",
                                      "--out", root / "user_folder_force" / "out"], ["not a saved model"], root / "user_folder_force")
     runs.start("existing_out_force", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--force", "--json",
                                       "--out", root / "existing_out_force" / "out"])
@@ -191,7 +245,7 @@ def runs(tmp_path_factory):
     empty = runs.workdir("empty_data")
     (empty / "n01440764").mkdir()
     (empty / "n01440764" / "notes.txt").write_text("not an image\n")
-    runs.start("eval_no_images", ["eval", "deit_tiny", "--no-pretrained", "--data", empty, "--workers", "0"],
+    runs.add("eval_no_images", ["eval", "deit_tiny", "--no-pretrained", "--data", empty, "--workers", "0"],
                ["no images found", str(empty)], empty)
 
     runs.start("flops_json", ["flops", "deit_tiny", "--k", "98", "--layers", "5", "--method", "kmeans", "--json"])
@@ -233,36 +287,36 @@ def runs(tmp_path_factory):
     convert_error("truncated_checkpoint", ["deit_tiny", "--k", "100", "--checkpoint", ckpt / "truncated.pth"],
                   ["truncated.pth", "could not be read"])
     convert_error("pickle_with_code", ["deit_tiny", "--k", "100", "--checkpoint", ckpt / "evil.pth"],
-                  ["evil.pth", "refused"])
+                  ["evil.pth", "refused"], console_script=True)
     convert_error("mismatched_checkpoint", ["deit_small", "--k", "100", "--checkpoint", ckpt / "tiny.pth"],
                   ["does not match the model", "(1, 1, 192) in the file and (1, 1, 384) in the model"])
     convert_error("convert_saved_dir", [converted, "--k", "50"], ["is a saved model"])
-    runs.start("flops_converted_with_k", ["flops", converted, "--k", "50"], ["already converted", "--k", "deit_tiny_patch16_224"])
-    runs.start("eval_converted_with_iters", ["eval", converted, "--iters", "3", "--data", empty],
+    runs.add("flops_converted_with_k", ["flops", converted, "--k", "50"], ["already converted", "--k", "deit_tiny_patch16_224"])
+    runs.add("eval_converted_with_iters", ["eval", converted, "--iters", "3", "--data", empty],
                ["already converted", "--iters"])
 
     work = runs.workdir("sweep_bad_budgets")
-    runs.start("sweep_bad_budgets", ["sweep", "deit_tiny", "--no-pretrained", "--data", empty, "--out", work / "s",
+    runs.add("sweep_bad_budgets", ["sweep", "deit_tiny", "--no-pretrained", "--data", empty, "--out", work / "s",
                                      "--budgets", "0.6,1.5"], ["--budgets", "'0.6,1.5'"], work)
     work = runs.workdir("sweep_other_settings")
     (work / "s").mkdir()
     (work / "s" / "results.json").write_text(json.dumps({"settings": {"model": "deit_small_patch16_224"}, "points": []}))
-    runs.start("sweep_other_settings", ["sweep", "deit_tiny", "--no-pretrained", "--data", empty, "--out", work / "s"],
+    runs.add("sweep_other_settings", ["sweep", "deit_tiny", "--no-pretrained", "--data", empty, "--out", work / "s"],
                ["other settings", "model", "--force"], work)
     work = runs.workdir("visualize_missing_image")
-    runs.start("visualize_missing_image", ["visualize", converted, root / "nope.jpg", "--out", work / "v.png"],
+    runs.add("visualize_missing_image", ["visualize", converted, root / "nope.jpg", "--out", work / "v.png"],
                ["nope.jpg", "does not exist"], work)
     work = runs.workdir("visualize_existing_out")
     (work / "v.png").write_bytes(b"keep")
-    runs.start("visualize_existing_out", ["visualize", converted, root / "nope.jpg", "--out", work / "v.png"],
+    runs.add("visualize_existing_out", ["visualize", converted, root / "nope.jpg", "--out", work / "v.png"],
                ["already exists", "--force"], work)
     work = runs.workdir("visualize_parent_is_file")
     (work / "afile").write_text("not a folder\n")
-    runs.start("visualize_parent_is_file", ["visualize", converted, root / "nope.jpg", "--out", work / "afile" / "v.png"],
+    runs.add("visualize_parent_is_file", ["visualize", converted, root / "nope.jpg", "--out", work / "afile" / "v.png"],
                ["cannot write", "afile"], work)
     work = runs.workdir("visualize_unpooled")
     (work / "photo.png").write_bytes((ckpt / "tiny.pth").read_bytes()[:10])
-    runs.start("visualize_unpooled", ["visualize", "deit_tiny", "--no-pretrained", work / "photo.png", "--out", work / "v.png"],
+    runs.add("visualize_unpooled", ["visualize", "deit_tiny", "--no-pretrained", work / "photo.png", "--out", work / "v.png"],
                ["converted model", "--k"], work)
     try:
         yield runs

@@ -129,7 +129,8 @@ def to_onnx(model, path: str | Path, opset: int = DEFAULT_OPSET, batch_size: int
 
     example = _example_input(model, batch_size)
     with (warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), torch.no_grad(),
-          graphs_stop_at_fixed_point(stop_at_fixed_point), _quiet("onnxscript.version_converter")):
+          graphs_stop_at_fixed_point(stop_at_fixed_point), _quiet("onnxscript.version_converter"),
+          _without_slices_split()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model.eval(),
@@ -256,6 +257,30 @@ def check_opset(opset: int) -> None:
     highest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= highest:
         raise VitpoolError(f"--opset {opset}: choose {MIN_OPSET} to {highest} (the installed onnx knows opsets up to {highest})")
+
+
+@contextlib.contextmanager
+def _without_slices_split():
+    """The exporter's graph optimizer without onnxscript's SlicesSplit rule (two Slices that halve one tensor's
+    last axis, made one Split). Its two-output pattern is searched for from every node over the whole graph, so its
+    time grows with the square of the graph's size: a sixth to a third of a pooled DeiT-S's export
+    (benchmarks/export_time_deit_small.py), whose graphs came out node for node the same without it, as did every
+    family's in tests/test_families.py. Where onnxscript no longer has the rule where it had, every rule runs."""
+    from onnxscript import rewriter
+
+    try:
+        from onnxscript.rewriter.rules.common._basic_rules import slice_split_rule
+    except ImportError:
+        slice_split_rule = None
+    every_rule = getattr(rewriter, "_DEFAULT_REWRITE_RULES", ())
+    if not isinstance(every_rule, tuple) or slice_split_rule not in every_rule:
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(rule for rule in every_rule if rule is not slice_split_rule)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = every_rule
 
 
 @contextlib.contextmanager
