@@ -1,7 +1,17 @@
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import re
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -72,3 +82,59 @@ def pickle_that_runs_code(path: Path, marker: Path) -> Path:
 
     torch.save({"weight": torch.zeros(2), "payload": _RunsCommand(f"touch {marker}")}, path)
     return path
+
+
+# The command line in this process, as a fresh interpreter would show it: a refusal needs no new interpreter (~3 s
+# of imports each); what depends on the process (the hub's environment, stdout as a file descriptor) runs the
+# console script in a subprocess instead.
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@dataclass
+class Result:
+    args: list[str]
+    rc: int | None
+    stdout: str
+    stderr: str
+    seconds: float
+    timed_out: bool = False
+
+    def lines(self) -> list[str]:
+        return [line for line in ANSI.sub("", self.stderr).splitlines() if line.strip()]
+
+    def __str__(self) -> str:
+        return f"vitpool {' '.join(self.args)}\nrc={self.rc} ({self.seconds:.1f}s)\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+# The warnings a fresh interpreter hides (pytest shows more)
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def run_in_process(args) -> Result:
+    """`vitpool.cli.main` with `args` in this process: its exit code, stdout and stderr, with the warnings and log
+    records (of WARNING and above) that a fresh interpreter would print on stderr, and any exception's traceback."""
+    from vitpool.cli import main
+
+    args = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    records = logging.StreamHandler(err)
+    records.setLevel(logging.WARNING)
+    start = time.monotonic()
+    with (contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught,
+          mock.patch.object(sys, "argv", ["vitpool", *args]), mock.patch.dict(os.environ, HF_HUB_OFFLINE="1")):
+        warnings.simplefilter("default")
+        for category in HIDDEN_WARNINGS:
+            warnings.simplefilter("ignore", category)
+        logging.root.addHandler(records)
+        try:
+            main()
+            rc = 0
+        except SystemExit as exit_:
+            rc = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        except Exception:
+            traceback.print_exc(file=err)
+            rc = 1
+        finally:
+            logging.root.removeHandler(records)
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return Result(args, rc, out.getvalue(), err.getvalue() + shown, time.monotonic() - start)

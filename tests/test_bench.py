@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_in_process
 
 VITPOOL = Path(sys.executable).parent / "vitpool"
 SMALL = ["deit_tiny", "--no-pretrained", "--k", "100,50", "--layers", "3,6"]
@@ -35,7 +36,7 @@ def test_bench_json_rows():
         assert {"torch", "timm", "onnxruntime", "device_name", "threads", "cpu_capability"} <= set(row["env"])
     baseline, pooled = rows[0], rows[1]
     assert baseline["speedup"] is None and baseline["efficiency"] is None
-    counted = json.loads(_vitpool("flops", *SMALL, "--json").stdout)  # the MACs bench reports are the models'
+    counted = json.loads(run_in_process(["flops", *SMALL, "--json"]).stdout)  # the MACs bench reports are the models'
     assert (baseline["gmacs"], pooled["gmacs"]) == pytest.approx((counted["baseline_gmacs"], counted["gmacs"]))
     assert pooled["mac_speedup"] == pytest.approx(1 / counted["ratio"])
 

@@ -13,49 +13,25 @@ need the real data skip where it is absent).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
-import traceback
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import pytest
-from conftest import pickle_that_runs_code
+from conftest import Result, pickle_that_runs_code, run_in_process
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_WEIGHTS = DATA / "weights" / "deit_tiny_patch16_224.pth"
 IMAGES = DATA / "imagenet-sample"
 VITPOOL = Path(sys.executable).parent / "vitpool"
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-@dataclass
-class Result:
-    args: list[str]
-    rc: int | None
-    stdout: str
-    stderr: str
-    seconds: float
-    timed_out: bool = False
-
-    def lines(self) -> list[str]:
-        return [line for line in ANSI.sub("", self.stderr).splitlines() if line.strip()]
-
-    def __str__(self) -> str:
-        return f"vitpool {' '.join(self.args)}\nrc={self.rc} ({self.seconds:.1f}s)\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
 
 
 def run_vitpool(args: list[str], env: dict, cwd: Path, timeout: float) -> Result:
@@ -66,39 +42,6 @@ def run_vitpool(args: list[str], env: dict, cwd: Path, timeout: float) -> Result
         text = lambda b: (b.decode(errors="replace") if isinstance(b, bytes) else b) or ""  # noqa: E731
         return Result(args, None, text(expired.stdout), text(expired.stderr), time.monotonic() - start, True)
     return Result(args, done.returncode, done.stdout, done.stderr, time.monotonic() - start)
-
-
-# The warnings a fresh interpreter hides (pytest shows more)
-HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
-
-
-def run_in_process(args: list[str]) -> Result:
-    """`vitpool.cli.main` with `args` in this process: its exit code, stdout and stderr, with the warnings and log
-    records (of WARNING and above) that a fresh interpreter would print on stderr, and any exception's traceback."""
-    from vitpool.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    records = logging.StreamHandler(err)
-    records.setLevel(logging.WARNING)
-    start = time.monotonic()
-    with (contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught,
-          mock.patch.object(sys, "argv", ["vitpool", *args]), mock.patch.dict(os.environ, HF_HUB_OFFLINE="1")):
-        warnings.simplefilter("default")
-        for category in HIDDEN_WARNINGS:
-            warnings.simplefilter("ignore", category)
-        logging.root.addHandler(records)
-        try:
-            main()
-            rc = 0
-        except SystemExit as exit_:
-            rc = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-        except Exception:
-            traceback.print_exc(file=err)
-            rc = 1
-        finally:
-            logging.root.removeHandler(records)
-    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
-    return Result(args, rc, out.getvalue(), err.getvalue() + shown, time.monotonic() - start)
 
 
 @dataclass
