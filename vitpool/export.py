@@ -265,7 +265,7 @@ def _without_slices_split():
     last axis, made one Split). Its two-output pattern is searched for from every node over the whole graph, so its
     time grows with the square of the graph's size: a sixth to a third of a pooled DeiT-S's export
     (benchmarks/export_time_deit_small.py), whose graphs came out node for node the same without it, as did every
-    family's in tests/test_families.py. Where onnxscript no longer has the rule where it had, every rule runs."""
+    family's in tests/test_families.py. Where the installed onnxscript has no such default rule, every rule runs."""
     from onnxscript import rewriter
 
     try:
