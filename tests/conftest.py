@@ -138,3 +138,17 @@ def run_in_process(args) -> Result:
             logging.root.removeHandler(records)
     shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
     return Result(args, rc, out.getvalue(), err.getvalue() + shown, time.monotonic() - start)
+
+
+def assert_user_error(result: Result, expect=()) -> str:
+    """Exit code 2, exactly one non-empty stderr line starting with "error:", nothing on stdout, no traceback."""
+    assert not result.timed_out, f"timed out\n{result}"
+    assert result.rc == 2, str(result)
+    assert "Traceback" not in result.stderr + result.stdout, str(result)
+    assert result.stdout == "", str(result)
+    lines = result.lines()
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}\n{result}"
+    assert lines[0].startswith("error:"), str(result)
+    for fragment in expect:
+        assert fragment in lines[0], f"{fragment!r} not in the error\n{result}"
+    return lines[0]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_in_process
+from conftest import assert_user_error, run_in_process
 
 VITPOOL = Path(sys.executable).parent / "vitpool"
 SMALL = ["deit_tiny", "--no-pretrained", "--k", "100,50", "--layers", "3,6"]
@@ -51,20 +51,6 @@ def test_bench_times_int8_optimized_graphs_of_both_models():
         ("onnxruntime", "baseline", "int8", True), ("onnxruntime", "pooled", "int8", True)]
 
 
-def _assert_one_line_error(*args: str, words: tuple[str, ...]) -> None:
-    """In process (typer's runner): a refusal needs no fresh interpreter, and exits as the command line does."""
-    from typer.testing import CliRunner
-
-    from vitpool.cli import app
-
-    run = CliRunner().invoke(app, ["bench", *args])
-    assert run.exit_code == 2 and run.stdout == "", (run.exit_code, run.exception, run.stderr)
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in run.stderr, run.stderr
-    for word in words:
-        assert word in lines[0]
-
-
 @pytest.mark.parametrize("args, words", [
     ((*SMALL, "--device", "cuda"), ("no CUDA GPU",)),
     ((*SMALL, "--runtime", "tensorrt"), ("unknown runtime tensorrt",)),
@@ -80,7 +66,7 @@ def test_bench_refusals(args, words):
 
     if args[-1] == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
-    _assert_one_line_error(*args, words=words)
+    assert_user_error(run_in_process(["bench", *args]), words)
 
 
 def test_sessions_timed_in_turns_stop_spinning_between_runs_only(tmp_path):

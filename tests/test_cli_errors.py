@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import Result, pickle_that_runs_code, run_in_process
+from conftest import Result, assert_user_error, pickle_that_runs_code, run_in_process
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_WEIGHTS = DATA / "weights" / "deit_tiny_patch16_224.pth"
@@ -105,20 +105,6 @@ def snapshot(folder: Path) -> list[str]:
 
 def hidden_entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
-
-
-def assert_user_error(result: Result, expect=()) -> str:
-    """Exit code 2, exactly one non-empty stderr line starting with "error:", nothing on stdout, no traceback."""
-    assert not result.timed_out, f"timed out\n{result}"
-    assert result.rc == 2, str(result)
-    assert "Traceback" not in result.stderr + result.stdout, str(result)
-    assert result.stdout == "", str(result)
-    lines = result.lines()
-    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}\n{result}"
-    assert lines[0].startswith("error:"), str(result)
-    for fragment in expect:
-        assert fragment in lines[0], f"{fragment!r} not in the error\n{result}"
-    return lines[0]
 
 
 # A guard against hanging, not a speed check: the retries an unreachable hub costs without vitpool's offline

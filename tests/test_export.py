@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_in_process
+from conftest import assert_user_error, run_in_process
 
 import vitpool
 from vitpool import export as export_module
@@ -261,7 +261,5 @@ def test_export_command_json_and_refusal(tmp_path):
     assert document["path"] == str(target) and document["input_shape"] == ["batch", 3, 224, 224]
     assert document["check"]["passed"] and document["check"]["n"] == 4 and document["pooling"]["k"] == [100]
     before = target.read_bytes()
-    again = run_in_process(args[1:])
-    lines = again.lines()
-    assert again.rc == 2 and len(lines) == 1 and "already exists" in lines[0] and "--force" in lines[0]
+    assert_user_error(run_in_process(args[1:]), ["already exists", "--force"])
     assert target.read_bytes() == before

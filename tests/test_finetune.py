@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import noise_folder
+from conftest import assert_user_error, noise_folder, run_in_process
 
 BIN = Path(sys.executable).parent
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1",
@@ -216,20 +216,12 @@ def test_bad_input_is_one_line_and_writes_nothing(small, tmp_path):
     (tmp_path / "afile").write_text("not a folder\n")
     cases = refusals(model_dir, images, tmp_path)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
-    from typer.testing import CliRunner
-
-    from vitpool.cli import app
-
     cuda = torch.cuda.is_available()
     runs = {name: ["finetune", model_dir, "--data", images, *TRAIN, *args]
             for name, (args, _) in cases.items() if not (name == "cuda_missing" and cuda)}
     runs["unconverted"] = ["finetune", "deit_tiny", "--no-pretrained", "--data", images, "--out", tmp_path / "x", *TRAIN]
     for name, args in runs.items():  # in process: a refusal needs no fresh interpreter, and exits as the command does
-        done = CliRunner().invoke(app, [str(a) for a in args], env={"HF_HUB_OFFLINE": "1"})
-        expect = cases[name][1] if name in cases else ["trains a converted model", "--k"]
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        assert done.exit_code == 2 and done.stdout == "" and len(lines) == 1, f"{name}: {done.exception!r} {done.stderr}"
-        assert lines[0].startswith("error:") and all(f in lines[0] for f in expect), f"{name}: {lines[0]}"
+        assert_user_error(run_in_process(args), cases[name][1] if name in cases else ["trains a converted model", "--k"])
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
