@@ -149,7 +149,7 @@ def runs(tmp_path_factory):
     work = runs.workdir("parent_is_file")
     (work / "afile").write_text("not a folder\n")
     runs.add("parent_is_file", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", work / "afile" / "out"],
-               ["cannot write", "afile"], work)
+             ["cannot write", "afile"], work)
     if IS_ROOT:
         runs.not_started["readonly_parent"] = "running as root, which writes through directory permissions (see test_convert_write_failure_is_a_user_error)"
     else:
@@ -158,16 +158,16 @@ def runs(tmp_path_factory):
         (work / "locked").chmod(0o555)
         locked.append(work / "locked")
         runs.add("readonly_parent", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", work / "locked" / "out"],
-                   ["no permission"], work)
+                 ["no permission"], work)
 
     for name in ("existing_out", "existing_out_force", "user_folder_force"):
         work = runs.workdir(name)
         (work / "out").mkdir()
         (work / "out" / ("vitpool.json" if name == "existing_out_force" else "keep.txt")).write_text("precious\n")
     runs.add("existing_out", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", root / "existing_out" / "out"],
-               ["already exists", "--force"], root / "existing_out")
+             ["already exists", "--force"], root / "existing_out")
     runs.add("user_folder_force", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--force",
-                                     "--out", root / "user_folder_force" / "out"], ["not a saved model"], root / "user_folder_force")
+                                   "--out", root / "user_folder_force" / "out"], ["not a saved model"], root / "user_folder_force")
     runs.start("existing_out_force", ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--force", "--json",
                                       "--out", root / "existing_out_force" / "out"])
 
@@ -175,7 +175,7 @@ def runs(tmp_path_factory):
     (empty / "n01440764").mkdir()
     (empty / "n01440764" / "notes.txt").write_text("not an image\n")
     runs.add("eval_no_images", ["eval", "deit_tiny", "--no-pretrained", "--data", empty, "--workers", "0"],
-               ["no images found", str(empty)], empty)
+             ["no images found", str(empty)], empty)
 
     runs.start("flops_json", ["flops", "deit_tiny", "--k", "98", "--layers", "5", "--method", "kmeans", "--json"])
 
@@ -222,31 +222,31 @@ def runs(tmp_path_factory):
     convert_error("convert_saved_dir", [converted, "--k", "50"], ["is a saved model"])
     runs.add("flops_converted_with_k", ["flops", converted, "--k", "50"], ["already converted", "--k", "deit_tiny_patch16_224"])
     runs.add("eval_converted_with_iters", ["eval", converted, "--iters", "3", "--data", empty],
-               ["already converted", "--iters"])
+             ["already converted", "--iters"])
 
     work = runs.workdir("sweep_bad_budgets")
     runs.add("sweep_bad_budgets", ["sweep", "deit_tiny", "--no-pretrained", "--data", empty, "--out", work / "s",
-                                     "--budgets", "0.6,1.5"], ["--budgets", "'0.6,1.5'"], work)
+                                   "--budgets", "0.6,1.5"], ["--budgets", "'0.6,1.5'"], work)
     work = runs.workdir("sweep_other_settings")
     (work / "s").mkdir()
     (work / "s" / "results.json").write_text(json.dumps({"settings": {"model": "deit_small_patch16_224"}, "points": []}))
     runs.add("sweep_other_settings", ["sweep", "deit_tiny", "--no-pretrained", "--data", empty, "--out", work / "s"],
-               ["other settings", "model", "--force"], work)
+             ["other settings", "model", "--force"], work)
     work = runs.workdir("visualize_missing_image")
     runs.add("visualize_missing_image", ["visualize", converted, root / "nope.jpg", "--out", work / "v.png"],
-               ["nope.jpg", "does not exist"], work)
+             ["nope.jpg", "does not exist"], work)
     work = runs.workdir("visualize_existing_out")
     (work / "v.png").write_bytes(b"keep")
     runs.add("visualize_existing_out", ["visualize", converted, root / "nope.jpg", "--out", work / "v.png"],
-               ["already exists", "--force"], work)
+             ["already exists", "--force"], work)
     work = runs.workdir("visualize_parent_is_file")
     (work / "afile").write_text("not a folder\n")
     runs.add("visualize_parent_is_file", ["visualize", converted, root / "nope.jpg", "--out", work / "afile" / "v.png"],
-               ["cannot write", "afile"], work)
+             ["cannot write", "afile"], work)
     work = runs.workdir("visualize_unpooled")
     (work / "photo.png").write_bytes((ckpt / "tiny.pth").read_bytes()[:10])
     runs.add("visualize_unpooled", ["visualize", "deit_tiny", "--no-pretrained", work / "photo.png", "--out", work / "v.png"],
-               ["converted model", "--k"], work)
+             ["converted model", "--k"], work)
     try:
         yield runs
     finally:
