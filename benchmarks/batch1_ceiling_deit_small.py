@@ -3,7 +3,8 @@
 DeiT-S (random weights: latency does not depend on them), batch 1, one ONNX Runtime session per model, all
 timed in turns in one run (vitpool.bench.time_in_turns), at MAC budgets 0.75, 0.6 and 0.5 (pooling included):
 the default (vitpool preset, no clustering iteration), the default with 2 (the earlier default) or 1 iterations, with
-two pooling layers (after attention in blocks 4 and 8) instead of one in every block from 3 to 10, the default before
+two pooling layers (after attention in blocks 4 and 8) instead of one in every block from 3 to 10, where it differs
+the default without `budget.FLOOR_SNAP` (at 0.5, a last layer that removes two tokens), the default before
 (blocks 3, 5, 7, 9, 11, 2 iterations, the last block's MLP on every token), ToMe as published
 (tome preset), and the default's blocks at the same token counts with free pooling (each pooling layer keeps
 the first K tokens and reads nothing: bench_deit_small_cpu.free_pooling). The free row is the ceiling any
@@ -21,12 +22,14 @@ import argparse
 import statistics
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 from _common import RESULTS, run_environment, write_json
 from bench_deit_small_cpu import SCHEDULES, free_pooling
 
 import vitpool
+from vitpool import budget as budget_module
 from vitpool.bench import Timer, onnx_runner, time_in_turns
 from vitpool.export import to_onnx
 from vitpool.flops import total_macs
@@ -35,7 +38,11 @@ from vitpool.models import create_model
 
 def variants(base, budget: float) -> dict:
     default = vitpool.convert(base, budget=budget)
+    with mock.patch.object(budget_module, "FLOOR_SNAP", 0.0):
+        unsnapped = vitpool.convert(base, budget=budget)
+    differs = unsnapped.vitpool_config != default.vitpool_config
     return {"vitpool preset (the default)": default,
+            **({"the default without FLOOR_SNAP (a last layer near the floor)": unsnapped} if differs else {}),
             "the earlier default (2 iterations)": vitpool.convert(base, budget=budget, iters=2),
             "the default with 1 iteration": vitpool.convert(base, budget=budget, iters=1),
             "the default in blocks 4, 8": vitpool.convert(base, budget=budget, layers=(4, 8)),

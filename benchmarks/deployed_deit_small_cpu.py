@@ -1,6 +1,6 @@
 """DeiT-S speed as deployed on this CPU: ONNX Runtime on the graphs as exported, after ONNX Runtime's transformer
-optimizer (`--optimize`), after dynamic int8 quantization (`--quantize int8`) and after both, and exported at opset
-23 (`--opset 23`, where timm's fused attention becomes ONNX's own Attention node), at MAC budgets 0.75, 0.6 and
+optimizer (`--optimize`), after dynamic int8 quantization (`--quantize int8`) and after both, and with `--graphs`
+exported at opset 23 (`--opset 23`, where timm's fused attention becomes ONNX's own Attention node), at MAC budgets 0.75, 0.6 and
 0.5 (the defaults), batch 1 and 32. Every pooled graph is timed against the unpooled graph that went
 through the same passes (vitpool.export.GraphPasses), all four models of a pass in turns in one run
 (vitpool.bench.time_in_turns); `--runs` runs, the median efficiency reported, all kept. Efficiency = speed-up /
@@ -28,11 +28,12 @@ from vitpool.flops import total_macs
 from vitpool.models import create_model
 
 BUDGETS = (0.75, 0.6, 0.5)
-# label -> (opset, passes)
+# label -> (opset, passes); labels have no comma, since --graphs is a comma list
 PASSES = {"as exported": (DEFAULT_OPSET, GraphPasses()), "optimized": (DEFAULT_OPSET, GraphPasses(optimize=True)),
           "int8": (DEFAULT_OPSET, GraphPasses(quantize="int8")),
-          "optimized, int8": (DEFAULT_OPSET, GraphPasses(optimize=True, quantize="int8")),
+          "optimized+int8": (DEFAULT_OPSET, GraphPasses(optimize=True, quantize="int8")),
           "opset 23": (23, GraphPasses())}
+DEPLOYED = ("as exported", "optimized", "int8", "optimized+int8")  # the default run: the passes of `vitpool export`
 
 
 def timed(paths: dict[str, Path], batch: int, rounds: int, runs: int) -> dict[str, list[float]]:
@@ -53,7 +54,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rounds-1", type=int, default=40)
     parser.add_argument("--rounds-32", type=int, default=4)
-    parser.add_argument("--graphs", default=",".join(PASSES), help="the labels of the graphs to time, comma-separated")
+    parser.add_argument("--graphs", default=",".join(DEPLOYED), help=f"the labels of the graphs to time, comma-separated: {', '.join(PASSES)}")
     parser.add_argument("--out", type=Path, default=RESULTS / "deployed_deit_small_cpu.json")
     args = parser.parse_args()
     labels = args.graphs.split(",")

@@ -8,7 +8,7 @@ import vitpool
 from dataclasses import replace
 
 from vitpool.adapter import apply_pooling
-from vitpool.budget import LATE_FLOOR, MacModel, default_shape, family_layers, family_schedule, solve, without_keep_all
+from vitpool.budget import FLOOR_SNAP, LATE_FLOOR, MacModel, default_shape, family_layers, family_schedule, solve, without_keep_all
 from vitpool.config import AFTER_ATTENTION, AFTER_BLOCK, EVERY_BLOCK, LATE, PRESETS, SPREAD, PoolingConfig, PoolingStage, make_config
 from vitpool.errors import VitpoolError
 from vitpool.flops import count_macs, total_macs
@@ -139,6 +139,13 @@ def test_late_family_keeps_a_floor_and_leaves_out_layers_that_keep_every_token()
         k = family_schedule(r, 196, (14, 14), 8, "grid", LATE, 1.0, LATE_FLOOR)
         assert min(k) >= min(floor, k[0]) and all(any(n == a * b for a in range(1, 15) for b in range(1, 15)) for n in k)
     assert family_schedule(0.151, 196, (14, 14), 3, "grid", LATE, 1.0, LATE_FLOOR) == (30, 30, 30)  # 5x6 makes no 28
+    # A layer that would keep a few tokens above the floor keeps the floor: none is left to remove those alone.
+    r = (30 / 196) ** (1 / 6)  # the sixth layer would keep 30, two above the floor of 28
+    assert family_schedule(r, 196, (14, 14), 8, "kmedoids", LATE, 1.0, LATE_FLOOR) == (
+        *(round(196 * r ** (i + 1)) for i in range(5)), floor, floor, floor)
+    for r in (i / 100 for i in range(30, 90)):
+        k = family_schedule(r, 196, (14, 14), 8, "kmedoids", LATE, 1.0, LATE_FLOOR)
+        assert all(n == floor or n >= floor + FLOOR_SNAP * 196 for n in k), (r, k)
     assert without_keep_all(make_config(k=(150, 150, 90, 90), layers=(3, 4, 5, 6)), 196) == make_config(k=(150, 90), layers=(3, 5))
     assert without_keep_all(make_config(k=(196, 196), layers=(3, 4)), 196) == make_config(k=(), layers=())
     model = _model("deit_tiny")
@@ -146,7 +153,7 @@ def test_late_family_keeps_a_floor_and_leaves_out_layers_that_keep_every_token()
     floored, reached, baseline = solve(model, make_config(layers=()), budget=0.5, macs=macs)
     plain = solve(model, make_config(layers=()), budget=0.5, macs=macs, floor=0.0)[0]
     assert abs(reached / baseline - 0.5) <= 0.005 and reached == total_macs(apply_pooling(model, floored))
-    assert min(plain.k) < floor <= min(floored.k) and floored.k[-1] < floored.k[-2]
+    assert min(plain.k) < floor <= min(floored.k) and floored.k[-2] - floored.k[-1] >= FLOOR_SNAP * 196
     assert floored.layers == plain.layers[: len(floored.k)] and len(floored.k) < len(plain.k) == 8
     assert solve(model, make_config(layers=()), budget=0.75, macs=macs)[0] == solve(
         model, make_config(layers=()), budget=0.75, macs=macs, floor=0.0)[0], "not binding at 0.75"

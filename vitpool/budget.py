@@ -4,7 +4,8 @@ A schedule family places the pooling layers (`family_layers`) and has one parame
 family (the default preset's) and the `spread` family (the paper preset's) keep K_i = round(N * r^(i+1)) patch
 tokens in the i-th pooling layer, so that each keeps the same fraction r of the tokens reaching it, and `solve`'s
 `shape` p bends that to N * r^((i+1)^p): the late family's p follows the budget (`default_shape`), and its
-layers keep at least a floor (`default_floor`), those left with every token they receive being left out;
+layers keep at least a floor (`default_floor`; a layer that would stop just above it goes to it), those left
+with every token they receive being left out;
 `every-block` (the tome preset's) removes the same number in every block. Method constraints are kept:
 `tome` never removes more than half of the tokens of a layer, and `grid` rounds K down to a count its token
 grid can make (up, where down would cross the floor). The MACs of a schedule, pooling layers included, are the same
@@ -43,6 +44,10 @@ LATE_SHAPE_RAMP = ((0.55, 1.0), (0.6, 1.25))
 # DeiT-Tiny's last blocks lost more from fewer tokens than its early blocks gained (CLIP ViT-B/16, the other way
 # round, lost a little at 0.5; benchmarks/schedule_shape.py).
 LATE_FLOOR = 1 / 7
+# A late-family layer that would keep fewer than this fraction of N above the floor keeps the floor: the next
+# layer would otherwise remove those few tokens alone, and a layer costs ONNX Runtime about as much at batch 1
+# whatever it removes (benchmarks/pool_layer_ops_onnx.py), more than a few tokens save in the blocks left.
+FLOOR_SNAP = 0.02
 
 
 def family_layers(depth: int, family: str = LATE, position: str = AFTER_ATTENTION,
@@ -72,7 +77,8 @@ def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: in
     """K values of the family at parameter r in [0, 1] for `count` pooling layers, within the method's constraints.
 
     late and spread: K_i = round(N r^((i+1)^shape)); with shape 1 each layer keeps the same fraction r; no
-    layer keeps fewer than `floor` N tokens, or K_0 where that is fewer.
+    layer keeps fewer than `floor` N tokens, or K_0 where that is fewer, and none after the first keeps fewer
+    than FLOOR_SNAP N above that: those keep the floor, so no layer is made to remove a few tokens alone.
     every-block (ToMe's own schedule): the same number of tokens, (1 - r) N / count, removed in each block,
     rounded cumulatively.
     """
@@ -84,6 +90,8 @@ def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: in
             wanted = round(num_patches * r ** ((i + 1) ** shape))
         least = min(round(num_patches * floor), k_values[0]) if k_values else 1
         k = min(tokens, max(1, least, wanted))
+        if floor and k_values and k < least + FLOOR_SNAP * num_patches:
+            k = least
         if METHODS[method].removes_at_most_half:
             k = max(k, tokens - tokens // 2)
         if METHODS[method].on_grid:
