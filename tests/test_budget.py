@@ -145,7 +145,9 @@ def test_late_family_keeps_a_floor_and_leaves_out_layers_that_keep_every_token()
         *(round(196 * r ** (i + 1)) for i in range(5)), floor, floor, floor)
     for r in (i / 100 for i in range(30, 90)):
         k = family_schedule(r, 196, (14, 14), 8, "kmedoids", LATE, 1.0, LATE_FLOOR)
-        assert all(n == floor or n >= floor + FLOOR_SNAP * 196 for n in k), (r, k)
+        assert not any(b == floor and 0 < a - b < FLOOR_SNAP * 196 for a, b in zip(k, k[1:])), (r, k)
+    r = (30 / 196) ** (1 / 8)  # the last layer keeps its 30: no layer after it would take the two alone
+    assert family_schedule(r, 196, (14, 14), 8, "kmedoids", LATE, 1.0, LATE_FLOOR)[-1] == 30
     assert without_keep_all(make_config(k=(150, 150, 90, 90), layers=(3, 4, 5, 6)), 196) == make_config(k=(150, 90), layers=(3, 5))
     assert without_keep_all(make_config(k=(196, 196), layers=(3, 4)), 196) == make_config(k=(), layers=())
     model = _model("deit_tiny")

@@ -44,9 +44,9 @@ LATE_SHAPE_RAMP = ((0.55, 1.0), (0.6, 1.25))
 # DeiT-Tiny's last blocks lost more from fewer tokens than its early blocks gained (CLIP ViT-B/16, the other way
 # round, lost a little at 0.5; benchmarks/schedule_shape.py).
 LATE_FLOOR = 1 / 7
-# A late-family layer that would keep fewer than this fraction of N above the floor keeps the floor: the next
-# layer would otherwise remove those few tokens alone, and a layer costs ONNX Runtime about as much at batch 1
-# whatever it removes (benchmarks/pool_layer_ops_onnx.py), more than a few tokens save in the blocks left.
+# A late-family layer followed by another that would keep fewer than this fraction of N above the floor keeps
+# the floor: the next layer would otherwise remove those few tokens alone, and a layer costs ONNX Runtime about
+# as much at batch 1 whatever it removes (benchmarks/batch1_ceiling_deit_small.py), more than a few tokens save.
 FLOOR_SNAP = 0.02
 
 
@@ -77,8 +77,9 @@ def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: in
     """K values of the family at parameter r in [0, 1] for `count` pooling layers, within the method's constraints.
 
     late and spread: K_i = round(N r^((i+1)^shape)); with shape 1 each layer keeps the same fraction r; no
-    layer keeps fewer than `floor` N tokens, or K_0 where that is fewer, and none after the first keeps fewer
-    than FLOOR_SNAP N above that: those keep the floor, so no layer is made to remove a few tokens alone.
+    layer keeps fewer than `floor` N tokens, or K_0 where that is fewer, and none between the first and the last
+    keeps fewer than FLOOR_SNAP N above that: those keep the floor, so no layer is made to remove a few tokens
+    alone.
     every-block (ToMe's own schedule): the same number of tokens, (1 - r) N / count, removed in each block,
     rounded cumulatively.
     """
@@ -90,8 +91,8 @@ def family_schedule(r: float, num_patches: int, grid: tuple[int, int], count: in
             wanted = round(num_patches * r ** ((i + 1) ** shape))
         least = min(round(num_patches * floor), k_values[0]) if k_values else 1
         k = min(tokens, max(1, least, wanted))
-        if floor and k_values and k < least + FLOOR_SNAP * num_patches:
-            k = least
+        if floor and k_values and i < count - 1 and k < least + FLOOR_SNAP * num_patches:
+            k = least  # the next layer would take the few tokens left above the floor alone
         if METHODS[method].removes_at_most_half:
             k = max(k, tokens - tokens // 2)
         if METHODS[method].on_grid:
