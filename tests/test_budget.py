@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import assert_user_error, run_in_process
 
 import vitpool
 from dataclasses import replace
@@ -139,7 +140,8 @@ def test_late_family_keeps_a_floor_and_leaves_out_layers_that_keep_every_token()
         k = family_schedule(r, 196, (14, 14), 8, "grid", LATE, 1.0, LATE_FLOOR)
         assert min(k) >= min(floor, k[0]) and all(any(n == a * b for a in range(1, 15) for b in range(1, 15)) for n in k)
     assert family_schedule(0.151, 196, (14, 14), 3, "grid", LATE, 1.0, LATE_FLOOR) == (30, 30, 30)  # 5x6 makes no 28
-    # A layer that would keep a few tokens above the floor keeps the floor: none is left to remove those alone.
+    # A layer before the last that would keep a few tokens above the floor keeps the floor: no next layer is left
+    # to remove those alone.
     r = (30 / 196) ** (1 / 6)  # the sixth layer would keep 30, two above the floor of 28
     assert family_schedule(r, 196, (14, 14), 8, "kmedoids", LATE, 1.0, LATE_FLOOR) == (
         *(round(196 * r ** (i + 1)) for i in range(5)), floor, floor, floor)
@@ -231,14 +233,9 @@ def test_a_budget_is_solved_in_the_blocks_given():
 def test_the_command_line_solves_a_budget_in_the_blocks_of_layers():
     import json
 
-    from typer.testing import CliRunner
-
-    from vitpool.cli import app
-
-    result = CliRunner().invoke(app, ["flops", "deit_tiny", "--no-pretrained", "--budget", "0.6", "--layers", "4,8", "--json"])
-    assert result.exit_code == 0, result.stderr
+    result = run_in_process(["flops", "deit_tiny", "--no-pretrained", "--budget", "0.6", "--layers", "4,8", "--json"])
+    assert result.rc == 0, str(result)
     document = json.loads(result.stdout)
     assert document["pooling"]["layers"] == [4, 8]
     assert abs(document["gmacs"] / document["baseline_gmacs"] - 0.6) <= 0.006
-    refused = CliRunner().invoke(app, ["flops", "deit_tiny", "--no-pretrained", "--budget", "0.6", "--k", "100"])
-    assert refused.exit_code == 2 and "not both" in refused.stderr
+    assert_user_error(run_in_process(["flops", "deit_tiny", "--no-pretrained", "--budget", "0.6", "--k", "100"]), ["not both"])

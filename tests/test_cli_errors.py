@@ -388,16 +388,11 @@ def test_help_answers_without_error():
 
 def test_convert_write_failure_is_a_user_error(tmp_path, monkeypatch):
     import safetensors.torch
-    from typer.testing import CliRunner
-
-    from vitpool.cli import app
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    result = CliRunner().invoke(app, ["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", str(tmp_path / "out")])
+    result = run_in_process(["convert", "deit_tiny", "--k", "100", "--no-pretrained", "--out", tmp_path / "out"])
     assert not (tmp_path / "out").exists() and hidden_entries(tmp_path) == []
-    assert result.exit_code == 2, f"exit {result.exit_code}, exception {result.exception!r}"
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "No space left" in lines[0]
+    assert_user_error(result, ["No space left"])

@@ -4,8 +4,8 @@ A schedule family places the pooling layers (`family_layers`) and has one parame
 family (the default preset's) and the `spread` family (the paper preset's) keep K_i = round(N * r^(i+1)) patch
 tokens in the i-th pooling layer, so that each keeps the same fraction r of the tokens reaching it, and `solve`'s
 `shape` p bends that to N * r^((i+1)^p): the late family's p follows the budget (`default_shape`), and its
-layers keep at least a floor (`default_floor`; a layer that would stop just above it goes to it), those left
-with every token they receive being left out;
+layers keep at least a floor (`default_floor`; a layer before the last that would stop just above it goes to
+it), those left with every token they receive being left out;
 `every-block` (the tome preset's) removes the same number in every block. Method constraints are kept:
 `tome` never removes more than half of the tokens of a layer, and `grid` rounds K down to a count its token
 grid can make (up, where down would cross the floor). The MACs of a schedule, pooling layers included, are the same
@@ -44,7 +44,7 @@ LATE_SHAPE_RAMP = ((0.55, 1.0), (0.6, 1.25))
 # DeiT-Tiny's last blocks lost more from fewer tokens than its early blocks gained (CLIP ViT-B/16, the other way
 # round, lost a little at 0.5; benchmarks/schedule_shape.py).
 LATE_FLOOR = 1 / 7
-# A late-family layer followed by another that would keep fewer than this fraction of N above the floor keeps
+# A late-family layer, other than the last, that would keep fewer than this fraction of N above the floor keeps
 # the floor: the next layer would otherwise remove those few tokens alone, and a layer costs ONNX Runtime about
 # as much at batch 1 whatever it removes (benchmarks/batch1_ceiling_deit_small.py), more than a few tokens save.
 FLOOR_SNAP = 0.02
