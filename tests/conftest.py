@@ -110,6 +110,24 @@ class Result:
 HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
+class LastResort(logging.StreamHandler):
+    """What `logging.lastResort` prints in a fresh interpreter, which pytest's own handlers on the root logger
+    silence: a record of WARNING or above that no handler below the root took (vitpool's own warnings, which its
+    handler prints, would otherwise show twice)."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self.setLevel(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = logging.getLogger(record.name)
+        while logger is not logging.root:
+            if logger.handlers:
+                return
+            logger = logger.parent
+        super().emit(record)
+
+
 def run_in_process(args) -> Result:
     """`vitpool.cli.main` with `args` in this process: its exit code, stdout and stderr, with the warnings and log
     records (of WARNING and above) that a fresh interpreter would print on stderr, and any exception's traceback."""
@@ -117,8 +135,7 @@ def run_in_process(args) -> Result:
 
     args = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
-    records = logging.StreamHandler(err)
-    records.setLevel(logging.WARNING)
+    records = LastResort(err)
     start = time.monotonic()
     with (contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught,
           mock.patch.object(sys, "argv", ["vitpool", *args]), mock.patch.dict(os.environ, HF_HUB_OFFLINE="1")):

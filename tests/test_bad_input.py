@@ -9,21 +9,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import assert_user_error, run_in_process
 
-from vitpool import cli
 from vitpool.errors import VitpoolError
 from vitpool.outputs import remove_leftovers, temporary_prefix, write_atomically
 
 TINY = ["deit_tiny", "--no-pretrained"]
-
-
-def run_main(monkeypatch, capsys, *args) -> tuple[int, list[str], str]:
-    """(exit code, stderr lines, stdout) of `vitpool ARGS` through the console script's entry point."""
-    monkeypatch.setattr(sys, "argv", ["vitpool", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, [line for line in captured.err.splitlines() if line.strip()], captured.out
 
 
 @pytest.mark.parametrize("args, words", [
@@ -41,19 +32,17 @@ def run_main(monkeypatch, capsys, *args) -> tuple[int, list[str], str]:
     (["convert", *TINY, "--k", "100", "--out", "n" * 256], ["256 bytes", "at most 255"]),
     (["convert", *TINY, "--k", "100", "--out", "/".join(["d" * 250] * 17)], ["paths are at most 4095"]),
 ])
-def test_bad_values_are_one_line_and_exit_2(args, words, monkeypatch, capsys, tmp_path):
+def test_bad_values_are_one_line_and_exit_2(args, words, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    code, lines, stdout = run_main(monkeypatch, capsys, *args)
-    assert code == 2 and stdout == "" and len(lines) == 1, lines
-    assert lines[0].startswith("error:") and all(word in lines[0] for word in words), lines[0]
+    assert_user_error(run_in_process(args), words)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_legal_long_name_is_written(monkeypatch, capsys, tmp_path):
+def test_a_legal_long_name_is_written(tmp_path):
     """250 characters is a legal name: the temporary sibling's longer name must not refuse it."""
     out = tmp_path / ("m" * 250)
-    code, lines, _ = run_main(monkeypatch, capsys, "convert", *TINY, "--k", "100", "--out", out)
-    assert code == 0, lines
+    result = run_in_process(["convert", *TINY, "--k", "100", "--out", out])
+    assert result.rc == 0, result
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vitpool.json"]
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
@@ -109,34 +98,32 @@ def test_a_batch_larger_than_memory_is_refused_before_any_work():
         bench(model, vitpool.convert(model, k=[100], layers=[0]), ["torch"], [1, 100_000_000])
 
 
-def test_visualize_says_a_folder_is_not_an_image(monkeypatch, capsys, tmp_path):
-    code, lines, _ = run_main(monkeypatch, capsys, "visualize", *TINY, "--k", "100", tmp_path, "--out", tmp_path / "v.png")
-    assert code == 2 and len(lines) == 1 and "is a folder: give one image file" in lines[0]
+def test_visualize_says_a_folder_is_not_an_image(tmp_path):
+    args = ["visualize", *TINY, "--k", "100", tmp_path, "--out", tmp_path / "v.png"]
+    assert_user_error(run_in_process(args), ["is a folder: give one image file"])
 
 
-def test_help_and_success_keep_their_exit_codes(monkeypatch, capsys):
-    code, _, stdout = run_main(monkeypatch, capsys, "--help")
-    assert code == 0 and "convert" in stdout
-    code, lines, stdout = run_main(monkeypatch, capsys, "flops", "deit_tiny", "--k", "100", "--json")
-    assert code == 0 and '"ratio"' in stdout
+def test_help_and_success_keep_their_exit_codes():
+    result = run_in_process(["--help"])
+    assert result.rc == 0 and "convert" in result.stdout, result
+    result = run_in_process(["flops", "deit_tiny", "--k", "100", "--json"])
+    assert result.rc == 0 and '"ratio"' in result.stdout, result
 
 
-def test_unknown_command_is_one_line(monkeypatch, capsys):
-    code, lines, _ = run_main(monkeypatch, capsys, "frobnicate")
-    assert code == 2 and len(lines) == 1 and "No such command" in lines[0]
+def test_unknown_command_is_one_line():
+    assert_user_error(run_in_process(["frobnicate"]), ["No such command"])
 
 
-def test_a_saved_model_with_nan_weights_is_named_not_a_traceback(monkeypatch, capsys, tmp_path):
+def test_a_saved_model_with_nan_weights_is_named_not_a_traceback(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "m"
-    assert run_main(monkeypatch, capsys, "convert", *TINY, "--k", "100", "--out", out)[0] == 0
+    assert run_in_process(["convert", *TINY, "--k", "100", "--out", out]).rc == 0
     weights = load_file(out / "model.safetensors")
     weights["blocks.3.mlp.fc1.weight"][0, 0] = float("nan")
     save_file(weights, out / "model.safetensors")
     images = tmp_path / "images"
-    code, lines, _ = run_main(monkeypatch, capsys, "eval", out, "--data", images)
-    assert code == 2 and len(lines) == 1, lines
-    assert "holds NaN or infinite values (first in blocks.3.mlp.fc1.weight)" in lines[0]
+    assert_user_error(run_in_process(["eval", out, "--data", images]),
+                      ["holds NaN or infinite values (first in blocks.3.mlp.fc1.weight)"])
     assert torch.isnan(load_file(out / "model.safetensors")["blocks.3.mlp.fc1.weight"]).any()  # left as it was

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_in_process
 
 import vitpool
 from vitpool import pooling
@@ -213,12 +214,8 @@ def test_the_command_line_takes_fractions():
     for text in ("0.5,x", "0.5,100", "1.5"):
         with pytest.raises(VitpoolError, match="--k must be|all token counts"):
             parse_k(text)
-    from typer.testing import CliRunner
-
-    from vitpool.cli import app
-
-    result = CliRunner().invoke(app, ["flops", "deit_tiny", "--k", "0.5,0.5", "--layers", "3,6", "--json"])
-    assert result.exit_code == 0, result.stderr
+    result = run_in_process(["flops", "deit_tiny", "--k", "0.5,0.5", "--layers", "3,6", "--json"])
+    assert result.rc == 0, result
     report = __import__("json").loads(result.stdout)
     assert [block["tokens_out"] for block in report["blocks"]][3:7] == [99, 99, 99, 50]  # 196 -> 98 -> 49, CLS kept
 

@@ -4,7 +4,7 @@ hidden and unreadable folders and a fallback to sorted labels are warnings; bad 
 timm validate.py's preprocessing options change the transform.
 
 A few real photos from ../shared/data (copied into tmp_path only) and the real DeiT-Tiny, in process
-(typer's CliRunner, --workers 0), so each command costs about a second.
+(conftest.run_in_process, --workers 0), so each command costs about a second.
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import noise_folder
+from conftest import noise_folder, run_in_process
 from PIL import Image
-from typer.testing import CliRunner
 
 from vitpool import data
-from vitpool.cli import app
 from vitpool.errors import VitpoolError
 
 PHOTOS = 8  # from 8 classes spread over ImageNet-1k
@@ -34,9 +32,9 @@ PHOTOS = 8  # from 8 classes spread over ImageNet-1k
 
 def vitpool(*args) -> tuple[int, str, list[str]]:
     """(exit code, stdout, stderr lines) of the command line, run in this process."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code in (0, 2), f"exit {result.exit_code}: {result.exception!r}\n{result.stderr}"
-    return result.exit_code, result.stdout, [line for line in result.stderr.splitlines() if line.strip()]
+    result = run_in_process(args)
+    assert result.rc in (0, 2) and "Traceback" not in result.stderr, str(result)
+    return result.rc, result.stdout, result.lines()
 
 
 @pytest.fixture(scope="module")
